@@ -1,0 +1,44 @@
+"""Lightning checkpoints with a Hugging Face folder beside each one.
+
+Next to `epoch=0-step=300.ckpt` this writes `epoch=0-step=300.hf/`: the LoRA
+adapter in PEFT format (`adapter_config.json` + `adapter_model.safetensors`) when
+the module trains one, otherwise the full model, plus the processor. Both load
+outside this project (`peft.PeftModel.from_pretrained`, `from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def hf_dir(ckpt_path: str | Path) -> Path:
+    """The Hugging Face folder that belongs to a Lightning checkpoint file."""
+    path = Path(ckpt_path)
+    return path.with_name(path.stem + ".hf")
+
+
+class HFCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also saves the module's `save_pretrained` folder.
+
+    ModelCheckpoint has no public hook that receives the checkpoint's path, so
+    this overrides its `_save_checkpoint` / `_remove_checkpoint` (stable across
+    Lightning 2.x; tests/callbacks cover both).
+    """
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        module = trainer.lightning_module
+        if trainer.is_global_zero and hasattr(module, "save_pretrained"):
+            target = hf_dir(filepath)
+            if target.exists():
+                shutil.rmtree(target)
+            module.save_pretrained(target)
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            shutil.rmtree(hf_dir(filepath), ignore_errors=True)

@@ -1,0 +1,71 @@
+"""The `pebr` command.
+
+`pebr fit|validate|test|predict --config FILE.yaml` is a LightningCLI: a YAML key
+is an `__init__` parameter of the model, data module or Trainer, and parameter
+docstrings are the `--help` text (`pebr fit --model.help SFTModule`). Commands that
+train nothing live beside it in EXTRA_COMMANDS (`pebr data synth|validate`), each a
+`main(argv) -> int` imported only when called.
+
+Errors caused by input (`PebrError`: a bad manifest line, a missing model folder)
+print one `error:` message and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+EXTRA_COMMANDS = {
+    "data": ("pebr_lightning.data.commands", "make and check manifests: synth, validate"),
+}
+
+DESCRIPTION = "PeBR-R1 two-stage RL for vision-language models.\n\nOther commands:\n" + "\n".join(
+    f"  pebr {name:<10} {summary}" for name, (_, summary) in EXTRA_COMMANDS.items()
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pebr` console script."""
+    from pebr_lightning.errors import PebrError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] in EXTRA_COMMANDS:
+            module = importlib.import_module(EXTRA_COMMANDS[args[0]][0])
+            return int(module.main(args[1:]) or 0)
+        # LightningCLI reads sys.argv itself when given None (and warns when given both).
+        cli(None if argv is None else args)
+    except PebrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+def cli(args: list[str] | None, run: bool = True):
+    """Build (and with `run`, execute) the LightningCLI for `args`."""
+    # Transformers' load/save progress bars only clutter logs of a training run.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from jsonargparse import set_parsing_settings
+    from lightning.pytorch.cli import LightningCLI
+
+    # Docstrings under dataclass fields become --help text (LoraConfig.r, OptimConfig.lr...).
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+    class PebrCLI(LightningCLI):
+        """LightningCLI whose model and data are chosen by `class_path` in the config."""
+
+    return PebrCLI(
+        model_class=None,
+        datamodule_class=None,
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

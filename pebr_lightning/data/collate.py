@@ -1,0 +1,111 @@
+"""Turn manifest records + images into model batches.
+
+A dataset item is `{"record": dict, "image": PIL.Image}`; a collator owns the
+processor and the prompt format, so it is built by the LightningModule (which
+knows both) and handed to the DataModule's loaders.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from pebr_lightning.algorithms.logprobs import IGNORE_INDEX
+from pebr_lightning.data.manifest import load_image
+from pebr_lightning.data.prompts import PromptConfig, build_messages, record_response
+from pebr_lightning.errors import PebrError
+
+
+class RecordDataset(Dataset):
+    """Validated manifest records; images are decoded when an item is read."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        return {"record": record, "image": load_image(record["image"])}
+
+
+class SFTCollator:
+    """Prompt (image + instruction + question) followed by the PeBR response.
+
+    Labels are IGNORE_INDEX on every prompt token (system, user text, image
+    tokens, the assistant header), so the loss covers the response and its
+    closing <|im_end|> only. The response is tokenized on its own and appended to
+    the prompt ids, which is exactly the token sequence generation continues from.
+    """
+
+    def __init__(self, processor: Any, prompt: PromptConfig, max_length: int = 4096) -> None:
+        self.processor = processor
+        self.prompt = prompt
+        self.max_length = max_length
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        records = [item["record"] for item in items]
+        prompt = encode_prompts(self.processor, records, [i["image"] for i in items], self.prompt)
+        tokenizer = self.processor.tokenizer
+        end = tokenizer.eos_token  # <|im_end|> closes the assistant turn
+        responses = tokenizer(
+            [record_response(r) + end for r in records], add_special_tokens=False
+        )["input_ids"]
+        sequences, labels = [], []
+        for i, record in enumerate(records):
+            prompt_ids = prompt["input_ids"][i][prompt["attention_mask"][i].bool()].tolist()
+            room = self.max_length - len(prompt_ids)
+            if room <= 0:
+                raise PebrError(
+                    f"sample {record['id']}: the prompt is {len(prompt_ids)} tokens, "
+                    f"over max_length={self.max_length}"
+                )
+            response_ids = responses[i][:room]
+            sequences.append(prompt_ids + response_ids)
+            labels.append([IGNORE_INDEX] * len(prompt_ids) + response_ids)
+        batch = pad_right(sequences, labels, tokenizer.pad_token_id)
+        batch["mm_token_type_ids"] = mm_token_types(batch["input_ids"], self.processor)
+        batch["pixel_values"] = prompt["pixel_values"]
+        batch["image_grid_thw"] = prompt["image_grid_thw"]
+        batch["ids"] = [r["id"] for r in records]
+        return batch
+
+
+def encode_prompts(
+    processor: Any, records: list[dict[str, Any]], images: list[Any], prompt: PromptConfig
+) -> dict[str, torch.Tensor]:
+    """Chat-templated prompts with their image tokens expanded, padded on the right."""
+    texts = [
+        processor.apply_chat_template(
+            build_messages(r, prompt), add_generation_prompt=True, tokenize=False
+        )
+        for r in records
+    ]
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def pad_right(
+    sequences: list[list[int]], labels: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and labels [B, T] padded on the right."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    label_ids = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (seq, lab) in enumerate(zip(sequences, labels, strict=True)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        label_ids[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
+
+
+def mm_token_types(input_ids: torch.Tensor, processor: Any) -> torch.Tensor:
+    """Modality of each token (0 text, 1 image, 2 video) [B, T], as the processor defines it.
+
+    Qwen-VL models need this to give image tokens their 2-D (multimodal RoPE)
+    positions; without it they silently fall back to 1-D positions.
+    """
+    return torch.tensor(processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.int32)

@@ -1,0 +1,124 @@
+"""LightningDataModule over JSONL manifests (schema: docs/data.md).
+
+Every record of the manifests a stage uses is validated in `setup`, before any
+model is loaded, so a bad line fails in seconds with its file:line and field
+rather than hours into a run. Batches are built by the collator of the
+LightningModule being trained (it owns the processor and the prompt format).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from pebr_lightning.data.collate import RecordDataset
+from pebr_lightning.data.manifest import load_manifest
+from pebr_lightning.errors import PebrError
+
+_STAGE_SPLITS = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("predict",),
+}
+
+
+class ManifestDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_manifest: str | None = None,
+        val_manifest: str | None = None,
+        test_manifest: str | None = None,
+        predict_manifest: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+        check_images: bool = True,
+    ) -> None:
+        """
+        Args:
+            train_manifest: JSONL manifest of the training split.
+            val_manifest: JSONL manifest evaluated during fit and by `pebr validate`.
+            test_manifest: JSONL manifest for `pebr test`.
+            predict_manifest: JSONL manifest for `pebr predict`.
+            batch_size: prompts per training batch (per device).
+            eval_batch_size: prompts per evaluation batch; defaults to batch_size.
+            num_workers: DataLoader worker processes that decode images and build batches.
+            skip_invalid: drop records that fail validation (and report how many and
+                which) instead of stopping with an error.
+            check_images: decode every image while validating (catches truncated files).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.manifests = {
+            "train": train_manifest,
+            "val": val_manifest,
+            "test": test_manifest,
+            "predict": predict_manifest,
+        }
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.skip_invalid = skip_invalid
+        self.check_images = check_images
+        self.datasets: dict[str, RecordDataset] = {}
+
+    def setup(self, stage: str) -> None:
+        for split in _STAGE_SPLITS[stage]:
+            path = self.manifests[split]
+            if path is None:
+                if split in ("val",):
+                    continue
+                raise PebrError(f"`pebr {stage}` needs data.{split}_manifest")
+            if split in self.datasets:
+                continue
+            loaded = load_manifest(
+                path, check_images=self.check_images, skip_invalid=self.skip_invalid
+            )
+            if loaded.problems:
+                listing = "\n".join(f"  {p}" for p in loaded.problems[:20])
+                more = len(loaded.problems) - 20
+                tail = f"\n  ... and {more} more" if more > 0 else ""
+                rank_zero_warn(
+                    f"skipped {len(loaded.problems)} invalid record(s) of {path}:\n{listing}{tail}"
+                )
+            self.datasets[split] = RecordDataset(loaded.records)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.datasets:
+            return []
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.eval_batch_size, shuffle=False)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self._collator(split),
+        )
+
+    def _collator(self, split: str) -> Any:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        make = getattr(module, "collator", None)
+        if make is None:
+            raise PebrError(
+                f"{type(module).__name__} has no `collator(split)` method; ManifestDataModule "
+                "needs the module to say how records become batches"
+            )
+        return make(split)

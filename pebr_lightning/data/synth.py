@@ -1,0 +1,342 @@
+"""Deterministic synthetic "shapes" VQA data for the CPU demo and the tests.
+
+Each sample is a 112×112 picture of 1–5 coloured shapes on a light background,
+with a question about it and the perception targets that PeBR-R1 trains on: a
+short description, a one-sentence rationale, a few reasoning steps and keywords.
+The description lists the shapes left to right, so a model that describes the
+picture first can answer every question from its own description (describing
+before answering is what made a tiny model learn; see docs/data.md).
+
+Sample `i` of seed `s` comes from its own `random.Random(f"shapes-{s}-{i}")`, so
+it is the same whichever samples were generated before it and in whichever
+process (string seeds are hashed with SHA-512, not with Python's salted `hash()`).
+
+    pebr data synth --out data/shapes --n 2000 --seed 0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from itertools import pairwise
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SHAPE_KINDS = ("circle", "square", "triangle")
+COLOURS = ("red", "green", "blue", "yellow")
+IMAGE_SIZE = 112
+QUESTION_TYPES = ("count", "colour", "count_colour", "left_of", "arithmetic", "choice")
+
+BACKGROUND = (245, 245, 240)
+PALETTE = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (230, 195, 20),
+}
+
+_MIN_SIZE, _MAX_SIZE = 14, 26
+_BORDER = 2  # free pixels kept between a shape and the image edge
+_GAP = 3  # free pixels kept between the bounding boxes of two shapes
+_MIN_X_GAP = 8  # centres this far apart in x keep "left to right" unambiguous
+_PLACEMENT_TRIES = 200
+_LETTERS = "ABCD"
+_RARE_ABSENT_COLOUR = 0.2  # share of count_colour questions that may ask for an absent colour
+
+# A question builder returns (question, answer, choices or None, rationale, reasoning steps),
+# or None when the scene cannot support that question type.
+_Question = tuple[str, str, list[str] | None, str, list[str]]
+
+
+def synth_records(n: int, seed: int, start: int = 0) -> Iterator[tuple[dict, Image.Image]]:
+    """Yield `(record, image)` for samples `start .. n-1` of the dataset with this seed."""
+    for index in range(start, n):
+        record = make_record(index, seed)
+        yield record, draw_scene(record["shapes"])
+
+
+def write_dataset(out_dir: str | Path, n: int, seed: int) -> Path:
+    """Write `out_dir/images/*.png` and `out_dir/manifest.jsonl`; return the manifest path.
+
+    Images are written first and the manifest last, through a temporary file and
+    `os.replace`, so an interrupted run never leaves a manifest pointing at
+    missing images or a half-written manifest. The same seed gives byte-identical files.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for record, image in synth_records(n, seed):
+        image.save(out_dir / record["image"], format="PNG")
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    manifest = out_dir / "manifest.jsonl"
+    tmp = out_dir / f".manifest.jsonl.{os.getpid()}.tmp"  # plain open(): honours the umask
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(lines)
+        os.replace(tmp, manifest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return manifest
+
+
+def corpus_texts(n: int = 2000, seed: int = 0) -> Iterator[str]:
+    """Yield every text string of `n` records without rendering their images (tokenizer data)."""
+    for index in range(n):
+        record = make_record(index, seed)
+        yield record["question"]
+        yield record["answer"]
+        yield from record.get("choices", [])
+        yield record["description"]
+        yield record["rationale"]
+        yield from record["reasoning"]
+        for words in record["keywords"].values():
+            yield from words
+
+
+def make_record(index: int, seed: int) -> dict:
+    """Build the manifest record of sample `index` (its image is `draw_scene(record["shapes"])`)."""
+    rng = random.Random(f"shapes-{seed}-{index}")
+    shapes = _place_shapes(rng)
+    qtype, (text, answer, choices, rationale, reasoning) = _pick_question(shapes, rng)
+    record = {
+        "id": f"shapes-{seed}-{index:06d}",
+        "image": f"images/{index:06d}.png",
+        "type": qtype,
+        "question": text,
+        "answer": answer,
+    }
+    if choices is not None:
+        record["choices"] = choices
+    record["description"] = describe(shapes)
+    record["rationale"] = rationale
+    record["reasoning"] = reasoning
+    record["keywords"] = _keywords(shapes)
+    record["shapes"] = shapes
+    return record
+
+
+def draw_scene(shapes: list[dict]) -> Image.Image:
+    """Render shapes (centre `x`, `y` and side `size` in pixels) without anti-aliasing."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for shape in shapes:
+        left, top, right, bottom = _box(shape["x"], shape["y"], shape["size"])
+        fill = PALETTE[shape["colour"]]
+        if shape["kind"] == "circle":
+            draw.ellipse((left, top, right, bottom), fill=fill)
+        elif shape["kind"] == "square":
+            draw.rectangle((left, top, right, bottom), fill=fill)
+        else:
+            draw.polygon([(left, bottom), (right, bottom), (shape["x"], top)], fill=fill)
+    return image
+
+
+def describe(shapes: list[dict]) -> str:
+    """'3 shapes, left to right: a red circle, a blue square, a green triangle.'"""
+    names = ", ".join(f"a {_name(s)}" for s in shapes)
+    if len(shapes) == 1:
+        return f"1 shape: {names}."
+    return f"{len(shapes)} shapes, left to right: {names}."
+
+
+def _pick_question(shapes: list[dict], rng: random.Random) -> tuple[str, _Question]:
+    """Draw a question type; if the scene cannot support it, try the others in random order."""
+    first = rng.choice(QUESTION_TYPES)
+    others = [t for t in QUESTION_TYPES if t != first]
+    rng.shuffle(others)
+    for qtype in (first, *others):
+        question = _QUESTION_BUILDERS[qtype](shapes, rng)
+        if question is not None:
+            return qtype, question
+    raise AssertionError("unreachable: a count question fits every scene")
+
+
+def _place_shapes(rng: random.Random) -> list[dict]:
+    """Rejection-sample 1–5 non-overlapping shapes with distinct x-centres, sorted left to right."""
+    shapes: list[dict] = []
+    for _ in range(rng.randint(1, 5)):
+        kind, colour = rng.choice(SHAPE_KINDS), rng.choice(COLOURS)
+        for _try in range(_PLACEMENT_TRIES):
+            size = rng.randint(_MIN_SIZE, _MAX_SIZE)
+            low = _BORDER + size // 2
+            high = IMAGE_SIZE - 1 - _BORDER - (size - 1 - size // 2)
+            x, y = rng.randint(low, high), rng.randint(low, high)
+            if all(_apart(x, y, size, other) for other in shapes):
+                shapes.append({"kind": kind, "colour": colour, "x": x, "y": y, "size": size})
+                break
+        # A shape that finds no room after all tries is left out: the scene just has fewer.
+    return sorted(shapes, key=lambda s: s["x"])
+
+
+def _apart(x: int, y: int, size: int, other: dict) -> bool:
+    if abs(x - other["x"]) < _MIN_X_GAP:
+        return False
+    left, top, right, bottom = _box(x, y, size)
+    o_left, o_top, o_right, o_bottom = _box(other["x"], other["y"], other["size"])
+    return (
+        left > o_right + _GAP
+        or o_left > right + _GAP
+        or top > o_bottom + _GAP
+        or o_top > bottom + _GAP
+    )
+
+
+def _box(x: int, y: int, size: int) -> tuple[int, int, int, int]:
+    left, top = x - size // 2, y - size // 2
+    return left, top, left + size - 1, top + size - 1
+
+
+def _name(shape: dict) -> str:
+    return f"{shape['colour']} {shape['kind']}"
+
+
+def _count_phrase(count: int, kind: str) -> str:
+    return f"There is 1 {kind}." if count == 1 else f"There are {count} {kind}s."
+
+
+def _keywords(shapes: list[dict]) -> dict[str, list[str]]:
+    kinds = {s["kind"] for s in shapes}
+    colours = {s["colour"] for s in shapes}
+    return {
+        "objects": [k for k in SHAPE_KINDS if k in kinds],
+        "numbers": [str(len(shapes))],
+        "attributes": [c for c in COLOURS if c in colours],
+        "spatial": [f"{_name(a)} left of {_name(b)}" for a, b in pairwise(shapes)],
+    }
+
+
+def _count(shapes: list[dict], rng: random.Random) -> _Question:
+    n = str(len(shapes))
+    return (
+        "How many shapes are there?",
+        n,
+        None,
+        "The question asks for the number of shapes.",
+        [
+            f"The description lists {n} {'shape' if n == '1' else 'shapes'}.",
+            f"So the answer is {n}.",
+        ],
+    )
+
+
+def _colour(shapes: list[dict], rng: random.Random) -> _Question | None:
+    kind_counts = Counter(s["kind"] for s in shapes)
+    unique = [s for s in shapes if kind_counts[s["kind"]] == 1]
+    if not unique:
+        return None
+    shape = rng.choice(unique)
+    return (
+        f"What colour is the {shape['kind']}?",
+        shape["colour"],
+        None,
+        f"The question asks for the colour of the {shape['kind']}.",
+        [f"The only {shape['kind']} is {shape['colour']}.", f"So the answer is {shape['colour']}."],
+    )
+
+
+def _count_colour(shapes: list[dict], rng: random.Random) -> _Question:
+    if rng.random() < _RARE_ABSENT_COLOUR:
+        colour = rng.choice(COLOURS)
+    else:
+        colour = rng.choice([s["colour"] for s in shapes])
+    matching = [f"a {_name(s)}" for s in shapes if s["colour"] == colour]
+    if not matching:
+        step = f"No shape is {colour}."
+    elif len(matching) == 1:
+        step = f"The only {colour} shape is {matching[0]}."
+    else:
+        step = f"The {colour} shapes are: {', '.join(matching)}."
+    return (
+        f"How many {colour} shapes are there?",
+        str(len(matching)),
+        None,
+        f"The question asks how many shapes are {colour}.",
+        [step, f"So the answer is {len(matching)}."],
+    )
+
+
+def _left_of(shapes: list[dict], rng: random.Random) -> _Question | None:
+    name_counts = Counter(_name(s) for s in shapes)
+    unique = [i for i, s in enumerate(shapes) if name_counts[_name(s)] == 1]
+    if len(unique) < 2:
+        return None
+    i, j = rng.sample(unique, 2)
+    a, b = _name(shapes[i]), _name(shapes[j])
+    answer = "yes" if i < j else "no"
+    relation = "comes before" if i < j else "comes after"
+    return (
+        f"Is the {a} left of the {b}?",
+        answer,
+        None,
+        f"The question asks whether the {a} is left of the {b}.",
+        [
+            f"The {a} is shape {i + 1} from the left.",
+            f"The {b} is shape {j + 1} from the left.",
+            f"{i + 1} {relation} {j + 1}, so the answer is {answer}.",
+        ],
+    )
+
+
+def _arithmetic(shapes: list[dict], rng: random.Random) -> _Question:
+    counts = Counter(s["kind"] for s in shapes)
+    first = rng.choice(sorted(counts))  # at least one of the two kinds is in the picture
+    second = rng.choice([k for k in SHAPE_KINDS if k != first])
+    steps = [_count_phrase(counts[first], first), _count_phrase(counts[second], second)]
+    if rng.random() < 0.5:
+        total = counts[first] + counts[second]
+        return (
+            f"How many {first}s and {second}s are there in total?",
+            str(total),
+            None,
+            f"The question asks for the total number of {first}s and {second}s.",
+            [*steps, f"{counts[first]} + {counts[second]} = {total}, so the answer is {total}."],
+        )
+    if counts[first] < counts[second]:
+        first, second = second, first
+        steps.reverse()
+    more = counts[first] - counts[second]
+    return (
+        f"How many more {first}s than {second}s are there?",
+        str(more),
+        None,
+        f"The question asks how many more {first}s there are than {second}s.",
+        [*steps, f"{counts[first]} - {counts[second]} = {more}, so the answer is {more}."],
+    )
+
+
+def _choice(shapes: list[dict], rng: random.Random) -> _Question:
+    colour_question = _colour(shapes, rng) if rng.random() < 0.5 else None
+    if colour_question is not None:
+        stem, value, _, rationale, steps = colour_question
+        options = list(COLOURS)
+        rng.shuffle(options)
+    else:
+        stem, value, _, rationale, steps = _count(shapes, rng)
+        distractors = rng.sample([str(v) for v in range(1, 8) if str(v) != value], 3)
+        options = sorted([value, *distractors], key=int)
+    letter = _LETTERS[options.index(value)]
+    listed = " ".join(f"{_LETTERS[i]}. {option}" for i, option in enumerate(options))
+    return (
+        f"{stem} Options: {listed}",
+        letter,
+        options,
+        f"{rationale[:-1]} and the option that matches it.",
+        [steps[0], f"Option {letter} is {value}, so the answer is {letter}."],
+    )
+
+
+_QUESTION_BUILDERS = {
+    "count": _count,
+    "colour": _colour,
+    "count_colour": _count_colour,
+    "left_of": _left_of,
+    "arithmetic": _arithmetic,
+    "choice": _choice,
+}

@@ -1,0 +1,196 @@
+"""Build a policy: load a Qwen-VL checkpoint + processor, quantize, freeze, wrap with LoRA.
+
+Builders take plain values (a name or path, small config dataclasses) so that the
+LightningModules never read YAML. Supported families: Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL, through `AutoModelForImageTextToText` (a local folder or a hub id), plus
+the embedded `tiny-qwen2.5-vl` (models/tiny.py), which resolves to a cached folder
+and then loads exactly like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pebr_lightning.errors import PebrError
+from pebr_lightning.models.tiny import ensure_tiny_model, is_tiny_name
+
+# LoRA targets by default: the language model's attention and MLP projections.
+# The vision tower (`visual`) has layers with the same names (Qwen2.5-VL's vision MLP
+# is gate/up/down too), so the pattern is anchored on `language_model`.
+LANGUAGE_PROJECTIONS = (
+    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+)
+VISION_PREFIX = "visual"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings (PEFT)."""
+
+    r: int = 16
+    """Rank of the low-rank update."""
+    alpha: int = 32
+    """Scaling numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = LANGUAGE_PROJECTIONS
+    """Module names (list) or a regex matched against full module names (str)."""
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise PebrError(f"lora.r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PebrError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class QuantizationConfig:
+    """bitsandbytes k-bit loading of the language model (QLoRA)."""
+
+    bits: Literal[4, 8] = 4
+    """4 (NF4/FP4) or 8 (LLM.int8)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
+    compute_dtype: str = "bfloat16"
+    """dtype of the matmuls on dequantized weights."""
+    quantize_vision: bool = False
+    """Also quantize the vision tower (left in full precision by default)."""
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    """Extra module names kept unquantized."""
+
+
+@dataclass
+class Policy:
+    """A loaded policy model and its processor."""
+
+    model: nn.Module
+    processor: Any
+    name_or_path: str
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder for embedded names and existing paths, otherwise the hub id unchanged."""
+    if is_tiny_name(name_or_path):
+        return str(ensure_tiny_model(name_or_path))
+    return name_or_path
+
+
+def load_processor(name_or_path: str, trust_remote_code: bool = False):
+    """The processor (tokenizer + image processor + chat template) of a checkpoint."""
+    from transformers import AutoProcessor
+
+    path = resolve_model_path(name_or_path)
+    try:
+        processor = AutoProcessor.from_pretrained(path, **_load_kwargs(path, trust_remote_code))
+    except OSError as err:
+        raise PebrError(f"cannot load the processor of {name_or_path!r}: {err}") from err
+    # Training batches pad on the right; generation switches to left padding itself.
+    processor.tokenizer.padding_side = "right"
+    return processor
+
+
+def build_policy(
+    name_or_path: str,
+    lora: LoraConfig | None = None,
+    quantization: QuantizationConfig | None = None,
+    freeze_vision: bool = True,
+    dtype: str | None = None,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> Policy:
+    """Load a Qwen-VL checkpoint and its processor, ready to train.
+
+    Args:
+        name_or_path: `tiny-qwen2.5-vl`, a local checkpoint folder or a hub id.
+        lora: wrap with a PEFT LoRA adapter (language-model projections by default);
+            None trains the unfrozen weights directly.
+        quantization: load the language model in 4/8-bit through bitsandbytes.
+        freeze_vision: freeze the vision tower and its projector (the paper's SFT).
+        dtype: weight dtype name ("bfloat16", "float32", ...); None keeps float32.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        trust_remote_code: allow a checkpoint's own Python code to run (off unless set).
+        attn_implementation: e.g. "sdpa", "flash_attention_2"; None is transformers' choice.
+    """
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    path = resolve_model_path(name_or_path)
+    kwargs = _load_kwargs(path, trust_remote_code)
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        skip = list(quantization.skip_modules)
+        if not quantization.quantize_vision:
+            # transformers matches skip patterns from the start of the full module name
+            # ("model.visual.blocks.0..."), as a regex ending on a module boundary.
+            skip.append(f".*{VISION_PREFIX}")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization.bits == 4,
+            load_in_8bit=quantization.bits == 8,
+            bnb_4bit_quant_type=quantization.quant_type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+            llm_int8_skip_modules=skip,
+        )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise PebrError(f"cannot load model {name_or_path!r}: {err}") from err
+    processor = load_processor(name_or_path, trust_remote_code)
+
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if freeze_vision:
+        for name, param in model.named_parameters():
+            if _is_vision(name):
+                param.requires_grad_(False)
+    if lora is not None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        peft_config = PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, peft_config)
+        # get_peft_model freezes every base weight; the vision tower was frozen above
+        # already, and anything else the user wants trained goes through LoRA.
+    return Policy(model=model, processor=processor, name_or_path=path)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _is_vision(param_name: str) -> bool:
+    return f".{VISION_PREFIX}." in f".{param_name}"
+
+
+def _load_kwargs(path: str, trust_remote_code: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    # A local folder never needs the hub: don't let transformers try it (and wait on
+    # retries when offline).
+    if os.path.isdir(path) or Path(path).is_absolute():
+        kwargs["local_files_only"] = True
+    return kwargs

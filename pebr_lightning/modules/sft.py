@@ -1,0 +1,159 @@
+"""Warm-up SFT: next-token loss on the PeBR-format response only.
+
+The paper's first stage (PAPER_FACTS.md, Pipeline 1): fine-tune the VLM on
+responses in the PeBR format (image description, rationale, steps, final answer)
+with the vision tower and projector frozen, AdamW, cosine schedule with warm-up.
+The target is rendered from each manifest record (data/prompts.py); every prompt
+token (system, question, image tokens, assistant header) is masked out of the loss.
+
+Departures from the paper: LoRA is available (the paper fine-tunes all language
+weights), and the loss is computed from hidden states in chunks so full-vocabulary
+logits are never materialised (algorithms/logprobs.py).
+
+    pebr fit --config configs/demo/sft.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from pebr_lightning.algorithms.logprobs import shifted_targets, token_logprobs
+from pebr_lightning.data.collate import SFTCollator
+from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.models.policy import (
+    LoraConfig,
+    QuantizationConfig,
+    build_policy,
+    load_processor,
+    unwrap,
+)
+from pebr_lightning.modules.optim import OptimConfig, configure_adamw
+
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "mm_token_type_ids",
+)
+
+
+class SFTModule(L.LightningModule):
+    def __init__(
+        self,
+        model: str = "tiny-qwen2.5-vl",
+        lora: LoraConfig | None = None,
+        quantization: QuantizationConfig | None = None,
+        freeze_vision: bool = True,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        prompt: PromptConfig = PromptConfig(),
+        max_length: int = 4096,
+        optim: OptimConfig = OptimConfig(),
+        logprob_chunk_size: int = 1024,
+    ) -> None:
+        """
+        Args:
+            model: `tiny-qwen2.5-vl` (embedded, no download), a local checkpoint folder or
+                a hub id of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model.
+            lora: train a LoRA adapter instead of the full weights; null for full fine-tuning.
+            quantization: load the language model in 4/8-bit (QLoRA); null for none.
+            freeze_vision: keep the vision tower and its projector frozen (the paper's SFT).
+            dtype: weight dtype, e.g. bfloat16; null keeps float32.
+            gradient_checkpointing: recompute activations in backward to save memory.
+            trust_remote_code: allow the checkpoint's own Python code to run.
+            prompt: instruction and system prompt placed around each question.
+            max_length: cut-off in tokens for prompt + response (the paper uses 4096).
+            optim: AdamW and schedule settings.
+            logprob_chunk_size: response tokens per chunk when computing the loss; lower it
+                to save memory with large vocabularies.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_name = model
+        self.lora = lora
+        self.quantization = quantization
+        self.freeze_vision = freeze_vision
+        self.dtype_name = dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.trust_remote_code = trust_remote_code
+        self.prompt = prompt
+        self.max_length = max_length
+        self.optim = optim
+        self.logprob_chunk_size = logprob_chunk_size
+        self.policy: torch.nn.Module | None = None
+        self.processor: Any = None
+        # With LoRA the checkpoint holds the trainable weights only; the frozen base
+        # comes from `model` again on load.
+        self.strict_loading = lora is None
+
+    # -- Lightning hooks, in call order -------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.processor is None:
+            self.processor = load_processor(self.model_name, self.trust_remote_code)
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        built = build_policy(
+            self.model_name,
+            lora=self.lora,
+            quantization=self.quantization,
+            freeze_vision=self.freeze_vision,
+            dtype=self.dtype_name,
+            gradient_checkpointing=self.gradient_checkpointing,
+            trust_remote_code=self.trust_remote_code,
+        )
+        # from_pretrained returns eval mode; Lightning keeps a module's mode as found.
+        self.policy = built.model.train()
+        self.processor = built.processor
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_adamw(
+            list(self.named_parameters()), self.optim, int(self.trainer.estimated_stepping_batches)
+        )
+
+    def collator(self, split: str) -> SFTCollator:
+        """Builds batches for every split: validation loss uses the same targets."""
+        return SFTCollator(self.processor, self.prompt, self.max_length)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, n_tokens = self.response_loss(batch)
+        size = len(batch["ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/response_tokens", float(n_tokens), batch_size=size, reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, _ = self.response_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora is not None:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+            }
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def response_loss(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
+        """Mean negative log-likelihood over the batch's response tokens, and their count."""
+        base = unwrap(self.policy)
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        hidden = base.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+        hidden, targets = shifted_targets(hidden, batch["labels"])  # [N, H], [N]
+        logp = token_logprobs(hidden, base.lm_head, targets, self.logprob_chunk_size)  # [N]
+        return -logp.mean(), targets.numel()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the adapter (LoRA, PEFT format) or the full model, plus the processor."""
+        self.policy.save_pretrained(str(path))
+        self.processor.save_pretrained(str(path))

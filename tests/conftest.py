@@ -1,0 +1,48 @@
+"""Session-wide test settings: offline, one embedded-model cache, small shared datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the suite may wait on the hub: set before transformers is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pebr_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the embedded tiny model once per session, in a private cache folder.
+
+    Subprocesses inherit PEBR_CACHE, so they reuse it too.
+    """
+    if "PEBR_TEST_CACHE" in os.environ:  # reuse across local runs when set
+        cache = Path(os.environ["PEBR_TEST_CACHE"])
+    else:
+        cache = tmp_path_factory.mktemp("pebr-cache")
+    os.environ["PEBR_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_path(pebr_cache: Path) -> Path:
+    from pebr_lightning.models.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small synthetic train/val manifests shared by the end-to-end tests."""
+    from pebr_lightning.data.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    return {
+        "train": write_dataset(root / "train", n=48, seed=0),
+        "val": write_dataset(root / "val", n=16, seed=1),
+    }

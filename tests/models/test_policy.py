@@ -1,0 +1,85 @@
+"""build_policy: LoRA only on language-model projections, vision tower frozen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from pebr_lightning.data.collate import SFTCollator
+from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.errors import PebrError
+from pebr_lightning.models.policy import LoraConfig, QuantizationConfig, build_policy, unwrap
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+def lora_layers(model) -> list[str]:
+    return [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_only_on_language_projections(family, family_path):
+    policy = build_policy(str(family_path(family)), lora=LoraConfig(r=4, alpha=8))
+    wrapped = lora_layers(policy.model)
+    assert wrapped, "no LoRA layer was injected"
+    for name in wrapped:
+        assert ".language_model." in name and name.rsplit(".", 1)[-1] in PROJECTIONS, name
+    # every language projection got one: 7 per decoder layer
+    layers = unwrap(policy.model).config.text_config.num_hidden_layers
+    assert len(wrapped) == 7 * layers
+    trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all(("lora_A" in n or "lora_B" in n) for n in trainable)
+    assert not any(".visual." in n for n in trainable)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_policy_forward_on_a_real_batch(family, family_path):
+    policy = build_policy(str(family_path(family)), lora=LoraConfig(r=4))
+    record = {"id": "a", "question": "How many shapes are there?", "answer": "2"}
+    batch = SFTCollator(policy.processor, PromptConfig())(
+        [{"record": record, "image": Image.new("RGB", (112, 112), "white")}]
+    )
+    inputs = {k: v for k, v in batch.items() if k not in ("ids",)}
+    loss = policy.model(**inputs).loss
+    assert torch.isfinite(loss)
+
+
+def test_full_finetune_freezes_vision_tower(tiny_path):
+    model = build_policy(str(tiny_path), freeze_vision=True).model
+    vision = {
+        n: p.requires_grad for n, p in model.named_parameters() if n.startswith("model.visual.")
+    }
+    others = {
+        n: p.requires_grad for n, p in model.named_parameters() if not n.startswith("model.visual.")
+    }
+    assert vision and not any(vision.values())  # patch embed, blocks and merger (projector)
+    assert any("merger" in n for n in vision)
+    assert others and all(others.values())
+
+
+def test_unfrozen_vision_trains_everything(tiny_path):
+    model = build_policy(str(tiny_path), freeze_vision=False).model
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_four_bit_quantizes_language_model_only(tiny_path):
+    import bitsandbytes as bnb
+
+    policy = build_policy(
+        str(tiny_path),
+        lora=LoraConfig(r=4),
+        quantization=QuantizationConfig(bits=4, compute_dtype="float32"),
+    )
+    base = unwrap(policy.model)
+    four_bit = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all(".language_model." in n for n in four_bit)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in base.model.visual.modules())
+    trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_missing_local_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(PebrError, match="cannot load model"):
+        build_policy(str(tmp_path / "nope"))

@@ -1,0 +1,76 @@
+"""The embedded tiny Qwen2.5-VL: built once, loaded like a real checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Qwen2_5_VLForConditionalGeneration,
+)
+
+from pebr_lightning.data.prompts import PromptConfig, build_messages
+from pebr_lightning.models.tiny import QWEN_SPECIAL_TOKENS, ensure_tiny_model
+
+
+def test_loads_through_from_pretrained_as_qwen25_vl(tiny_path):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path, local_files_only=True)
+    assert isinstance(model, Qwen2_5_VLForConditionalGeneration)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 100_000 < n_params < 10_000_000
+    tokenizer = AutoProcessor.from_pretrained(tiny_path, local_files_only=True).tokenizer
+    for token in QWEN_SPECIAL_TOKENS:  # each special token is one id, and the config agrees
+        assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert model.config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")
+
+
+def test_second_call_reuses_the_cache(tiny_path):
+    stamp = (tiny_path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_model("tiny-qwen2.5-vl") == tiny_path
+    assert (tiny_path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_chat_template_and_image_tokens(tiny_path):
+    processor = AutoProcessor.from_pretrained(tiny_path, local_files_only=True)
+    messages = build_messages(
+        {"question": "How many shapes are there?"}, PromptConfig(instruction="")
+    )
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many shapes are there?"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    batch = processor(
+        text=[text], images=[Image.new("RGB", (112, 112), "white")], return_tensors="pt"
+    )
+    # 112 px -> 8 x 8 patches of 14 px -> 2 x 2 merge -> 16 image tokens
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 16
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]]
+
+
+def test_task_words_are_short_in_the_trained_tokenizer(tiny_path):
+    tokenizer = AutoProcessor.from_pretrained(tiny_path, local_files_only=True).tokenizer
+    text = "3 shapes, left to right: a red circle, a blue square, a green triangle."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text  # byte-level BPE round-trips
+    assert len(ids) <= 20  # far fewer tokens than the 72 bytes
+
+
+def test_generates_and_stops_on_im_end(tiny_path):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(tiny_path, local_files_only=True)
+    text = processor.apply_chat_template(
+        build_messages({"question": "How many?"}, PromptConfig()),
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    batch = processor(
+        text=[text] * 2, images=[Image.new("RGB", (112, 112))] * 2, return_tensors="pt"
+    )
+    torch.manual_seed(0)
+    out = model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=True)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 8)
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in model.generation_config.eos_token_id
