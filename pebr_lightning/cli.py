@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 EXTRA_COMMANDS = {
     "data": ("pebr_lightning.data.commands", "make and check manifests: synth, validate"),
+    "rewards": ("pebr_lightning.rewards.commands", "list and check reward plugins: list, check"),
 }
 
 DESCRIPTION = "PeBR-R1 two-stage RL for vision-language models.\n\nOther commands:\n" + "\n".join(

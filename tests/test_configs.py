@@ -16,7 +16,14 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 def test_configs_exist():
     names = {str(p.relative_to(REPO / "configs")) for p in CONFIGS}
-    assert {"sft.yaml", "demo/sft.yaml"} <= names
+    assert {
+        "sft.yaml",
+        "perception.yaml",
+        "reasoning.yaml",
+        "demo/sft.yaml",
+        "demo/perception.yaml",
+        "demo/reasoning.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
@@ -36,3 +43,10 @@ def test_config_instantiates(path: Path):
     assert isinstance(built.datamodule, L.LightningDataModule)
     # nothing heavy happened: the policy loads lazily in configure_model
     assert getattr(built.model, "policy", None) is None
+    # every reward the config names resolves and accepts its init_args (models load lazily)
+    specs = getattr(built.model, "reward_specs", None)
+    if specs is not None:
+        from pebr_lightning.rewards.combine import load_rewards
+
+        names = load_rewards(specs).names
+        assert len(names) == len(raw["model"]["init_args"]["rewards"])

@@ -75,16 +75,22 @@ class SFTCollator:
 
 
 def encode_prompts(
-    processor: Any, records: list[dict[str, Any]], images: list[Any], prompt: PromptConfig
+    processor: Any,
+    records: list[dict[str, Any]],
+    images: list[Any],
+    prompt: PromptConfig,
+    padding_side: str = "right",
 ) -> dict[str, torch.Tensor]:
-    """Chat-templated prompts with their image tokens expanded, padded on the right."""
+    """Chat-templated prompts with their image tokens expanded, padded on one side."""
     texts = [
         processor.apply_chat_template(
             build_messages(r, prompt), add_generation_prompt=True, tokenize=False
         )
         for r in records
     ]
-    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+    return processor(
+        text=texts, images=images, return_tensors="pt", padding=True, padding_side=padding_side
+    )
 
 
 def pad_right(
@@ -109,3 +115,24 @@ def mm_token_types(input_ids: torch.Tensor, processor: Any) -> torch.Tensor:
     positions; without it they silently fall back to 1-D positions.
     """
     return torch.tensor(processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.int32)
+
+
+class PromptCollator:
+    """Prompts only, left-padded for generation, with the records and images kept.
+
+    GRPO samples the responses itself; rewards read `records` (the manifest
+    samples) and `images` (the decoded PIL images).
+    """
+
+    def __init__(self, processor: Any, prompt: PromptConfig) -> None:
+        self.processor = processor
+        self.prompt = prompt
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        records = [item["record"] for item in items]
+        images = [item["image"] for item in items]
+        batch = dict(encode_prompts(self.processor, records, images, self.prompt, "left"))
+        batch["mm_token_type_ids"] = mm_token_types(batch["input_ids"], self.processor)
+        batch["records"] = records
+        batch["images"] = images
+        return batch

@@ -33,6 +33,7 @@ from pebr_lightning.models.policy import (
     unwrap,
 )
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
+from pebr_lightning.modules.shared import keep_trainable_state, save_pretrained
 
 MODEL_INPUTS = (
     "input_ids",
@@ -137,10 +138,7 @@ class SFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.lora is not None:
-            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {
-                k: v for k, v in checkpoint["state_dict"].items() if k in trainable
-            }
+            keep_trainable_state(self, checkpoint)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -155,5 +153,4 @@ class SFTModule(L.LightningModule):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the adapter (LoRA, PEFT format) or the full model, plus the processor."""
-        self.policy.save_pretrained(str(path))
-        self.processor.save_pretrained(str(path))
+        save_pretrained(self.policy, self.processor, path)

@@ -1,0 +1,72 @@
+"""Group-relative advantages for GRPO.
+
+Every prompt is sampled G times; a completion's advantage is its reward minus the
+mean reward of its own group, optionally divided by a standard deviation:
+
+    scale="group"  A = (r - mean_group) / (std_group + eps)   GRPO (DeepSeekMath), PeBR-R1
+    scale="batch"  A = (r - mean_group) / (std_batch + eps)   std of all B*G rewards (TRL)
+    scale="none"   A =  r - mean_group                        Dr. GRPO (no std bias)
+
+Standard deviations are unbiased (Bessel), as in the paper's EasyR1/verl code.
+
+A group whose rewards are all equal carries no learning signal. Its advantages are
+set to exactly 0 rather than left to floating-point luck: the mean of equal floats
+need not round back to the same float, and (r - mean) / eps would turn that rounding
+error into an advantage of order 1e-2. A group of one completion (G = 1) is such a
+group, so G = 1 gives zeros rather than the NaN of an unbiased std over one element.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SCALES = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-6
+) -> Tensor:
+    """Advantages [B*G] from rewards [B*G], each group's G completions contiguous.
+
+    Groups with zero reward variance (see `zero_variance_groups`) get exactly 0.
+    Raises ValueError when `rewards` does not split into groups of `group_size` or
+    `scale` is not one of "group", "batch", "none".
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    grouped = _grouped(rewards, group_size)  # [B, G]
+    flat = zero_variance_groups(rewards, group_size)  # [B]
+    centred = grouped - grouped.mean(-1, keepdim=True)  # [B, G]
+    if scale == "group":
+        # std over one element is NaN in torch; such groups are zeroed below anyway.
+        std = grouped.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped)
+        centred = centred / (std + eps)  # [B, G]
+    elif scale == "batch":
+        std = grouped.std() if grouped.numel() > 1 else grouped.new_zeros(())
+        centred = centred / (std + eps)
+    advantages = centred.masked_fill(flat[:, None], 0.0)  # [B, G]
+    return advantages.reshape(-1)  # [B*G]
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """BoolTensor [B]: True where every reward of the group is equal (vanishing advantage).
+
+    Equality is exact; a group of one completion always counts as zero-variance.
+    """
+    grouped = _grouped(rewards, group_size)  # [B, G]
+    return (grouped == grouped[:, :1]).all(-1)  # [B]
+
+
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B*G], got shape {tuple(rewards.shape)}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of group_size={group_size}"
+        )
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    return rewards.view(-1, group_size)  # [B, G]

@@ -1,0 +1,237 @@
+"""Group rollouts and log-prob passes that encode each prompt once.
+
+`generate(num_return_sequences=G)` copies every prompt G times, so the language
+model prefills each prompt G times, and a plain log-prob forward over the B·G
+sequences re-encodes every image G times. Here:
+
+- the vision tower runs once per image per step (`image_features`), and its output
+  is handed to the model (`mm_encoder_outputs`) for the prefill and every log-prob
+  pass, repeated for the G sequences of a group when the tower is frozen;
+- the prompt is prefilled once at batch B, its KV cache repeated G times, and only
+  the decode runs at batch B·G (`sample_group`).
+
+Models whose forward does not take `mm_encoder_outputs` fall back to `pixel_values`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pebr_lightning.algorithms.logprobs import token_logprobs
+from pebr_lightning.algorithms.sampling import sample_tokens
+from pebr_lightning.errors import PebrError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled (defaults: the paper's rollout settings)."""
+
+    group_size: int = 8
+    """Completions per prompt (the paper's n)."""
+    temperature: float = 1.2
+    """Softmax temperature; the loss scales logits by the same value."""
+    top_p: float = 0.99
+    """Nucleus sampling mass; 1.0 disables it."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 disables it."""
+    max_new_tokens: int = 2048
+    """Completion length cap; a completion that reaches it without EOS counts as truncated."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise PebrError(f"sampling.group_size must be >= 1, got {self.group_size}")
+        if self.temperature <= 0:
+            raise PebrError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise PebrError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise PebrError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Rollout:
+    """G sampled completions for each of B prompts; group members are contiguous."""
+
+    prompt_ids: Tensor
+    """[B, P] left-padded prompt tokens."""
+    prompt_mask: Tensor
+    """[B, P] 1 on real prompt tokens."""
+    completion_ids: Tensor
+    """[B*G, T] sampled tokens, padding after EOS."""
+    completion_mask: Tensor
+    """[B*G, T] 1 up to and including EOS."""
+    logprobs: Tensor
+    """[B*G, T] log-probs of the sampled tokens at sampling time (temperature-scaled)."""
+    truncated: Tensor
+    """[B*G] True where max_new_tokens was reached without EOS."""
+    group_size: int
+    seconds: float
+    """Wall time of the rollout."""
+
+
+def vision_token_ids(config: Any) -> list[int]:
+    """Placeholder and delimiter ids of images/videos, which a completion must not contain."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return [i for i in (getattr(config, n, None) for n in names) if i is not None]
+
+
+def supports_shared_features(base: nn.Module) -> bool:
+    """Whether the model's forward accepts precomputed image features."""
+    return "mm_encoder_outputs" in inspect.signature(base.model.forward).parameters
+
+
+def image_features(base: nn.Module, pixel_values: Tensor, image_grid_thw: Tensor) -> list[Tensor]:
+    """One vision-tower pass over a batch of images -> each image's merged features."""
+    out = base.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    return list(out.pooler_output)  # B x [tokens_i, H]
+
+
+def model_inputs(
+    base: nn.Module,
+    prompt: dict[str, Tensor],
+    rows: Tensor,
+    group_size: int,
+    features: list[Tensor] | None,
+) -> dict[str, Any]:
+    """Image inputs for sequences `rows` of a B·G batch (row r belongs to prompt r // G)."""
+    prompts = rows // group_size  # [n]
+    grid = prompt["image_grid_thw"][prompts]  # [n, 3]
+    if features is not None:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        picked = tuple(features[int(i)] for i in prompts)
+        return {
+            "image_grid_thw": grid,
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=picked)},
+        }
+    # Fallback: the image patches of each sequence's prompt, in order.
+    sizes = prompt["image_grid_thw"].prod(-1).tolist()
+    patches = torch.split(prompt["pixel_values"], sizes)
+    return {"image_grid_thw": grid, "pixel_values": torch.cat([patches[int(i)] for i in prompts])}
+
+
+@torch.no_grad()
+def sample_group(
+    policy: nn.Module,
+    base: nn.Module,
+    prompt: dict[str, Tensor],
+    sampling: SamplingConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    features: list[Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Prefill each prompt once, repeat its KV cache G times, decode B·G completions.
+
+    `prompt` holds left-padded input_ids/attention_mask [B, P], mm_token_type_ids,
+    image_grid_thw and pixel_values. `base` is the transformers model inside
+    `policy` (the same object without PEFT); LoRA layers are active in both.
+    Image/video placeholder tokens are never sampled: in a completion they would make
+    the next forward expect image features it does not have.
+    """
+    start = time.perf_counter()
+    g = sampling.group_size
+    input_ids, mask = prompt["input_ids"], prompt["attention_mask"]  # [B, P]
+    b = input_ids.shape[0]
+    images = model_inputs(base, prompt, torch.arange(b, device=input_ids.device) * g, g, features)
+    out = base.model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        mm_token_type_ids=prompt["mm_token_type_ids"],
+        use_cache=True,
+        **images,
+    )
+    logits = base.lm_head(out.last_hidden_state[:, -1])  # [B, V]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(g)  # [B*G] from here on
+    # Text after the image continues from the image's 2-D positions: position of the
+    # k-th real token = k + rope_delta (what get_rope_index computed in the prefill).
+    delta = base.model.rope_deltas.repeat_interleave(g, 0)  # [B*G, 1]
+    logits = logits.repeat_interleave(g, 0)  # [B*G, V]
+    attention = mask.repeat_interleave(g, 0)  # [B*G, P]
+    real = attention.sum(-1, keepdim=True)  # [B*G, 1]
+    eos = torch.tensor(eos_ids, device=input_ids.device)
+
+    tokens, logps, alive_steps = [], [], []
+    alive = torch.ones(b * g, dtype=torch.bool, device=input_ids.device)  # [B*G]
+    banned = torch.tensor(vision_token_ids(base.config), dtype=torch.long, device=input_ids.device)
+    for step in range(sampling.max_new_tokens):
+        token, logp = sample_tokens(
+            logits, sampling.temperature, sampling.top_k, sampling.top_p, generator, banned
+        )  # [B*G], [B*G]
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        tokens.append(token)
+        logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
+        alive_steps.append(alive)
+        alive = alive & ~torch.isin(token, eos)
+        if not alive.any() or step == sampling.max_new_tokens - 1:
+            break
+        attention = torch.cat([attention, alive[:, None].long()], dim=1)  # [B*G, P+step+1]
+        out = base.model(
+            input_ids=token[:, None],
+            attention_mask=attention,
+            position_ids=real + step + delta,  # [B*G, 1]
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = base.lm_head(out.last_hidden_state[:, -1])  # [B*G, V]
+
+    completion_ids = torch.stack(tokens, dim=1)  # [B*G, T]
+    completion_mask = torch.stack(alive_steps, dim=1).long()  # [B*G, T]
+    return Rollout(
+        prompt_ids=input_ids,
+        prompt_mask=mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        logprobs=torch.stack(logps, dim=1),
+        truncated=alive,
+        group_size=g,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def completion_logprobs(
+    base: nn.Module,
+    prompt: dict[str, Tensor],
+    rollout: Rollout,
+    rows: Tensor,
+    features: list[Tensor] | None,
+    temperature: float,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """log p(completion tokens) for sequences `rows` of the rollout -> [n, T] (0 on padding).
+
+    One forward over prompt + completion; the prompt's image features are reused
+    from `features` when given, so the vision tower does not run again.
+    """
+    g = rollout.group_size
+    prompts = rows // g  # [n]
+    completion = rollout.completion_ids[rows]  # [n, T]
+    cmask = rollout.completion_mask[rows]  # [n, T]
+    input_ids = torch.cat([rollout.prompt_ids[prompts], completion], dim=1)  # [n, P+T]
+    attention = torch.cat([rollout.prompt_mask[prompts], cmask], dim=1)  # [n, P+T]
+    mm_types = torch.cat(
+        [prompt["mm_token_type_ids"][prompts], torch.zeros_like(completion, dtype=torch.int32)],
+        dim=1,
+    )  # [n, P+T]
+    hidden = base.model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        mm_token_type_ids=mm_types,
+        use_cache=False,
+        **model_inputs(base, prompt, rows, g, features),
+    ).last_hidden_state  # [n, P+T, H]
+    p = rollout.prompt_ids.shape[1]
+    predicting = hidden[:, p - 1 : -1]  # [n, T, H]: position t predicts completion token t
+    keep = cmask.bool()  # [n, T]
+    out = torch.zeros(cmask.shape, dtype=torch.float32, device=hidden.device)  # [n, T]
+    out[keep] = token_logprobs(
+        predicting[keep], base.lm_head, completion[keep], chunk_size, temperature
+    )  # [N]
+    return out

@@ -1,0 +1,483 @@
+"""GRPO: the engine of both RL stages (perception on Easy cases, reasoning on Medium).
+
+One training step per batch of B prompts (PAPER_FACTS.md, "GRPO settings"):
+sample G completions per prompt -> score them with the configured rewards ->
+group-relative advantages -> (reference log-probs when beta > 0) -> mu passes of
+clipped policy-gradient updates over the rollout, in micro-batches with gradient
+accumulation and grad-norm clipping, one optimizer step per `prompts_per_update`.
+
+Where it departs from the naive loop (models/rollout.py): each image goes through
+the vision tower once per step and each prompt is prefilled once per group; with
+mu = 1 the old log-probs are the new ones detached (no second forward).
+Departures from the paper: LoRA is available; the paper trains the vision tower
+(freeze_vision false, as here by default) with full fine-tuning.
+
+    pebr fit --config configs/demo/perception.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pebr_lightning.algorithms.advantages import group_advantages, zero_variance_groups
+from pebr_lightning.algorithms.losses import policy_loss
+from pebr_lightning.algorithms.reward_stats import fill_missing, group_stats
+from pebr_lightning.data.collate import PromptCollator
+from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.errors import PebrError
+from pebr_lightning.models.policy import (
+    LoraConfig,
+    QuantizationConfig,
+    build_policy,
+    load_processor,
+    unwrap,
+)
+from pebr_lightning.models.rollout import (
+    Rollout,
+    SamplingConfig,
+    completion_logprobs,
+    image_features,
+    sample_group,
+    supports_shared_features,
+)
+from pebr_lightning.modules.optim import OptimConfig, configure_adamw
+from pebr_lightning.modules.shared import keep_trainable_state, save_pretrained
+from pebr_lightning.rewards.combine import load_rewards
+from pebr_lightning.rewards.registry import RewardSpec
+
+PROMPT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    """Policy-gradient settings (defaults: the paper's)."""
+
+    mu: int = 1
+    """Policy-gradient passes over each rollout."""
+    eps_low: float = 0.2
+    """Lower clip range: ratios below 1 - eps_low stop pushing for A < 0."""
+    eps_high: float = 0.3
+    """Upper clip range (the paper's clip-higher 0.3)."""
+    dual_clip: float | None = 3.0
+    """Dual-clip constant c: for A < 0 the loss is capped at -c*A; null disables it."""
+    beta: float = 1e-2
+    """Weight of the k3 KL to the reference model in the loss; 0 builds no reference."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """Reduction; dapo = token mean over the update batch of all processes (paper)."""
+    importance_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token (GRPO) or per sequence (GSPO)."""
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+    drop_zero_variance: bool = False
+    """Leave groups whose rewards are all equal out of the loss (their advantage is 0)."""
+
+    def __post_init__(self) -> None:
+        if self.mu < 1:
+            raise PebrError(f"loss.mu must be >= 1, got {self.mu}")
+        if self.beta < 0:
+            raise PebrError(f"loss.beta must be >= 0, got {self.beta}")
+
+
+class GRPOModule(L.LightningModule):
+    def __init__(
+        self,
+        model: str = "tiny-qwen2.5-vl",
+        rewards: list[RewardSpec] | None = None,
+        lora: LoraConfig | None = None,
+        quantization: QuantizationConfig | None = None,
+        freeze_vision: bool = False,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        prompt: PromptConfig = PromptConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        loss: GRPOLossConfig = GRPOLossConfig(),
+        optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=1e-2, schedule="constant"),
+        micro_batch_size: int = 8,
+        prompts_per_update: int | None = None,
+        max_grad_norm: float = 1.0,
+        share_image_features: bool = True,
+        logprob_chunk_size: int = 1024,
+        log_samples_every_n_steps: int = 50,
+    ) -> None:
+        """
+        Args:
+            model: `tiny-qwen2.5-vl`, a local checkpoint folder (e.g. an SFT stage's `.hf`
+                folder) or a hub id.
+            rewards: rewards by registry name with weights, e.g.
+                [{name: accuracy, weight: 0.9}, {name: format, weight: 0.1}].
+            lora: train a LoRA adapter; null trains the unfrozen weights directly.
+            quantization: load the language model in 4/8-bit (QLoRA); null for none.
+            freeze_vision: keep the vision tower frozen (the paper trains it in RL).
+            dtype: weight dtype, e.g. bfloat16; null keeps float32.
+            gradient_checkpointing: recompute activations in backward to save memory.
+            trust_remote_code: allow the checkpoint's own Python code to run.
+            prompt: instruction and system prompt placed around each question.
+            sampling: group size, temperature, top-p/top-k and length of the rollouts.
+            loss: clipping, KL, reduction and advantage settings.
+            optim: AdamW and schedule (paper: lr 1e-6, weight decay 1e-2, no warm-up).
+            micro_batch_size: sequences per forward/backward; gradients accumulate over
+                micro-batches up to one optimizer step.
+            prompts_per_update: prompts (x G sequences) per optimizer step; null = all the
+                batch's prompts in one step. The paper uses 560 per rollout, 112 per update.
+            max_grad_norm: clip the gradient norm to this before each optimizer step.
+            share_image_features: run the vision tower once per image per step and reuse
+                its output for the G sequences of a group (off = the naive path).
+            logprob_chunk_size: completion tokens per chunk when computing log-probs.
+            log_samples_every_n_steps: write sample completions with their rewards to
+                `samples.jsonl` in the log folder every this many steps (0 = never).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not rewards:
+            raise PebrError("GRPOModule needs at least one reward in model.rewards")
+        self.automatic_optimization = False
+        self.model_name = model
+        self.reward_specs = [RewardSpec.from_dict(r) for r in rewards]
+        self.lora = lora
+        self.quantization = quantization
+        self.freeze_vision = freeze_vision
+        self.dtype_name = dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.trust_remote_code = trust_remote_code
+        self.prompt = prompt
+        self.sampling = sampling
+        self.loss_cfg = loss
+        self.optim = optim
+        self.micro_batch_size = micro_batch_size
+        self.prompts_per_update = prompts_per_update
+        self.max_grad_norm = max_grad_norm
+        self.share_image_features = share_image_features
+        self.logprob_chunk_size = logprob_chunk_size
+        self.log_samples_every_n_steps = log_samples_every_n_steps
+        self.policy: torch.nn.Module | None = None
+        self.ref_model: torch.nn.Module | None = None
+        self.processor: Any = None
+        self.rewards: Any = None
+        self._samples_step: int | None = None
+        self.strict_loading = lora is None
+
+    # -- Lightning hooks, in call order -------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.processor is None:
+            self.processor = load_processor(self.model_name, self.trust_remote_code)
+        if self.rewards is None:
+            self.rewards = load_rewards(self.reward_specs)  # imports only the named rewards
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        built = build_policy(
+            self.model_name,
+            lora=self.lora,
+            quantization=self.quantization,
+            freeze_vision=self.freeze_vision,
+            dtype=self.dtype_name,
+            gradient_checkpointing=self.gradient_checkpointing,
+            trust_remote_code=self.trust_remote_code,
+        )
+        self.policy = built.model.train()
+        self.processor = built.processor
+        if self.loss_cfg.beta > 0 and self.lora is None:
+            # Without LoRA the reference needs its own frozen copy (with LoRA the same
+            # weights with the adapter switched off serve, at no extra memory).
+            self.ref_model = copy.deepcopy(unwrap(self.policy)).eval().requires_grad_(False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [(n, p) for n, p in self.named_parameters() if not n.startswith("ref_model.")]
+        return configure_adamw(params, self.optim, int(self.trainer.estimated_stepping_batches))
+
+    def collator(self, split: str) -> PromptCollator:
+        return PromptCollator(self.processor, self.prompt)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        prompt = {k: batch[k] for k in PROMPT_KEYS}
+        rollout, features = self.rollout(prompt)
+        scored = self.score(rollout, batch["records"], batch["images"])
+        advantages, keep = self.advantages(scored["rewards"])
+        ref = self.reference_logprobs(prompt, rollout, features)
+        metrics = self.update(prompt, rollout, features, advantages, keep, ref)
+        self.log_step(rollout, scored, advantages, metrics, batch["records"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["pebr_rewards"] = [spec.to_dict() for spec in self.reward_specs]
+        if self.lora is not None:
+            keep_trainable_state(self, checkpoint)
+        else:
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ref_model.")
+            }
+
+    # -- the step's phases ----------------------------------------------------------------
+
+    def rollout(self, prompt: dict[str, Tensor]) -> tuple[Rollout, list[Tensor] | None]:
+        """Image features once per image (when shared) and G completions per prompt."""
+        base = unwrap(self.policy)
+        share = self.share_image_features and supports_shared_features(base)
+        tokenizer = self.processor.tokenizer
+        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        eos = [e for e in eos if e is not None and e != tokenizer.unk_token_id]
+        self.policy.eval()  # no dropout while sampling
+        with torch.no_grad():
+            features = (
+                image_features(base, prompt["pixel_values"], prompt["image_grid_thw"])
+                if share
+                else None
+            )
+            rollout = sample_group(
+                self.policy,
+                base,
+                prompt,
+                self.sampling,
+                eos,
+                tokenizer.pad_token_id,
+                features,
+            )
+        self.policy.train()
+        if features is not None and self._vision_trainable():
+            features = None  # trainable tower: recompute with gradients per micro-batch
+        return rollout, features
+
+    def score(self, rollout: Rollout, records: list[dict], images: list[Any]) -> dict[str, Any]:
+        """Decode completions and run the reward set; None totals become NaN."""
+        g = rollout.group_size
+        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, 0)
+        texts = self.processor.tokenizer.batch_decode(
+            [row[mask.bool()] for row, mask in zip(ids, rollout.completion_mask, strict=True)],
+            skip_special_tokens=True,
+        )
+        samples = [r for r in records for _ in range(g)]
+        result = self.rewards(
+            completions=texts,
+            samples=samples,
+            images=[im for im in images for _ in range(g)],
+            tokenizer=self.processor.tokenizer,
+            processor=self.processor,
+            global_step=self.global_step,
+            device=self.device,
+        )
+        total = torch.tensor(
+            [math.nan if t is None else t for t in result.total], device=self.device
+        )
+        return {"rewards": total, "result": result, "texts": texts}
+
+    def advantages(self, rewards: Tensor) -> tuple[Tensor, Tensor]:
+        """Advantages [B*G] and the rows that enter the loss [B*G] bool."""
+        g = self.sampling.group_size
+        filled, missing = fill_missing(rewards, g)  # None totals: advantage 0, out of the loss
+        adv = group_advantages(filled, g, scale=self.loss_cfg.advantage_scale)
+        keep = ~missing
+        if self.loss_cfg.drop_zero_variance:
+            keep &= ~zero_variance_groups(filled, g).repeat_interleave(g)
+        return adv, keep
+
+    @torch.no_grad()
+    def reference_logprobs(
+        self, prompt: dict[str, Tensor], rollout: Rollout, features: list[Tensor] | None
+    ) -> Tensor | None:
+        """log p_ref of the completions, only when beta > 0 (else no reference pass at all)."""
+        if self.loss_cfg.beta == 0:
+            return None
+        rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)
+        pieces = []
+        for micro in rows.split(self.micro_batch_size):
+            if self.ref_model is None:  # LoRA: the same weights with the adapter off
+                with self.policy.disable_adapter():
+                    base = unwrap(self.policy)
+                    feats = features if self._adapter_free_vision() else None
+                    pieces.append(self._logprobs(base, prompt, rollout, micro, feats))
+            else:
+                pieces.append(self._logprobs(self.ref_model, prompt, rollout, micro, None))
+        return torch.cat(pieces)
+
+    def update(
+        self,
+        prompt: dict[str, Tensor],
+        rollout: Rollout,
+        features: list[Tensor] | None,
+        advantages: Tensor,
+        keep: Tensor,
+        ref: Tensor | None,
+    ) -> dict[str, float]:
+        """mu passes of clipped policy-gradient steps over the rollout."""
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        base = unwrap(self.policy)
+        g = rollout.group_size
+        cfg = self.loss_cfg
+        rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)[keep]
+        old = None
+        if cfg.mu > 1:  # the policy moves between passes: freeze today's log-probs first
+            with torch.no_grad():
+                old = torch.zeros_like(rollout.logprobs)
+                for micro in rows.split(self.micro_batch_size):
+                    old[micro] = self._logprobs(base, prompt, rollout, micro, features)
+        per_update = (self.prompts_per_update or rollout.prompt_ids.shape[0]) * g
+        sums: dict[str, float] = {}
+        norms: list[float] = []
+        count = 0
+        for _ in range(cfg.mu):
+            for mini in rows.split(per_update):
+                mask = rollout.completion_mask[mini]
+                tokens = self._global_count(int(mask.sum()))
+                seqs = int((mask.sum(-1) > 0).sum())
+                for micro in mini.split(self.micro_batch_size):
+                    logp = self._logprobs(base, prompt, rollout, micro, features)
+                    cmask = rollout.completion_mask[micro]
+                    loss, stats = policy_loss(
+                        logp,
+                        logp.detach() if old is None else old[micro],
+                        advantages[micro],
+                        cmask,
+                        ref_logp=None if ref is None else ref[micro],
+                        beta=cfg.beta,
+                        eps_low=cfg.eps_low,
+                        eps_high=cfg.eps_high,
+                        dual_clip=cfg.dual_clip,
+                        loss_type=cfg.loss_type,
+                        importance_level=cfg.importance_level,
+                        max_completion_length=self.sampling.max_new_tokens,
+                        num_valid_tokens_global=tokens,
+                        world_size=self.trainer.world_size,
+                    )
+                    # Each micro-batch's share of its update batch, so that accumulating
+                    # 2 x 4 sequences gives the same step as 1 x 8.
+                    share = self._micro_share(cfg.loss_type, cmask, int(mask.sum()), seqs)
+                    self.manual_backward(loss * share)
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * share
+                    count += 1
+                params = [p for p in self.policy.parameters() if p.requires_grad]
+                norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                norms.append(float(norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+        means = {k: v / max(count, 1) for k, v in sums.items()}
+        means["grad_norm"] = sum(norms) / max(len(norms), 1)
+        means["optimizer_steps"] = float(len(norms))
+        return means
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _logprobs(self, base, prompt, rollout, rows, features) -> Tensor:
+        if features is None and self.share_image_features and supports_shared_features(base):
+            # trainable vision tower: encode only this micro-batch's images, with gradients
+            features = self._features_for(base, prompt, rows // rollout.group_size)
+        return completion_logprobs(
+            base,
+            prompt,
+            rollout,
+            rows,
+            features,
+            self.sampling.temperature,
+            self.logprob_chunk_size,
+        )
+
+    def _features_for(self, base, prompt: dict[str, Tensor], prompts: Tensor) -> list:
+        wanted = sorted(set(prompts.tolist()))
+        sizes = prompt["image_grid_thw"].prod(-1).tolist()
+        patches = torch.split(prompt["pixel_values"], sizes)
+        encoded = image_features(
+            base,
+            torch.cat([patches[i] for i in wanted]),
+            prompt["image_grid_thw"][wanted],
+        )
+        features: list = [None] * len(sizes)
+        for i, feats in zip(wanted, encoded, strict=True):
+            features[i] = feats
+        return features
+
+    def _micro_share(self, loss_type: str, cmask: Tensor, tokens: int, seqs: int) -> float:
+        if loss_type == "dapo":  # already divided by the global token count
+            return 1.0
+        if loss_type == "bnpo":
+            return float(cmask.sum()) / max(tokens, 1)
+        return float((cmask.sum(-1) > 0).sum()) / max(seqs, 1)  # grpo, dr_grpo: per sequence
+
+    def _global_count(self, tokens: int) -> int:
+        if dist.is_available() and dist.is_initialized():
+            count = torch.tensor(tokens, device=self.device)
+            dist.all_reduce(count)
+            return int(count)
+        return tokens
+
+    def _vision_trainable(self) -> bool:
+        visual = unwrap(self.policy).model.visual
+        return any(p.requires_grad for p in visual.parameters())
+
+    def _adapter_free_vision(self) -> bool:
+        """Whether the vision tower's output is the same with the adapter off."""
+        visual = unwrap(self.policy).model.visual
+        return not any("lora_" in n for n, _ in visual.named_parameters())
+
+    def log_step(self, rollout, scored, advantages, metrics, records) -> None:
+        g = rollout.group_size
+        result = scored["result"]
+        size = len(records)
+        logs: dict[str, float] = {}
+        logs.update(group_stats("reward/total", scored["rewards"], g))
+        for name, values in result.per_reward.items():
+            column = torch.tensor([math.nan if v is None else v for v in values])
+            logs.update(group_stats(f"reward/{name}", column, g))
+            logs[f"reward/{name}/faults"] = float(result.faults.get(name, 0))
+        for name, values in result.components.items():
+            numbers = [v for v in values if v is not None]
+            if numbers:
+                logs[f"component/{name}"] = sum(numbers) / len(numbers)
+        lengths = rollout.completion_mask.sum(-1).float()
+        logs["advantage/abs_mean"] = float(advantages.abs().mean())
+        logs["completion/length_mean"] = float(lengths.mean())
+        logs["completion/truncated_frac"] = float(rollout.truncated.float().mean())
+        logs["rollout/tokens_per_s"] = float(lengths.sum()) / max(rollout.seconds, 1e-9)
+        logs.update({f"train/{k}": v for k, v in metrics.items()})
+        for key, value in logs.items():
+            self.log(key, value, batch_size=size, sync_dist=True)
+        every = self.log_samples_every_n_steps
+        # global_step moves by the number of updates per rollout: write on crossing a multiple.
+        if (
+            every
+            and self.trainer.is_global_zero
+            and (
+                self._samples_step is None
+                or self.global_step // every > self._samples_step // every
+            )
+        ):
+            self._samples_step = self.global_step
+            self._write_samples(rollout, scored, records)
+
+    def _write_samples(self, rollout, scored, records) -> None:
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        g = rollout.group_size
+        per_reward = scored["result"].per_reward
+        with (folder / "samples.jsonl").open("a", encoding="utf-8") as f:
+            for row in range(min(g * 2, len(scored["texts"]))):
+                line = {
+                    "step": self.global_step,
+                    "id": records[row // g]["id"],
+                    "completion": scored["texts"][row],
+                    "reward": _number(scored["rewards"][row]),
+                    **{name: values[row] for name, values in per_reward.items()},
+                }
+                f.write(json.dumps(line) + "\n")
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the adapter (LoRA, PEFT format) or the full model, plus the processor."""
+        save_pretrained(self.policy, self.processor, path)
+
+
+def _number(value: Tensor) -> float | None:
+    return None if math.isnan(float(value)) else float(value)

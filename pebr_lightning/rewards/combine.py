@@ -1,0 +1,292 @@
+"""Call the configured rewards on a rollout batch and sum them with their weights.
+
+`load_rewards(specs)` builds a `RewardSet` from a config's reward list; calling the
+set runs each reward once per batch and returns a `RewardResult`: the weighted
+total per sample, every reward's own scores, every logged component, and how many
+values the fault policy turned into None. The paper's Stage 1 sum is
+0.4 clip + 0.4 keyword + 0.1 format + 0.1 length, Stage 2 is 0.9 accuracy + 0.1 format
+(PAPER_FACTS.md); both are plain weighted sums, which this reproduces exactly when
+every reward returns a number.
+
+Where we depart from a plain sum: a reward may return None ("not applicable to this
+sample"), and such a reward is left out of that sample's sum with the remaining
+weights scaled back up to the full weight (see `RewardSet.__call__`), so a sample
+is not penalised for a reward that does not apply to it. Pure Python: the GRPO
+module turns the totals into tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pebr_lightning.errors import PebrError
+from pebr_lightning.rewards.protocol import Reward, RewardOutput
+from pebr_lightning.rewards.registry import RewardSpec, build_reward
+
+MAX_LISTED_IDS = 5
+
+
+class RewardError(PebrError):
+    """A reward failed on a batch (raised, or returned something that is not a score)."""
+
+
+@dataclass
+class WeightedReward:
+    """A constructed reward with its weight and fault policy."""
+
+    reward: Reward
+    """The reward instance (has `name`, called once per batch)."""
+    weight: float = 1.0
+    """Weight in the total; 0 computes and logs the reward without summing it."""
+    on_error: Literal["raise", "none"] = "raise"
+    """`raise`: a fault raises RewardError; `none`: faulty values become None and are counted."""
+    spec: RewardSpec | None = None
+    """The config entry it was built from, if any (recorded in checkpoints)."""
+
+
+@dataclass
+class RewardResult:
+    """The rewards of one batch, everything aligned with the completions."""
+
+    total: list[float | None]
+    """Weighted sum per sample, renormalised over the rewards that applied; None if none did."""
+    per_reward: dict[str, list[float | None]]
+    """Each reward's scores (after the fault policy)."""
+    components: dict[str, list[float | None]] = field(default_factory=dict)
+    """`reward/component` -> per-sample values from RewardOutput.components, for logging."""
+    faults: dict[str, int] = field(default_factory=dict)
+    """Per reward, how many values the `none` policy turned into None in this batch."""
+
+
+class RewardSet:
+    """The rewards of one training stage, summed with their weights."""
+
+    def __init__(self, rewards: Sequence[WeightedReward]) -> None:
+        """Args:
+        rewards: the rewards in config order; their `name`s must be distinct and at
+            least one weight must be positive.
+        """
+        self.rewards = list(rewards)
+        if not self.rewards:
+            raise PebrError("no rewards configured: name at least one under `rewards`")
+        seen: set[str] = set()
+        for item in self.rewards:
+            if item.reward.name in seen:
+                raise PebrError(
+                    f"two configured rewards are both named {item.reward.name!r}; "
+                    "give one a different name through its init_args if it supports that"
+                )
+            seen.add(item.reward.name)
+            if not math.isfinite(item.weight) or item.weight < 0:
+                raise PebrError(
+                    f"reward {item.reward.name!r}: weight must be finite and >= 0, "
+                    f"got {item.weight}"
+                )
+            if item.on_error not in ("raise", "none"):
+                raise PebrError(f"reward {item.reward.name!r}: unknown on_error {item.on_error!r}")
+        self.total_weight = sum(item.weight for item in self.rewards)
+        if self.total_weight <= 0:
+            raise PebrError("every reward weight is 0: at least one must be positive")
+
+    @property
+    def names(self) -> list[str]:
+        """The rewards' names, in config order."""
+        return [item.reward.name for item in self.rewards]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Name -> weight."""
+        return {item.reward.name: item.weight for item in self.rewards}
+
+    def to_config(self) -> list[dict[str, Any]]:
+        """The reward list as plain data for a checkpoint (registry names, not import paths)."""
+        return [item.spec.to_dict() for item in self.rewards if item.spec is not None]
+
+    def __call__(
+        self, completions: list[str], samples: list[dict[str, Any]], **context: Any
+    ) -> RewardResult:
+        """Score a batch: each reward once, then the weighted total per sample.
+
+        A None score leaves that reward out of that sample's sum, and the weights of
+        the rewards that did apply are scaled up to the total weight, so the total
+        keeps the scale of the full sum (it is not counted as a 0):
+
+            total_i = (sum_{j applicable to i} w_j r_ij) * (sum_all w_j) / (sum_{j applicable} w_j)
+
+        Example: weights clip 0.4, keyword 0.4, format 0.1, length 0.1 and scores
+        0.5, None, 1, 1 (the sample has no keywords). The applicable weights sum to
+        0.6, their weighted sum is 0.4*0.5 + 0.1*1 + 0.1*1 = 0.4, so
+        total = 0.4 * 1.0 / 0.6 = 0.667; the plain sum counting None as 0 would be 0.4.
+        A reward of weight 0 is computed and logged but never applies. A sample to
+        which no reward applies gets total None.
+
+        Raises:
+            RewardError: a reward with `on_error: raise` raised, returned the wrong
+                number of scores or components, or returned NaN, inf or a non-number;
+                the message names the reward and the sample ids.
+        """
+        n = len(completions)
+        if len(samples) != n:
+            raise ValueError(f"{n} completions but {len(samples)} samples")
+        ids = [_sample_id(s, i) for i, s in enumerate(samples)]
+        result = RewardResult(total=[], per_reward={}, components={}, faults={})
+        for item in self.rewards:
+            scores, components, faults = _run_one(item, completions, samples, context, ids)
+            name = item.reward.name
+            result.per_reward[name] = scores
+            result.faults[name] = faults
+            for key, values in components.items():
+                result.components[f"{name}/{key}"] = values
+        for i in range(n):
+            applied = [
+                (item.weight, result.per_reward[item.reward.name][i])
+                for item in self.rewards
+                if item.weight > 0 and result.per_reward[item.reward.name][i] is not None
+            ]
+            applied_weight = sum(w for w, _ in applied)
+            if not applied:
+                result.total.append(None)
+            else:
+                weighted = sum(w * r for w, r in applied)
+                result.total.append(weighted * self.total_weight / applied_weight)
+        return result
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{item.weight:g} * {item.reward.name}" for item in self.rewards)
+        return f"RewardSet({parts})"
+
+
+def load_rewards(specs: Sequence[RewardSpec | dict[str, Any]]) -> RewardSet:
+    """Import, check and construct the rewards a config lists (only those)."""
+    items = []
+    for raw in specs:
+        spec = RewardSpec.from_dict(raw)
+        items.append(
+            WeightedReward(
+                reward=build_reward(spec), weight=spec.weight, on_error=spec.on_error, spec=spec
+            )
+        )
+    return RewardSet(items)
+
+
+def unpack_output(output: Any) -> tuple[Any, Any]:
+    """(scores, components) of a reward's return value; TypeError if it is neither form."""
+    if isinstance(output, RewardOutput):
+        return output.scores, output.components
+    if isinstance(output, (list, tuple)):
+        return output, {}
+    raise TypeError(
+        f"returned a {type(output).__name__}; expected a list of scores or a RewardOutput"
+    )
+
+
+def value_problem(value: Any) -> str | None:
+    """Why a score is not None or a finite number, or None when it is fine."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        text = repr(value)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        return f"{type(value).__name__} {text} is not a number"
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError) as err:
+        return f"{value!r} cannot be converted to float ({err})"
+    if not math.isfinite(number):
+        return f"{number} is not finite"
+    return None
+
+
+def _run_one(
+    item: WeightedReward,
+    completions: list[str],
+    samples: list[dict[str, Any]],
+    context: dict[str, Any],
+    ids: list[str],
+) -> tuple[list[float | None], dict[str, list[float | None]], int]:
+    """One reward on the batch, after the fault policy: (scores, components, fault count)."""
+    name, n = item.reward.name, len(completions)
+
+    def whole_batch(problem: str, cause: Exception | None = None):
+        if item.on_error == "raise":
+            message = (
+                f"reward {name!r} {problem} (batch of {n} samples, ids {_list_ids(ids)}); "
+                "fix the reward, or set `on_error: none` for it to score such samples None"
+            )
+            raise RewardError(message) from cause
+        return [None] * n, {}, n
+
+    try:
+        output = item.reward(completions=completions, samples=samples, **context)
+    except Exception as err:
+        return whole_batch(f"raised {type(err).__name__}: {err}", err)
+    try:
+        raw_scores, raw_components = unpack_output(output)
+    except TypeError as err:
+        return whole_batch(str(err))
+    if not isinstance(raw_scores, (list, tuple)):
+        return whole_batch(f"returned RewardOutput.scores of type {type(raw_scores).__name__}")
+    if len(raw_scores) != n:
+        return whole_batch(f"returned {len(raw_scores)} scores for {n} completions")
+    if not isinstance(raw_components, dict):
+        return whole_batch(
+            f"returned RewardOutput.components of type {type(raw_components).__name__}, not a dict"
+        )
+
+    faults = 0
+    problems: list[str] = []
+    scores, bad = _clean(raw_scores)
+    for i, problem in bad:
+        problems.append(f"id {ids[i]}: {problem}")
+    components: dict[str, list[float | None]] = {}
+    for key, values in raw_components.items():
+        if not isinstance(values, (list, tuple)) or len(values) != n:
+            size = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            problems.append(f"component {key!r} has {size} values for {n} completions")
+            components[str(key)] = [None] * n
+            faults += n
+            continue
+        components[str(key)], bad_component = _clean(values)
+        for i, problem in bad_component:
+            problems.append(f"component {key!r}, id {ids[i]}: {problem}")
+        faults += len(bad_component)
+    faults += len(bad)
+    if problems and item.on_error == "raise":
+        shown = "; ".join(problems[:MAX_LISTED_IDS])
+        hidden = len(problems) - MAX_LISTED_IDS
+        more = f"; and {hidden} more" if hidden > 0 else ""
+        raise RewardError(
+            f"reward {name!r} returned invalid values: {shown}{more}. Fix the reward, or set "
+            "`on_error: none` for it to score such samples None"
+        )
+    return scores, components, faults
+
+
+def _clean(values: Sequence[Any]) -> tuple[list[float | None], list[tuple[int, str]]]:
+    """Values as floats (faulty ones as None) and the (index, problem) of each faulty one."""
+    cleaned: list[float | None] = []
+    bad: list[tuple[int, str]] = []
+    for i, value in enumerate(values):
+        problem = value_problem(value)
+        if problem is not None:
+            bad.append((i, problem))
+            cleaned.append(None)
+        else:
+            cleaned.append(None if value is None else float(value))
+    return cleaned, bad
+
+
+def _sample_id(sample: Any, index: int) -> str:
+    """The record's `id` for messages; `#index` for a record without one."""
+    if isinstance(sample, dict) and "id" in sample:
+        return str(sample["id"])
+    return f"#{index}"
+
+
+def _list_ids(ids: list[str]) -> str:
+    shown = ", ".join(ids[:MAX_LISTED_IDS])
+    return shown + (", ..." if len(ids) > MAX_LISTED_IDS else "")

@@ -1,0 +1,297 @@
+"""The weighted sum of rewards, None renormalisation, and the fault policy.
+
+Every expected total is worked out by hand in the test's docstring from
+
+    total_i = (sum_{j applicable} w_j r_ij) * (sum_all w_j) / (sum_{j applicable} w_j)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pebr_lightning.errors import PebrError
+from pebr_lightning.rewards.combine import (
+    RewardError,
+    RewardSet,
+    WeightedReward,
+    load_rewards,
+)
+from pebr_lightning.rewards.protocol import RewardOutput
+from pebr_lightning.rewards.registry import RewardSpec
+
+
+class Fixed:
+    """Returns the scores it was built with, whatever the completions."""
+
+    def __init__(self, name: str, scores: list, components: dict | None = None) -> None:
+        self.name = name
+        self.scores = scores
+        self.components = components
+        self.calls = 0
+
+    def __call__(self, *, completions, samples, **context):
+        self.calls += 1
+        if self.components is not None:
+            return RewardOutput(scores=list(self.scores), components=self.components)
+        return list(self.scores)
+
+
+class Raising:
+    """Fails on every batch."""
+
+    name = "broken"
+
+    def __call__(self, *, completions, samples, **context):
+        raise ValueError("model weights missing")
+
+
+class Returning:
+    """Returns whatever object it was given, as is."""
+
+    def __init__(self, name: str, output) -> None:
+        self.name = name
+        self.output = output
+
+    def __call__(self, *, completions, samples, **context):
+        return self.output
+
+
+def batch(n: int) -> tuple[list[str], list[dict]]:
+    return [f"completion {i}" for i in range(n)], [{"id": f"s{i}"} for i in range(n)]
+
+
+def rewards(*items: tuple) -> RewardSet:
+    return RewardSet([WeightedReward(*item) for item in items])
+
+
+def test_stage1_weighted_sum_with_none_renormalised() -> None:
+    """Stage 1: 0.4 clip + 0.4 keyword + 0.1 format + 0.1 length.
+
+    s0: 0.4*0.5 + 0.4*0.25 + 0.1*1 + 0.1*1 = 0.2 + 0.1 + 0.1 + 0.1 = 0.5
+    s1: keyword None (no keywords). Applicable weights 0.4 + 0.1 + 0.1 = 0.6, their sum
+        0.4*1 + 0.1*1 + 0.1*0.5 = 0.55, total = 0.55 * 1.0 / 0.6 = 0.91666...
+        (counting None as 0 would have given 0.55)
+    s2: every reward None -> None
+    s3: all zero -> 0.0 (a zero is a score, not "not applicable")
+    """
+    stage1 = rewards(
+        (Fixed("clip", [0.5, 1.0, None, 0.0]), 0.4),
+        (Fixed("keyword", [0.25, None, None, 0.0]), 0.4),
+        (Fixed("format", [1, 1, None, 0]), 0.1),
+        (Fixed("length", [1.0, 0.5, None, 0.0]), 0.1),
+    )
+    result = stage1(*batch(4))
+    assert result.total[0] == pytest.approx(0.5)
+    assert result.total[1] == pytest.approx(0.55 / 0.6)
+    assert result.total[2] is None
+    assert result.total[3] == 0.0
+    assert result.per_reward["keyword"] == [0.25, None, None, 0.0]
+    assert result.per_reward["format"] == [1.0, 1.0, None, 0.0]
+    assert all(type(v) is float for v in result.per_reward["format"] if v is not None)
+    assert result.faults == {"clip": 0, "keyword": 0, "format": 0, "length": 0}
+
+
+def test_stage2_weighted_sum() -> None:
+    """Stage 2: 0.9 accuracy + 0.1 format.
+
+    s0: 0.9*1 + 0.1*1 = 1.0;  s1: 0.9*0 + 0.1*1 = 0.1;  s2: 0.9*1 + 0.1*0 = 0.9
+    s3: accuracy None: 0.1*1 * 1.0 / 0.1 = 1.0 (format alone, on the full scale)
+    """
+    stage2 = rewards(
+        (Fixed("accuracy", [1, 0, 1, None]), 0.9), (Fixed("format", [1, 1, 0, 1]), 0.1)
+    )
+    total = stage2(*batch(4)).total
+    assert total == pytest.approx([1.0, 0.1, 0.9, 1.0])
+
+
+def test_unnormalised_weights_keep_their_scale() -> None:
+    """Weights 2 and 1 (sum 3): s0 = 2*0.5 + 1*1 = 2.0; s1: second None -> 2*0.5 * 3/2 = 1.5."""
+    total = rewards((Fixed("a", [0.5, 0.5]), 2.0), (Fixed("b", [1.0, None]), 1.0))(*batch(2)).total
+    assert total == pytest.approx([2.0, 1.5])
+
+
+def test_zero_weight_reward_is_logged_but_not_summed() -> None:
+    """Stage 1 logs accuracy at weight 0. s0: format 1 alone -> 1.0 regardless of accuracy 0;
+    s1: format None, only the weight-0 reward scored -> no reward applies -> None."""
+    result = rewards((Fixed("format", [1.0, None]), 1.0), (Fixed("accuracy", [0.0, 1.0]), 0.0))(
+        *batch(2)
+    )
+    assert result.total == [1.0, None]
+    assert result.per_reward["accuracy"] == [0.0, 1.0]
+
+
+def test_components_are_prefixed_with_the_reward_name() -> None:
+    keyword = Fixed(
+        "keyword", [0.5, 1.0], components={"recall/objects": [0.5, 1], "recall/numbers": [None, 1]}
+    )
+    result = rewards((keyword, 1.0))(*batch(2))
+    assert result.components == {
+        "keyword/recall/objects": [0.5, 1.0],
+        "keyword/recall/numbers": [None, 1.0],
+    }
+    assert result.total == [0.5, 1.0]
+
+
+def test_each_reward_is_called_once_per_batch_with_the_context() -> None:
+    seen = {}
+
+    class Spy:
+        name = "spy"
+
+        def __call__(self, *, completions, samples, **context):
+            seen.update(context, completions=completions, samples=samples)
+            return [1.0] * len(completions)
+
+    fixed = Fixed("fixed", [0.0, 0.0, 0.0])
+    reward_set = rewards((fixed, 1.0), (Spy(), 1.0))
+    completions, samples = batch(3)
+    reward_set(completions, samples, global_step=7, images=["i0", "i1", "i2"])
+    assert fixed.calls == 1
+    assert seen == {
+        "global_step": 7,
+        "images": ["i0", "i1", "i2"],
+        "completions": completions,
+        "samples": samples,
+    }
+
+
+# fault kind -> (reward output or raising class, indices made None, words the error names)
+FAULTS = {
+    "raises": (Raising(), [0, 1, 2], "raised ValueError: model weights missing"),
+    "wrong length": (Returning("bad", [1.0, 1.0]), [0, 1, 2], "returned 2 scores for 3"),
+    "not a list": (Returning("bad", 0.5), [0, 1, 2], "returned a float"),
+    "dict": (Returning("bad", {"s0": 1.0}), [0, 1, 2], "returned a dict"),
+    "nan": (Returning("bad", [1.0, math.nan, 0.0]), [1], "id s1: nan is not finite"),
+    "inf": (Returning("bad", [1.0, -math.inf, 0.0]), [1], "id s1: -inf is not finite"),
+    "str": (Returning("bad", [1.0, "0.5", 0.0]), [1], "id s1: str '0.5' is not a number"),
+    "bool": (Returning("bad", [1.0, True, 0.0]), [1], "id s1: bool True is not a number"),
+    "list value": (Returning("bad", [1.0, [0.5], 0.0]), [1], "id s1: list [0.5] is not a number"),
+    "scores not a list": (
+        Returning("bad", RewardOutput(scores="abc")),
+        [0, 1, 2],
+        "RewardOutput.scores of type str",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAULTS))
+def test_fault_with_raise_policy_names_reward_and_sample(kind: str) -> None:
+    reward, _, words = FAULTS[kind]
+    reward_set = rewards((Fixed("format", [1.0, 1.0, 1.0]), 0.5), (reward, 0.5, "raise"))
+    with pytest.raises(RewardError) as info:
+        reward_set(*batch(3))
+    message = str(info.value)
+    assert f"reward {reward.name!r}" in message
+    assert words in message
+    assert "s1" in message  # every fault here touches sample s1
+    assert "on_error: none" in message
+
+
+@pytest.mark.parametrize("kind", sorted(FAULTS))
+def test_fault_with_none_policy_scores_none_and_counts(kind: str) -> None:
+    """Format scores f = 1, 0.5, 0 at weight 0.5 of 1. Where the faulty reward's value became
+    None, total = 0.5*f * 1/0.5 = f; elsewhere 0.5*f + 0.5*r with its r = 1, -, 0."""
+    reward, bad, _ = FAULTS[kind]
+    reward_set = rewards((Fixed("format", [1.0, 0.5, 0.0]), 0.5), (reward, 0.5, "none"))
+    result = reward_set(*batch(3))
+    scores = result.per_reward[reward.name]
+    assert [i for i, v in enumerate(scores) if v is None] == bad
+    assert result.faults == {"format": 0, reward.name: len(bad)}
+    expected = [
+        f if i in bad else 0.5 * f + 0.5 * r
+        for i, (f, r) in enumerate(zip([1.0, 0.5, 0.0], [1.0, 0.0, 0.0], strict=True))
+    ]
+    assert result.total == pytest.approx(expected)
+
+
+def test_a_raising_reward_names_the_first_ids_of_the_batch() -> None:
+    completions, samples = batch(8)
+    with pytest.raises(RewardError) as info:
+        rewards((Raising(), 1.0))(completions, samples)
+    assert "batch of 8 samples, ids s0, s1, s2, s3, s4, ..." in str(info.value)
+    assert "s5" not in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_ints_are_valid_scores_and_none_is_not_a_fault() -> None:
+    result = rewards((Returning("r", [1, 0, None]), 1.0, "raise"))(*batch(3))
+    assert result.per_reward["r"] == [1.0, 0.0, None]
+    assert [type(v) for v in result.per_reward["r"][:2]] == [float, float]
+    assert result.total == [1.0, 0.0, None]
+
+
+@pytest.mark.parametrize(
+    ("components", "bad", "words"),
+    [
+        ({"recall": [1.0, 1.0]}, 3, "component 'recall' has 2 values for 3"),
+        ({"recall": [1.0, math.nan, 1.0]}, 1, "component 'recall', id s1: nan is not finite"),
+    ],
+)
+def test_component_faults(components: dict, bad: int, words: str) -> None:
+    def make(policy: str) -> RewardSet:
+        output = RewardOutput(scores=[1.0, 1.0, 1.0], components=components)
+        return rewards((Returning("kw", output), 1.0, policy))
+
+    with pytest.raises(RewardError, match=rf"reward 'kw'.*{words}"):
+        make("raise")(*batch(3))
+    result = make("none")(*batch(3))
+    assert result.faults == {"kw": bad}
+    assert result.components["kw/recall"].count(None) == bad
+    assert result.total == [1.0, 1.0, 1.0]  # components are logged, never summed
+
+
+def test_reward_set_checks_its_configuration() -> None:
+    with pytest.raises(PebrError, match="both named 'a'"):
+        rewards((Fixed("a", []), 1.0), (Fixed("a", []), 1.0))
+    with pytest.raises(PebrError, match="every reward weight is 0"):
+        rewards((Fixed("a", []), 0.0))
+    with pytest.raises(PebrError, match="no rewards configured"):
+        RewardSet([])
+    with pytest.raises(ValueError, match="2 completions but 1 samples"):
+        rewards((Fixed("a", [1, 1]), 1.0))(["x", "y"], [{"id": "s0"}])
+
+
+def test_load_rewards_builds_a_set_from_specs(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "combine_plugin_mod.py").write_text(
+        textwrap.dedent(
+            """
+            class Constant:
+                def __init__(self, name, value):
+                    self.name, self.value = name, value
+
+                def __call__(self, *, completions, samples, **context):
+                    return [self.value] * len(completions)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "combine_plugin_mod", raising=False)
+    specs = [
+        {
+            "class_path": "combine_plugin_mod.Constant",
+            "weight": 0.9,
+            "init_args": {"name": "acc", "value": 1},
+        },
+        RewardSpec(
+            class_path="combine_plugin_mod.Constant",
+            weight=0.1,
+            init_args={"name": "fmt", "value": 0},
+            on_error="none",
+        ),
+    ]
+    reward_set = load_rewards(specs)
+    assert reward_set.names == ["acc", "fmt"]
+    assert reward_set.weights == {"acc": 0.9, "fmt": 0.1}
+    assert [item.on_error for item in reward_set.rewards] == ["raise", "none"]
+    assert reward_set(*batch(2)).total == pytest.approx([0.9, 0.9])
+    assert reward_set.to_config()[1] == {
+        "class_path": "combine_plugin_mod.Constant",
+        "weight": 0.1,
+        "init_args": {"name": "fmt", "value": 0},
+        "on_error": "none",
+    }
