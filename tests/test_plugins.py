@@ -19,6 +19,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "plugins" / "pebr-count-check"
@@ -84,7 +85,9 @@ def test_the_plugins_own_tests_pass(child):
 
 
 def test_usable_by_name_in_a_grpo_config(child, tmp_path, shapes_data):
-    rewards = [{"name": "format", "weight": 0.5}, {"name": "count_check", "weight": 0.5}]
+    spread = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward"}
+    rewards = [{"name": "format", "weight": 0.5}, {"name": "count_check", "weight": 0.5}, spread]
+    snapshot = tmp_path / "snapshot.pt"
     fit = pebr(
         child, "fit", "--config", str(REPO / "configs" / "demo" / "reasoning.yaml"),
         "--model.init_args.rewards", json.dumps(rewards),
@@ -92,17 +95,19 @@ def test_usable_by_name_in_a_grpo_config(child, tmp_path, shapes_data):
         "--model.init_args.sampling.group_size", "2",
         "--data.init_args.train_manifest", str(shapes_data["train"]),
         "--data.init_args.batch_size", "2",
-        "--trainer.max_steps", "1",
+        "--trainer.max_steps", "2",  # LoRA A gets gradient once B moved
         "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.callbacks+=pebr_lightning.testing.ParameterSnapshot",
+        f"--trainer.callbacks.path={snapshot}",
     )  # fmt: skip
     assert fit.returncode == 0, fit.stderr[-3000:]
     (metrics,) = tmp_path.rglob("metrics.csv")
-    values = [
-        float(r["reward/count_check/mean"])
-        for r in csv.DictReader(metrics.open())
-        if r.get("reward/count_check/mean")
-    ]
-    assert values and all(math.isfinite(v) for v in values)
+    rows = list(csv.DictReader(metrics.open()))
+    assert any(r.get("reward/count_check/mean") for r in rows)
+    assert all(math.isfinite(float(v)) for r in rows for v in r.values() if v)
+    snap = torch.load(snapshot)
+    assert snap["trainable"] and all("lora_" in n for n in snap["trainable"])
+    assert all(not torch.equal(snap["before"][n], snap["after"][n]) for n in snap["trainable"])
 
 
 def test_uninstall_removes_it_and_a_config_naming_it_fails_clearly(child, tmp_path, shapes_data):

@@ -38,7 +38,6 @@ from pebr_lightning.errors import PebrError
 from pebr_lightning.models.policy import (
     LoraConfig,
     QuantizationConfig,
-    build_policy,
     load_processor,
     unwrap,
 )
@@ -51,7 +50,7 @@ from pebr_lightning.models.rollout import (
     supports_shared_features,
 )
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
-from pebr_lightning.modules.shared import keep_trainable_state, save_pretrained
+from pebr_lightning.modules.shared import keep_trainable_state, load_policy, save_pretrained
 from pebr_lightning.rewards.combine import load_rewards
 from pebr_lightning.rewards.registry import RewardSpec
 
@@ -178,15 +177,7 @@ class GRPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        built = build_policy(
-            self.model_name,
-            lora=self.lora,
-            quantization=self.quantization,
-            freeze_vision=self.freeze_vision,
-            dtype=self.dtype_name,
-            gradient_checkpointing=self.gradient_checkpointing,
-            trust_remote_code=self.trust_remote_code,
-        )
+        built = load_policy(self)
         self.policy = built.model.train()
         self.processor = built.processor
         if self.loss_cfg.beta > 0 and self.lora is None:

@@ -28,12 +28,11 @@ from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.models.policy import (
     LoraConfig,
     QuantizationConfig,
-    build_policy,
     load_processor,
     unwrap,
 )
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
-from pebr_lightning.modules.shared import keep_trainable_state, save_pretrained
+from pebr_lightning.modules.shared import keep_trainable_state, load_policy, save_pretrained
 
 MODEL_INPUTS = (
     "input_ids",
@@ -103,15 +102,7 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        built = build_policy(
-            self.model_name,
-            lora=self.lora,
-            quantization=self.quantization,
-            freeze_vision=self.freeze_vision,
-            dtype=self.dtype_name,
-            gradient_checkpointing=self.gradient_checkpointing,
-            trust_remote_code=self.trust_remote_code,
-        )
+        built = load_policy(self)
         # from_pretrained returns eval mode; Lightning keeps a module's mode as found.
         self.policy = built.model.train()
         self.processor = built.processor
