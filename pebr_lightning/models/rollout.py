@@ -235,3 +235,60 @@ def completion_logprobs(
         predicting[keep], base.lm_head, completion[keep], chunk_size, temperature
     )  # [N]
     return out
+
+
+def select_groups(
+    prompt: dict[str, Tensor], rollout: Rollout, groups: list[int]
+) -> tuple[dict[str, Tensor], Rollout]:
+    """The prompts `groups` of a batch and their G completions each, in that order."""
+    g = rollout.group_size
+    index = torch.tensor(groups, dtype=torch.long, device=rollout.prompt_ids.device)
+    rows = (index[:, None] * g + torch.arange(g, device=index.device)).flatten()  # [n*G]
+    patches = torch.split(prompt["pixel_values"], prompt["image_grid_thw"].prod(-1).tolist())
+    picked = {k: prompt[k][index] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    picked["image_grid_thw"] = prompt["image_grid_thw"][index]
+    picked["pixel_values"] = torch.cat([patches[i] for i in groups])
+    return picked, Rollout(
+        prompt_ids=rollout.prompt_ids[index],
+        prompt_mask=rollout.prompt_mask[index],
+        completion_ids=rollout.completion_ids[rows],
+        completion_mask=rollout.completion_mask[rows],
+        logprobs=rollout.logprobs[rows],
+        truncated=rollout.truncated[rows],
+        group_size=g,
+        seconds=rollout.seconds,
+    )
+
+
+def concat_rollouts(
+    parts: list[tuple[dict[str, Tensor], Rollout]], pad_id: int
+) -> tuple[dict[str, Tensor], Rollout]:
+    """One batch from several: prompts re-padded on the left, completions on the right."""
+    prompts = [p for p, _ in parts]
+    rollouts = [r for _, r in parts]
+    merged = {
+        "input_ids": _pad_cat([p["input_ids"] for p in prompts], pad_id, left=True),
+        "attention_mask": _pad_cat([p["attention_mask"] for p in prompts], 0, left=True),
+        "mm_token_type_ids": _pad_cat([p["mm_token_type_ids"] for p in prompts], 0, left=True),
+        "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts]),
+        "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),
+    }
+    return merged, Rollout(
+        prompt_ids=merged["input_ids"],
+        prompt_mask=merged["attention_mask"],
+        completion_ids=_pad_cat([r.completion_ids for r in rollouts], pad_id, left=False),
+        completion_mask=_pad_cat([r.completion_mask for r in rollouts], 0, left=False),
+        logprobs=_pad_cat([r.logprobs for r in rollouts], 0.0, left=False),
+        truncated=torch.cat([r.truncated for r in rollouts]),
+        group_size=rollouts[0].group_size,
+        seconds=sum(r.seconds for r in rollouts),
+    )
+
+
+def _pad_cat(tensors: list[Tensor], value: float, left: bool) -> Tensor:
+    width = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        fill = t.new_full((t.shape[0], width - t.shape[1]), value)  # [n, width - T_i]
+        padded.append(torch.cat([fill, t] if left else [t, fill], dim=1))  # [n, width]
+    return torch.cat(padded)  # [sum n, width]

@@ -18,7 +18,6 @@ Departures from the paper: LoRA is available; the paper trains the vision tower
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from pebr_lightning.algorithms.advantages import group_advantages, zero_variance_groups
 from pebr_lightning.algorithms.losses import policy_loss
-from pebr_lightning.algorithms.reward_stats import fill_missing, group_stats
+from pebr_lightning.algorithms.reward_stats import fill_missing
 from pebr_lightning.data.collate import PromptCollator
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
@@ -49,6 +48,8 @@ from pebr_lightning.models.rollout import (
     sample_group,
     supports_shared_features,
 )
+from pebr_lightning.modules.grpo_logs import step_logs, write_samples
+from pebr_lightning.modules.grpo_parts import Part, merge_parts, signal_groups
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import keep_trainable_state, load_policy, save_pretrained
 from pebr_lightning.rewards.combine import load_rewards
@@ -105,6 +106,7 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: int = 8,
         prompts_per_update: int | None = None,
         max_grad_norm: float = 1.0,
+        dynamic_sampling_tries: int = 0,
         share_image_features: bool = True,
         logprob_chunk_size: int = 1024,
         log_samples_every_n_steps: int = 50,
@@ -130,6 +132,9 @@ class GRPOModule(L.LightningModule):
             prompts_per_update: prompts (x G sequences) per optimizer step; null = all the
                 batch's prompts in one step. The paper uses 560 per rollout, 112 per update.
             max_grad_norm: clip the gradient norm to this before each optimizer step.
+            dynamic_sampling_tries: DAPO's dynamic sampling: replace groups whose rewards
+                are all equal with fresh prompts from the training set, up to this many
+                extra rollouts per step (0 = off). Counts are logged.
             share_image_features: run the vision tower once per image per step and reuse
                 its output for the G sequences of a group (off = the naive path).
             logprob_chunk_size: completion tokens per chunk when computing log-probs.
@@ -156,6 +161,7 @@ class GRPOModule(L.LightningModule):
         self.micro_batch_size = micro_batch_size
         self.prompts_per_update = prompts_per_update
         self.max_grad_norm = max_grad_norm
+        self.dynamic_sampling_tries = dynamic_sampling_tries
         self.share_image_features = share_image_features
         self.logprob_chunk_size = logprob_chunk_size
         self.log_samples_every_n_steps = log_samples_every_n_steps
@@ -196,10 +202,14 @@ class GRPOModule(L.LightningModule):
         prompt = {k: batch[k] for k in PROMPT_KEYS}
         rollout, features = self.rollout(prompt)
         scored = self.score(rollout, batch["records"], batch["images"])
+        part = Part(prompt, rollout, features, scored, batch["records"], batch["images"])
+        if self.dynamic_sampling_tries:
+            part = self.resample(part)
+        prompt, rollout, features, scored = part.prompt, part.rollout, part.features, part.scored
         advantages, keep = self.advantages(scored["rewards"])
         ref = self.reference_logprobs(prompt, rollout, features)
         metrics = self.update(prompt, rollout, features, advantages, keep, ref)
-        self.log_step(rollout, scored, advantages, metrics, batch["records"])
+        self.log_step(rollout, scored, advantages, metrics, part.records)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pebr_rewards"] = [spec.to_dict() for spec in self.reward_specs]
@@ -262,6 +272,32 @@ class GRPOModule(L.LightningModule):
             [math.nan if t is None else t for t in result.total], device=self.device
         )
         return {"rewards": total, "result": result, "texts": texts}
+
+    def resample(self, part: Part) -> Part:
+        """Replace zero-variance groups with groups of fresh prompts (DAPO dynamic sampling).
+
+        Draws prompts from the training set until the batch again holds as many groups
+        with reward spread as it has prompts, or `dynamic_sampling_tries` extra rollouts
+        were made; then trains on the groups with spread (on the original batch if none).
+        """
+        b, g = len(part.records), self.sampling.group_size
+        parts, kept, tries = [part], [(0, i) for i in signal_groups(part, g)], 0
+        dataset = self.trainer.train_dataloader.dataset
+        generator = torch.Generator().manual_seed(self.global_step)
+        while len(kept) < b and tries < self.dynamic_sampling_tries:
+            tries += 1
+            picks = torch.randint(len(dataset), (b - len(kept),), generator=generator).tolist()
+            batch = self.collator("train")([dataset[i] for i in picks])
+            prompt = {k: batch[k].to(self.device) for k in PROMPT_KEYS}
+            rollout, features = self.rollout(prompt)
+            scored = self.score(rollout, batch["records"], batch["images"])
+            parts.append(Part(prompt, rollout, features, scored, batch["records"], batch["images"]))
+            kept += [(len(parts) - 1, i) for i in signal_groups(parts[-1], g)]
+        self.log("dynamic_sampling/extra_rollouts", float(tries), batch_size=b)
+        self.log("dynamic_sampling/filled_frac", min(len(kept), b) / b, batch_size=b)
+        if not kept:
+            return part
+        return merge_parts(parts, kept[:b], g, self.processor.tokenizer.pad_token_id)
 
     def advantages(self, rewards: Tensor) -> tuple[Tensor, Tensor]:
         """Advantages [B*G] and the rows that enter the loss [B*G] bool."""
@@ -415,60 +451,18 @@ class GRPOModule(L.LightningModule):
         return not any("lora_" in n for n, _ in visual.named_parameters())
 
     def log_step(self, rollout, scored, advantages, metrics, records) -> None:
-        g = rollout.group_size
-        result = scored["result"]
-        size = len(records)
-        logs: dict[str, float] = {}
-        logs.update(group_stats("reward/total", scored["rewards"], g))
-        for name, values in result.per_reward.items():
-            column = torch.tensor([math.nan if v is None else v for v in values])
-            logs.update(group_stats(f"reward/{name}", column, g))
-            logs[f"reward/{name}/faults"] = float(result.faults.get(name, 0))
-        for name, values in result.components.items():
-            numbers = [v for v in values if v is not None]
-            if numbers:
-                logs[f"component/{name}"] = sum(numbers) / len(numbers)
-        lengths = rollout.completion_mask.sum(-1).float()
-        logs["advantage/abs_mean"] = float(advantages.abs().mean())
-        logs["completion/length_mean"] = float(lengths.mean())
-        logs["completion/truncated_frac"] = float(rollout.truncated.float().mean())
-        logs["rollout/tokens_per_s"] = float(lengths.sum()) / max(rollout.seconds, 1e-9)
-        logs.update({f"train/{k}": v for k, v in metrics.items()})
-        for key, value in logs.items():
-            self.log(key, value, batch_size=size, sync_dist=True)
+        for key, value in step_logs(rollout, scored, advantages, metrics).items():
+            self.log(key, value, batch_size=len(records), sync_dist=True)
         every = self.log_samples_every_n_steps
         # global_step moves by the number of updates per rollout: write on crossing a multiple.
-        if (
-            every
-            and self.trainer.is_global_zero
-            and (
-                self._samples_step is None
-                or self.global_step // every > self._samples_step // every
-            )
-        ):
+        crossed = self._samples_step is None or (
+            self.global_step // max(every, 1) > self._samples_step // max(every, 1)
+        )
+        if every and self.trainer.is_global_zero and crossed:
             self._samples_step = self.global_step
-            self._write_samples(rollout, scored, records)
-
-    def _write_samples(self, rollout, scored, records) -> None:
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        g = rollout.group_size
-        per_reward = scored["result"].per_reward
-        with (folder / "samples.jsonl").open("a", encoding="utf-8") as f:
-            for row in range(min(g * 2, len(scored["texts"]))):
-                line = {
-                    "step": self.global_step,
-                    "id": records[row // g]["id"],
-                    "completion": scored["texts"][row],
-                    "reward": _number(scored["rewards"][row]),
-                    **{name: values[row] for name, values in per_reward.items()},
-                }
-                f.write(json.dumps(line) + "\n")
+            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            write_samples(folder / "samples.jsonl", self.global_step, rollout, scored, records)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the adapter (LoRA, PEFT format) or the full model, plus the processor."""
         save_pretrained(self.policy, self.processor, path)
-
-
-def _number(value: Tensor) -> float | None:
-    return None if math.isnan(float(value)) else float(value)

@@ -189,3 +189,88 @@ def test_every_logged_metric_is_finite(tiny_path, shapes_data, tmp_path):
                 assert math.isfinite(float(value)), (key, value)
     samples = (Path(trainer.log_dir) / "samples.jsonl").read_text().splitlines()
     assert samples and '"reward"' in samples[0]
+
+
+def test_selected_and_merged_groups_keep_their_logprobs(tiny_path, shapes_data):
+    """Groups [2, 0] of one rollout + group [1] of the same, merged (different padding):
+    every merged row has the log-probs its original row had."""
+    from pebr_lightning.models.rollout import concat_rollouts, select_groups
+
+    module = make_module(tiny_path)
+    base = unwrap(module.policy).eval()
+    batch = prompt_batch(module, shapes_data, n=3)
+    tok = module.processor.tokenizer
+    with torch.no_grad():
+        rollout = sample_group(
+            module.policy, base, batch, SAMPLING, [tok.eos_token_id], tok.pad_token_id
+        )
+        rows = torch.arange(rollout.completion_ids.shape[0])
+        original = completion_logprobs(base, batch, rollout, rows, None, 1.0)
+        merged_prompt, merged = concat_rollouts(
+            [select_groups(batch, rollout, [2, 0]), select_groups(batch, rollout, [1])],
+            tok.pad_token_id,
+        )
+        again = completion_logprobs(base, merged_prompt, merged, rows, None, 1.0)
+    g = SAMPLING.group_size
+    order = [2, 0, 1]
+    for new_group, old_group in enumerate(order):
+        new_rows = slice(new_group * g, (new_group + 1) * g)
+        old_rows = slice(old_group * g, (old_group + 1) * g)
+        width = rollout.completion_ids.shape[1]
+        mask = rollout.completion_mask[old_rows].bool()
+        torch.testing.assert_close(
+            again[new_rows, :width][mask], original[old_rows][mask], atol=1e-5, rtol=1e-5
+        )
+        assert torch.equal(
+            merged.completion_ids[new_rows, :width], rollout.completion_ids[old_rows]
+        )
+
+
+@pytest.mark.parametrize(("spread", "extra", "filled"), [(False, 2.0, 0.0), (True, 0.0, 1.0)])
+def test_dynamic_sampling_counts_extra_rollouts(
+    spread, extra, filled, tiny_path, shapes_data, tmp_path
+):
+    """format + length give a random model equal rewards in every group: 2 extra
+    rollouts are tried and no group with spread is found. With the spread reward every
+    group has spread at once: no extra rollout."""
+    rewards = REWARDS if spread else REWARDS[:2]
+    module = make_module(tiny_path, rewards=rewards, dynamic_sampling_tries=2)
+    trainer = fit(module, shapes_data, tmp_path, batch_size=2, steps=1)
+    rows = list(csv.DictReader((Path(trainer.log_dir) / "metrics.csv").open()))
+    logged = {k: float(v) for row in rows for k, v in row.items() if v}
+    assert logged["dynamic_sampling/extra_rollouts"] == extra
+    assert logged["dynamic_sampling/filled_frac"] == filled
+
+
+def test_merge_parts_keeps_rewards_texts_and_records_aligned(tiny_path, shapes_data):
+    from pebr_lightning.modules.grpo_parts import Part, merge_parts
+
+    module = make_module(tiny_path, rewards=REWARDS)
+    base = unwrap(module.policy).eval()
+    tok = module.processor.tokenizer
+    parts = []
+    for n in (2, 3):
+        batch = prompt_batch(module, shapes_data, n=n)
+        with torch.no_grad():
+            rollout = sample_group(
+                module.policy, base, batch, SAMPLING, [tok.eos_token_id], tok.pad_token_id
+            )
+        scored = module.score(rollout, batch["records"], batch["images"])
+        parts.append(Part(batch, rollout, None, scored, batch["records"], batch["images"]))
+    g = SAMPLING.group_size
+    merged = merge_parts(parts, [(1, 2), (0, 1)], g, tok.pad_token_id)
+    # groups come out in part order: part 0's group 1, then part 1's group 2
+    first, second = slice(g, 2 * g), slice(2 * g, 3 * g)
+    assert [r["id"] for r in merged.records] == [
+        parts[0].records[1]["id"],
+        parts[1].records[2]["id"],
+    ]
+    assert (
+        merged.scored["texts"] == parts[0].scored["texts"][first] + parts[1].scored["texts"][second]
+    )
+    expected = torch.cat([parts[0].scored["rewards"][first], parts[1].scored["rewards"][second]])
+    torch.testing.assert_close(merged.scored["rewards"], expected)
+    vowels = [p.scored["result"].per_reward["vowel_share"] for p in parts]
+    assert merged.scored["result"].per_reward["vowel_share"] == vowels[0][first] + vowels[1][second]
+    assert merged.rollout.completion_ids.shape[0] == 2 * g
+    assert merged.prompt["image_grid_thw"].shape[0] == 2
