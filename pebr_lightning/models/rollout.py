@@ -92,8 +92,12 @@ def image_features(base: nn.Module, pixel_values: Tensor, image_grid_thw: Tensor
     return list(out.pooler_output)  # B x [tokens_i, H]
 
 
+def image_patches(prompt: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """The processor's flat `pixel_values`, split back into one patch tensor per image."""
+    return torch.split(prompt["pixel_values"], prompt["image_grid_thw"].prod(-1).tolist())
+
+
 def model_inputs(
-    base: nn.Module,
     prompt: dict[str, Tensor],
     rows: Tensor,
     group_size: int,
@@ -111,8 +115,7 @@ def model_inputs(
             "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=picked)},
         }
     # Fallback: the image patches of each sequence's prompt, in order.
-    sizes = prompt["image_grid_thw"].prod(-1).tolist()
-    patches = torch.split(prompt["pixel_values"], sizes)
+    patches = image_patches(prompt)
     return {"image_grid_thw": grid, "pixel_values": torch.cat([patches[int(i)] for i in prompts])}
 
 
@@ -139,7 +142,7 @@ def sample_group(
     g = sampling.group_size
     input_ids, mask = prompt["input_ids"], prompt["attention_mask"]  # [B, P]
     b = input_ids.shape[0]
-    images = model_inputs(base, prompt, torch.arange(b, device=input_ids.device) * g, g, features)
+    images = model_inputs(prompt, torch.arange(b, device=input_ids.device) * g, g, features)
     out = base.model(
         input_ids=input_ids,
         attention_mask=mask,
@@ -225,7 +228,7 @@ def completion_logprobs(
         attention_mask=attention,
         mm_token_type_ids=mm_types,
         use_cache=False,
-        **model_inputs(base, prompt, rows, g, features),
+        **model_inputs(prompt, rows, g, features),
     ).last_hidden_state  # [n, P+T, H]
     p = rollout.prompt_ids.shape[1]
     predicting = hidden[:, p - 1 : -1]  # [n, T, H]: position t predicts completion token t
@@ -244,7 +247,7 @@ def select_groups(
     g = rollout.group_size
     index = torch.tensor(groups, dtype=torch.long, device=rollout.prompt_ids.device)
     rows = (index[:, None] * g + torch.arange(g, device=index.device)).flatten()  # [n*G]
-    patches = torch.split(prompt["pixel_values"], prompt["image_grid_thw"].prod(-1).tolist())
+    patches = image_patches(prompt)
     picked = {k: prompt[k][index] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     picked["image_grid_thw"] = prompt["image_grid_thw"][index]
     picked["pixel_values"] = torch.cat([patches[i] for i in groups])

@@ -45,6 +45,7 @@ from pebr_lightning.models.rollout import (
     SamplingConfig,
     completion_logprobs,
     image_features,
+    image_patches,
     sample_group,
     supports_shared_features,
 )
@@ -415,14 +416,13 @@ class GRPOModule(L.LightningModule):
 
     def _features_for(self, base, prompt: dict[str, Tensor], prompts: Tensor) -> list:
         wanted = sorted(set(prompts.tolist()))
-        sizes = prompt["image_grid_thw"].prod(-1).tolist()
-        patches = torch.split(prompt["pixel_values"], sizes)
+        patches = image_patches(prompt)
         encoded = image_features(
             base,
             torch.cat([patches[i] for i in wanted]),
             prompt["image_grid_thw"][wanted],
         )
-        features: list = [None] * len(sizes)
+        features: list = [None] * len(patches)
         for i, feats in zip(wanted, encoded, strict=True):
             features[i] = feats
         return features
