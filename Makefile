@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= data/demo
+DEMO_CONFIG ?= configs/demo/schedule.yaml
 DEMO_ARGS ?=
 
 .PHONY: setup demo test lint format lock
@@ -18,12 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# The whole schedule (data, SFT, sampling, perception RL, reasoning RL, evaluation) on
+# the embedded tiny model; re-running skips finished stages and resumes a cut one.
 demo: $(STAMP)
-	$(BIN)/pebr data synth --out $(DEMO_DIR)/train --n 2000 --seed 0
-	$(BIN)/pebr data synth --out $(DEMO_DIR)/val --n 200 --seed 1
-	$(BIN)/pebr fit --config configs/demo/sft.yaml \
-		--data.init_args.train_manifest $(DEMO_DIR)/train/manifest.jsonl \
-		--data.init_args.val_manifest $(DEMO_DIR)/val/manifest.jsonl $(DEMO_ARGS)
+	$(BIN)/pebr schedule --config $(DEMO_CONFIG) $(DEMO_ARGS)
 
 # pytest exits 5 when it collected no test; make treats that as a failure like any other.
 test: $(STAMP)
@@ -35,5 +33,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Keeps the header comment (the lines starting with #) of the current file.
 lock: $(STAMP)
-	$(BIN)/python -m pip freeze --exclude-editable > constraints.txt.new && mv constraints.txt.new constraints.txt
+	grep '^#' constraints.txt > constraints.txt.new
+	$(BIN)/python -m pip freeze --exclude-editable >> constraints.txt.new && mv constraints.txt.new constraints.txt

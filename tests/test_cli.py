@@ -152,3 +152,39 @@ def test_fit_with_skip_invalid_trains_on_the_valid_records(tmp_path, shapes_data
         )
     assert code == 0
     assert list((tmp_path / "run").rglob("last.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], ["CSVLogger", "TensorBoardLogger"]),
+        (
+            [
+                "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                "--trainer.logger.save_dir={tmp}",
+            ],
+            ["CSVLogger"],
+        ),
+        (["--trainer.logger=false"], []),
+    ],
+)
+def test_default_loggers_are_csv_and_tensorboard_in_one_version(extra, expected, tmp_path):
+    """Left at its default, the logger is CSV + TensorBoard sharing the next free
+    version_N (version_0 exists, so version_1); a logger the user names is kept."""
+    from pebr_lightning.cli import cli
+
+    (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)
+    built = cli(
+        [
+            "--config",
+            str(REPO / "configs" / "demo" / "sft.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *(arg.format(tmp=tmp_path) for arg in extra),
+        ],
+        run=False,
+    )
+    loggers = built.trainer.loggers
+    assert [type(lg).__name__ for lg in loggers] == expected
+    if len(loggers) == 2:
+        assert {Path(lg.log_dir) for lg in loggers} == {tmp_path / "lightning_logs" / "version_1"}

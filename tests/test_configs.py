@@ -11,7 +11,10 @@ import yaml
 from pebr_lightning.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+ALL = sorted((REPO / "configs").rglob("*.yaml"))
+# Schedule files drive `pebr schedule`, not LightningCLI: checked by their own test below.
+SCHEDULES = [p for p in ALL if p.read_text().startswith("# pebr schedule")]
+CONFIGS = [p for p in ALL if p not in SCHEDULES]
 
 
 def test_configs_exist():
@@ -24,6 +27,19 @@ def test_configs_exist():
         "demo/perception.yaml",
         "demo/reasoning.yaml",
     } <= names
+    schedules = {str(p.relative_to(REPO / "configs")) for p in SCHEDULES}
+    assert {"schedule.yaml", "demo/schedule.yaml", "demo/ablation.yaml"} <= schedules
+
+
+@pytest.mark.parametrize("path", SCHEDULES, ids=lambda p: str(p.relative_to(REPO)))
+def test_schedule_file_loads_and_its_stage_configs_exist(path: Path):
+    from pebr_lightning.schedule.config import load_schedule
+
+    schedule = load_schedule(path)
+    assert schedule.stage_names
+    for stage in schedule.fit.values():
+        assert (REPO / stage.config).is_file(), stage.config
+        assert (REPO / stage.config).resolve() in {p.resolve() for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))

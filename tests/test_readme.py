@@ -7,6 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
@@ -37,23 +39,35 @@ def test_layout_lists_every_package_file():
     assert not missing, f"README layout lacks: {missing}"
 
 
-def test_make_demo_runs_in_a_short_mode(tmp_path):
-    """The README's main command, with fewer steps and its outputs in tmp_path."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = (
-        f"--trainer.max_steps 2 --trainer.val_check_interval 2 --trainer.limit_val_batches 1 "
-        f"--data.init_args.batch_size 4 --data.init_args.num_workers 0 "
-        f"--trainer.default_root_dir {tmp_path / 'run'}"
+def test_make_demo_runs_the_schedule_in_a_short_mode(tmp_path):
+    """The README's main command on a cut-down schedule (2 SFT steps, 4 held-out
+    questions): it writes the data, trains, evaluates and prints the closing table."""
+    sft = yaml.safe_load((REPO / "configs" / "demo" / "sft.yaml").read_text())
+    sft["trainer"]["callbacks"][1]["init_args"] = {"save_last": True}
+    sft["trainer"].update(
+        val_check_interval=None, limit_val_batches=0, max_steps=2, log_every_n_steps=1
     )
+    sft["data"]["init_args"].update(batch_size=4, num_workers=0)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
+    data = tmp_path / "data"
+    schedule = {
+        "out": str(tmp_path / "out"),
+        "model": "tiny-qwen2.5-vl",
+        "data": {split: str(data / split / "manifest.jsonl") for split in ("train", "test")},
+        "synth": {"train": 8, "test": 4, "seed": 0},
+        "eval": {"max_new_tokens": 4, "progress": False},
+        "stages": {"sft": {"config": str(tmp_path / "sft.yaml")}},
+    }
+    (tmp_path / "schedule.yaml").write_text(yaml.safe_dump(schedule))
     result = subprocess.run(
-        ["make", "demo", f"DEMO_DIR={tmp_path / 'data'}", f"DEMO_ARGS={args}"],
+        ["make", "demo", f"DEMO_CONFIG={tmp_path / 'schedule.yaml'}"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "wrote 2000 records" in result.stdout
-    assert re.search(r"train/loss: first 10% of steps \d+\.\d+ -> last 10% \d+\.\d+", result.stdout)
-    assert list((tmp_path / "run").rglob("last.ckpt"))
+    assert "writing 8 synthetic train records" in result.stdout
+    assert re.search(r"\| sft \| train/loss \| \d+\.\d+ \| \d+\.\d+ \| \d\.\d+ \|", result.stdout)
+    assert (tmp_path / "out" / "sft" / "DONE.json").exists()

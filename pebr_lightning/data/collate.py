@@ -117,6 +117,10 @@ def mm_token_types(input_ids: torch.Tensor, processor: Any) -> torch.Tensor:
     return torch.tensor(processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.int32)
 
 
+PROMPT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+"""The model inputs of a PromptCollator batch (the rest are records and images)."""
+
+
 class PromptCollator:
     """Prompts only, left-padded for generation, with the records and images kept.
 

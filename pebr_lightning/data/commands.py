@@ -2,6 +2,7 @@
 
     pebr data synth --out data/shapes --n 2000 --seed 0
     pebr data validate data/shapes/manifest.jsonl [--skip-invalid]
+    pebr data validate data/geo/train.parquet --field-map question=problem,image=images
 
 `main` lets `PebrError` propagate: the top-level `pebr` command prints it as
 `error: <message>` and exits with its exit code.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from pebr_lightning.cli import positive_int
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.synth import write_dataset
 
@@ -35,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--out", required=True, metavar="DIR", help="output folder")
     synth.add_argument(
-        "--n", type=_positive_int, default=2000, help="number of records (default: %(default)s)"
+        "--n", type=positive_int, default=2000, help="number of records (default: %(default)s)"
     )
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     synth.set_defaults(run=_synth)
@@ -43,10 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser(
         "validate",
         help="check a manifest and every image it points to",
-        description="Check every line of a JSONL manifest against the schema in "
-        "docs/data.md and open every image it points to.",
+        description="Check every record of a manifest (a .jsonl file, a .parquet file, or "
+        "a folder written by `datasets.Dataset.save_to_disk`) against the schema in "
+        "docs/data.md and open every image it points to. Image bytes in a table are "
+        "written to files first.",
     )
-    validate.add_argument("manifest", metavar="MANIFEST", help="path to a .jsonl manifest")
+    validate.add_argument(
+        "manifest",
+        metavar="MANIFEST",
+        help="a .jsonl manifest, a .parquet file, or a saved Hugging Face dataset folder",
+    )
     validate.add_argument(
         "--skip-invalid",
         action="store_true",
@@ -56,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
         "--no-check-images",
         action="store_true",
         help="check the manifest lines only, without opening the images",
+    )
+    validate.add_argument(
+        "--field-map",
+        type=_field_map,
+        default=None,
+        metavar="OURS=THEIRS,...",
+        help="read our fields from differently named columns, e.g. question=problem,image=images",
+    )
+    validate.add_argument(
+        "--image-dir",
+        metavar="DIR",
+        default=None,
+        help="where image bytes from a table are written (default: $PEBR_CACHE/images)",
     )
     validate.set_defaults(run=_validate)
     return parser
@@ -69,7 +90,11 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     loaded = load_manifest(
-        args.manifest, check_images=not args.no_check_images, skip_invalid=args.skip_invalid
+        args.manifest,
+        check_images=not args.no_check_images,
+        skip_invalid=args.skip_invalid,
+        field_map=args.field_map,
+        image_dir=args.image_dir,
     )
     if not loaded.problems:
         print(f"{args.manifest}: {len(loaded.records)} records OK")
@@ -80,11 +105,16 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _field_map(text: str) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for pair in text.split(","):
+        ours, sep, theirs = (part.strip() for part in pair.partition("="))
+        if not sep or not ours or not theirs:
+            raise argparse.ArgumentTypeError(
+                f"expected OURS=THEIRS pairs separated by commas, e.g. question=problem; "
+                f"got {pair!r}"
+            )
+        if ours in mapping:
+            raise argparse.ArgumentTypeError(f"field {ours!r} is mapped twice")
+        mapping[ours] = theirs
+    return mapping

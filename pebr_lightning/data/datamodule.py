@@ -1,4 +1,4 @@
-"""LightningDataModule over JSONL manifests (schema: docs/data.md).
+"""LightningDataModule over manifests: JSONL, Parquet or saved HF datasets (docs/data.md).
 
 Every record of the manifests a stage uses is validated in `setup`, before any
 model is loaded, so a bad line fails in seconds with its file:line and field
@@ -38,19 +38,26 @@ class ManifestDataModule(L.LightningDataModule):
         num_workers: int = 0,
         skip_invalid: bool = False,
         check_images: bool = True,
+        field_map: dict[str, str] | None = None,
+        image_dir: str | None = None,
     ) -> None:
         """
         Args:
-            train_manifest: JSONL manifest of the training split.
-            val_manifest: JSONL manifest evaluated during fit and by `pebr validate`.
-            test_manifest: JSONL manifest for `pebr test`.
-            predict_manifest: JSONL manifest for `pebr predict`.
+            train_manifest: manifest of the training split: a .jsonl file, a .parquet
+                file, or a folder written by `datasets.Dataset.save_to_disk`.
+            val_manifest: manifest evaluated during fit and by `pebr validate`.
+            test_manifest: manifest for `pebr test`.
+            predict_manifest: manifest for `pebr predict`.
             batch_size: prompts per training batch (per device).
             eval_batch_size: prompts per evaluation batch; defaults to batch_size.
             num_workers: DataLoader worker processes that decode images and build batches.
             skip_invalid: drop records that fail validation (and report how many and
                 which) instead of stopping with an error.
             check_images: decode every image while validating (catches truncated files).
+            field_map: our field -> the source's column, for every split, e.g.
+                {question: problem, image: images}.
+            image_dir: where image bytes from Parquet/saved datasets are written
+                (default `$PEBR_CACHE/images`).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -65,6 +72,8 @@ class ManifestDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.skip_invalid = skip_invalid
         self.check_images = check_images
+        self.field_map = field_map
+        self.image_dir = image_dir
         self.datasets: dict[str, RecordDataset] = {}
 
     def setup(self, stage: str) -> None:
@@ -77,7 +86,11 @@ class ManifestDataModule(L.LightningDataModule):
             if split in self.datasets:
                 continue
             loaded = load_manifest(
-                path, check_images=self.check_images, skip_invalid=self.skip_invalid
+                path,
+                check_images=self.check_images,
+                skip_invalid=self.skip_invalid,
+                field_map=self.field_map,
+                image_dir=self.image_dir,
             )
             if loaded.problems:
                 listing = "\n".join(f"  {p}" for p in loaded.problems[:20])

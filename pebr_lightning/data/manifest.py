@@ -2,21 +2,27 @@
 
 Every stage reads its samples through `load_manifest`, so a bad line is reported
 once, before training starts, as `file:line: field 'name': what is wrong`,
-instead of as a crash in a data-loader worker an hour later. The schema is
-documented in docs/data.md.
+instead of as a crash in a data-loader worker an hour later. A manifest may also
+be a table (a Parquet file or a saved Hugging Face dataset folder, read by
+tables.py); its rows go through the same checks and are reported as
+`file:row N: ...`. The schema is documented in docs/data.md.
 
     pebr data validate data/shapes/manifest.jsonl [--skip-invalid]
+    pebr data validate data/geo/train.parquet --field-map question=problem,image=images
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from pebr_lightning.data import tables
 from pebr_lightning.errors import ManifestError
 
 REQUIRED_FIELDS = ("id", "image", "question", "answer")
@@ -33,21 +39,25 @@ _IMAGE_ERRORS = (
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with one manifest line."""
+    """One thing wrong with one manifest line (or table row)."""
 
     path: str
     """The manifest file, as it was given."""
     line: int
-    """1-based line number in the manifest."""
+    """1-based line number in the manifest, or 1-based row number in a table."""
     field: str | None
     """The offending field, or None when the whole line is at fault."""
     message: str
     """What is wrong, in words a user can act on."""
     sample_id: str | None
     """The record's `id` where the line has one."""
+    unit: str = "line"
+    """What `line` counts: "line" (JSONL) or "row" (Parquet, saved dataset)."""
 
     def __str__(self) -> str:
-        where = f"{self.path}:{self.line}: "
+        # Rows say so, because row N of a table is not line N of any file.
+        number = f"row {self.line}" if self.unit == "row" else str(self.line)
+        where = f"{self.path}:{number}: "
         if self.field is not None:
             where += f"field '{self.field}': "
         suffix = f" (id {self.sample_id})" if self.sample_id is not None else ""
@@ -59,7 +69,7 @@ class LoadedManifest:
     """The valid records of a manifest and the problems of the lines that were skipped."""
 
     path: Path
-    """The manifest file."""
+    """The manifest file (or saved-dataset folder)."""
     records: list[dict]
     """Valid records in file order; `image` holds the absolute image path."""
     problems: list[Problem]
@@ -72,49 +82,60 @@ class LoadedManifest:
 
 
 def load_manifest(
-    path: str | Path, *, check_images: bool = True, skip_invalid: bool = False
+    path: str | Path,
+    *,
+    check_images: bool = True,
+    skip_invalid: bool = False,
+    field_map: Mapping[str, str] | None = None,
+    image_dir: str | Path | None = None,
 ) -> LoadedManifest:
-    """Read and validate a JSONL manifest.
+    """Read and validate a manifest: JSONL, a Parquet file, or a saved HF dataset folder.
 
     Args:
-        path: The manifest file; relative `image` paths are resolved against its folder.
+        path: A `.jsonl` file, a `.parquet` file, or a folder written by
+            `datasets.Dataset.save_to_disk`; relative `image` paths are resolved
+            against the file's folder (the folder itself for a saved dataset).
         check_images: Open and fully decode every image, so that a missing, unreadable
             or truncated file is reported here rather than during training.
         skip_invalid: Drop invalid records and return their problems instead of raising.
+        field_map: Our field -> the name it has in the source, e.g.
+            {"question": "problem", "image": "images"}; applied before validation.
+        image_dir: Where image bytes from a table are written (default
+            `$PEBR_CACHE/images`); unused for JSONL.
 
     Raises:
         ManifestError: The file is missing or empty, it has invalid records and
             `skip_invalid` is False, or no valid record is left.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {path}") from None
-    except OSError as err:
-        raise ManifestError(f"cannot read manifest {path}: {err}") from None
+    field_map = dict(field_map or {})
+    if tables.is_table_source(path):
+        base = Path(os.path.abspath(path if path.is_dir() else path.parent))
+        rows = _table_records(path, field_map, image_dir, base)
+        unit = "row"
+    else:
+        base = Path(os.path.abspath(path.parent))
+        rows = _jsonl_records(path, field_map)
+        unit = "line"
 
-    base = Path(os.path.abspath(path.parent))
+    source = _Source(str(path), base, unit, check_images, field_map)
     records: list[dict] = []
     problems: list[Problem] = []
-    seen_ids: dict[str, int] = {}
-    nonblank = 0
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        nonblank += 1
-        record, line_problems = _check_line(raw, number, str(path), base, seen_ids, check_images)
-        if line_problems:
-            problems.extend(line_problems)
+    count = 0
+    for number, record, known in rows:
+        count += 1
+        checked, found = _check_record(record, number, source, known)
+        if found:
+            problems.extend(found)
         else:
-            records.append(record)
+            records.append(checked)
 
-    if nonblank == 0:
+    if count == 0:
         raise ManifestError(f"manifest {path} is empty: it has no records")
     if problems and not skip_invalid:
         raise ManifestError(
             f"{path} has invalid records; {_summary(problems)}\n"
-            "Fix these lines, or skip the invalid records with `data.skip_invalid: true`"
+            f"Fix these {unit}s, or skip the invalid records with `data.skip_invalid: true`"
             " (training) or `--skip-invalid` (pebr data validate)."
         )
     if not records:
@@ -131,56 +152,180 @@ def load_image(path: str | Path) -> Image.Image:
         raise ManifestError(f"cannot read image {path}: {err}") from None
 
 
-def _check_line(
-    raw: bytes,
-    number: int,
-    path: str,
-    base: Path,
-    seen_ids: dict[str, int],
-    check_images: bool,
-) -> tuple[dict, list[Problem]]:
-    """Parse and check one line; return the record (image resolved) and its problems."""
+@dataclass
+class _Source:
+    """What the record checks need to know about the manifest being read."""
 
-    def problem(field: str | None, message: str, sample_id: str | None = None) -> Problem:
-        return Problem(path, number, field, message, sample_id)
+    path: str
+    base: Path
+    unit: str
+    check_images: bool
+    field_map: dict[str, str]
+    seen_ids: dict[str, int] = field(default_factory=dict)
 
+    def problem(self, number: int, name: str | None, message: str, record: dict) -> Problem:
+        return Problem(self.path, number, name, message, _sample_id(record), self.unit)
+
+
+# Each yields (number, record, problems found before the record checks); a record
+# of {} with a problem of field None stands for a line that is not a record at all.
+_Rows = Iterable[tuple[int, dict, list[tuple[str | None, str]]]]
+
+
+def _jsonl_records(path: Path, field_map: dict[str, str]) -> _Rows:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"manifest not found: {path}") from None
+    except OSError as err:
+        raise ManifestError(f"cannot read manifest {path}: {err}") from None
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        record, problem = _parse_line(raw, number)
+        if problem is not None:
+            yield number, {}, [(None, problem)]
+        else:
+            yield number, _apply_field_map(record, field_map), []
+
+
+def _parse_line(raw: bytes, number: int) -> tuple[dict, str | None]:
+    """Parse one JSONL line into a record, or say why it is not one."""
     try:
         text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
     except UnicodeDecodeError as err:
-        return {}, [problem(None, f"line is not valid UTF-8: {err}")]
+        return {}, f"line is not valid UTF-8: {err}"
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        return {}, [problem(None, f"malformed JSON: {err}")]
+        return {}, f"malformed JSON: {err}"
     if not isinstance(record, dict):
-        return {}, [problem(None, f"expected a JSON object, got {_type_name(record)}")]
+        return {}, f"expected a JSON object, got {_type_name(record)}"
+    return record, None
 
-    sample_id = record.get("id") if isinstance(record.get("id"), str) and record["id"] else None
-    found: list[Problem] = []
-    for field in REQUIRED_FIELDS:
-        if field not in record:
-            found.append(problem(field, "required field is missing", sample_id))
-    for field, (check, expected) in _FIELD_CHECKS.items():
-        if field in record and not check(record[field]):
-            got = "an empty string" if record[field] == "" else _type_name(record[field])
-            found.append(problem(field, f"expected {expected}, got {got}", sample_id))
 
-    if sample_id is not None:
-        if sample_id in seen_ids:
-            first = seen_ids[sample_id]
-            found.append(problem("id", f"duplicate id, first used on line {first}", sample_id))
+def _table_records(
+    path: Path, field_map: dict[str, str], image_dir: str | Path | None, base: Path
+) -> _Rows:
+    schema = tables.table_schema(path)
+    columns = schema.names
+    absent = {ours: theirs for ours, theirs in field_map.items() if theirs not in columns}
+    if absent and columns:
+        wanted = ", ".join(f"{ours} <- '{theirs}'" for ours, theirs in absent.items())
+        raise ManifestError(
+            f"{path}: field_map names column(s) the table does not have ({wanted}); "
+            f"its columns are: {', '.join(columns)}"
+        )
+    # A whole column missing is one problem, not one per row.
+    mapped = {ours for ours, theirs in field_map.items() if theirs in columns}
+    lacking = [name for name in REQUIRED_FIELDS if name not in columns and name not in mapped]
+    if lacking and columns:
+        raise ManifestError(
+            f"{path}: the table has no column for required field(s) {', '.join(lacking)}; "
+            f"its columns are: {', '.join(columns)}. Name the columns to read them from "
+            "with field_map (--field-map question=problem,image=images)"
+        )
+    # Binary columns (a second image, audio) cannot be written as JSON; they are not ours.
+    binary = tables.binary_columns(schema) - {field_map.get("image", "image")}
+    image_dir = Path(image_dir) if image_dir is not None else tables.default_image_dir()
+    for number, row in enumerate(tables.iter_table_rows(path), start=1):
+        row = {k: v for k, v in row.items() if k not in binary}
+        record, known = _table_record(_apply_field_map(row, field_map), image_dir, base)
+        # Name the column too where it differs, since that is what the user looks at.
+        known = [
+            (name, f"{message} (column '{field_map[name]}')" if name in field_map else message)
+            for name, message in known
+        ]
+        yield number, record, known
+
+
+def _table_record(
+    record: dict, image_dir: Path, base: Path
+) -> tuple[dict, list[tuple[str | None, str]]]:
+    """Make a table row look like a JSONL record: image as a path, answer as text."""
+    # A column exists in every row, so a null in one of our fields means "absent".
+    record = {k: v for k, v in record.items() if not (v is None and k in _FIELD_CHECKS)}
+    known: list[tuple[str | None, str]] = []
+    answer = record.get("answer")
+    if isinstance(answer, int | float) and not isinstance(answer, bool):
+        if isinstance(answer, float) and not math.isfinite(answer):
+            known.append(("answer", f"expected a string or a finite number, got {answer}"))
         else:
-            seen_ids[sample_id] = number
+            record["answer"] = _number_text(answer)
+    if "image" in record:
+        try:
+            record["image"] = tables.extract_image(record["image"], image_dir=image_dir, base=base)
+        except tables.ImageValueError as err:
+            known.append(("image", str(err)))
+    return record, known
+
+
+def _number_text(number: int | float) -> str:
+    # Float columns often hold whole numbers (an int column with gaps); 3.0 means "3".
+    if isinstance(number, float) and number.is_integer():
+        return str(int(number))
+    return str(number)
+
+
+def _apply_field_map(record: dict, field_map: dict[str, str]) -> dict:
+    """Rename the source's fields to ours; a mapped field replaces one of the same name."""
+    if not field_map:
+        return record
+    theirs = set(field_map.values())
+    renamed = {k: v for k, v in record.items() if k not in theirs}
+    for ours, name in field_map.items():
+        if name in record:
+            renamed[ours] = record[name]
+    return renamed
+
+
+def _check_record(
+    record: dict, number: int, source: _Source, known: list[tuple[str | None, str]]
+) -> tuple[dict, list[Problem]]:
+    """Check one record; return it (image resolved) and its problems.
+
+    `known` are problems found while reading the record; their fields are not
+    checked again, so each field is reported once.
+    """
+    found = [source.problem(number, name, message, record) for name, message in known]
+    if any(name is None for name, _ in known):
+        return record, found
+    done = {name for name, _ in known}
+
+    for name in REQUIRED_FIELDS:
+        if name not in record and name not in done:
+            message = "required field is missing"
+            if name in source.field_map:
+                message += f" (field_map reads it from '{source.field_map[name]}')"
+            found.append(source.problem(number, name, message, record))
+    for name, (check, expected) in _FIELD_CHECKS.items():
+        if name in record and name not in done and not check(record[name]):
+            got = "an empty string" if record[name] == "" else _type_name(record[name])
+            found.append(source.problem(number, name, f"expected {expected}, got {got}", record))
+
+    sample_id = _sample_id(record)
+    if sample_id is not None:
+        if sample_id in source.seen_ids:
+            first = source.seen_ids[sample_id]
+            message = f"duplicate id, first used on {source.unit} {first}"
+            found.append(source.problem(number, "id", message, record))
+        else:
+            source.seen_ids[sample_id] = number
 
     image = record.get("image")
-    if isinstance(image, str) and image:
-        resolved = os.path.normpath(base / image)  # an absolute `image` replaces `base`
-        if check_images:
+    if isinstance(image, str) and image and "image" not in done:
+        resolved = os.path.normpath(source.base / image)  # an absolute `image` replaces `base`
+        if source.check_images:
             message = _image_problem(resolved)
             if message is not None:
-                found.append(problem("image", message, sample_id))
+                found.append(source.problem(number, "image", message, record))
         record = {**record, "image": resolved}
     return record, found
+
+
+def _sample_id(record: dict) -> str | None:
+    sample_id = record.get("id")
+    return sample_id if isinstance(sample_id, str) and sample_id else None
 
 
 def _image_problem(path: str) -> str | None:
@@ -196,7 +341,7 @@ def _image_problem(path: str) -> str | None:
 
 def _summary(problems: list[Problem]) -> str:
     lines = len({p.line for p in problems})
-    head = f"{len(problems)} problem(s) on {lines} line(s):"
+    head = f"{len(problems)} problem(s) on {lines} {problems[0].unit}(s):"
     listed = [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
     if len(problems) > MAX_LISTED_PROBLEMS:
         listed.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")

@@ -9,6 +9,7 @@ and then loads exactly like a real checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,10 @@ def build_policy(
     """Load a Qwen-VL checkpoint and its processor, ready to train.
 
     Args:
-        name_or_path: `tiny-qwen2.5-vl`, a local checkpoint folder or a hub id.
+        name_or_path: `tiny-qwen2.5-vl`, a local checkpoint folder or a hub id. A
+            folder holding a PEFT adapter (an `.hf` folder of a LoRA run) loads its
+            base model, merges the adapter in, and then applies `lora` afresh: how a
+            stage starts from the previous stage's LoRA result.
         lora: wrap with a PEFT LoRA adapter (language-model projections by default);
             None trains the unfrozen weights directly.
         quantization: load the language model in 4/8-bit through bitsandbytes.
@@ -142,10 +146,15 @@ def build_policy(
             bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
             llm_int8_skip_modules=skip,
         )
+    adapter = adapter_base(path)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(adapter or path, **kwargs)
     except (OSError, ValueError) as err:
-        raise PebrError(f"cannot load model {name_or_path!r}: {err}") from err
+        raise PebrError(f"cannot load model {adapter or name_or_path!r}: {err}") from err
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
     processor = load_processor(name_or_path, trust_remote_code)
 
     if quantization is not None:
@@ -181,6 +190,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model of a PEFT adapter folder; None when `path` is not one."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        base = json.loads(config.read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as err:
+        raise PebrError(f"{config}: cannot read field 'base_model_name_or_path': {err}") from None
+    return resolve_model_path(base)
 
 
 def _is_vision(param_name: str) -> bool:

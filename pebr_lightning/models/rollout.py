@@ -35,7 +35,8 @@ class SamplingConfig:
     group_size: int = 8
     """Completions per prompt (the paper's n)."""
     temperature: float = 1.2
-    """Softmax temperature; the loss scales logits by the same value."""
+    """Softmax temperature; the loss scales logits by the same value. 0 decodes
+    greedily (evaluation; GRPO training needs > 0)."""
     top_p: float = 0.99
     """Nucleus sampling mass; 1.0 disables it."""
     top_k: int = 0
@@ -46,8 +47,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.group_size < 1:
             raise PebrError(f"sampling.group_size must be >= 1, got {self.group_size}")
-        if self.temperature <= 0:
-            raise PebrError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if self.temperature < 0:
+            raise PebrError(f"sampling.temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise PebrError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
@@ -196,6 +197,25 @@ def sample_group(
         truncated=alive,
         group_size=g,
         seconds=time.perf_counter() - start,
+    )
+
+
+def eos_token_ids(tokenizer: Any) -> list[int]:
+    """Ids that end a completion: Qwen's end-of-turn and end-of-text tokens (else the
+    tokenizer's own EOS)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return ids
+
+
+def decode_completions(tokenizer: Any, rollout: Rollout) -> list[str]:
+    """The B·G completions as text, special tokens (EOS) left out."""
+    ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, 0)
+    return tokenizer.batch_decode(
+        [row[mask.bool()] for row, mask in zip(ids, rollout.completion_mask, strict=True)],
+        skip_special_tokens=True,
     )
 
 

@@ -26,14 +26,16 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from pebr_lightning.algorithms.advantages import group_advantages, zero_variance_groups
 from pebr_lightning.algorithms.losses import policy_loss
 from pebr_lightning.algorithms.reward_stats import fill_missing
-from pebr_lightning.data.collate import PromptCollator
+from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
+from pebr_lightning.metrics.step import StepMetrics
 from pebr_lightning.models.policy import (
     LoraConfig,
     QuantizationConfig,
@@ -44,19 +46,25 @@ from pebr_lightning.models.rollout import (
     Rollout,
     SamplingConfig,
     completion_logprobs,
+    decode_completions,
+    eos_token_ids,
     image_features,
     image_patches,
     sample_group,
     supports_shared_features,
 )
-from pebr_lightning.modules.grpo_logs import step_logs, write_samples
+from pebr_lightning.modules.grpo_logs import (
+    markdown_table,
+    record_step,
+    sample_rows,
+    step_logs,
+    write_samples,
+)
 from pebr_lightning.modules.grpo_parts import Part, merge_parts, signal_groups
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import keep_trainable_state, load_policy, save_pretrained
 from pebr_lightning.rewards.combine import load_rewards
 from pebr_lightning.rewards.registry import RewardSpec
-
-PROMPT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,12 @@ class GRPOModule(L.LightningModule):
         if not rewards:
             raise PebrError("GRPOModule needs at least one reward in model.rewards")
         self.automatic_optimization = False
+        if sampling.temperature <= 0:
+            # The loss divides logits by the temperature, and greedy rollouts of a
+            # group are identical: no spread, no advantage.
+            raise PebrError(
+                f"model.sampling.temperature must be > 0 for GRPO, got {sampling.temperature}"
+            )
         self.model_name = model
         self.reward_specs = [RewardSpec.from_dict(r) for r in rewards]
         self.lora = lora
@@ -171,6 +185,7 @@ class GRPOModule(L.LightningModule):
         self.processor: Any = None
         self.rewards: Any = None
         self._samples_step: int | None = None
+        self._stats = StepMetrics(sampling.group_size)
         self.strict_loading = lora is None
 
     # -- Lightning hooks, in call order -------------------------------------------------
@@ -200,6 +215,7 @@ class GRPOModule(L.LightningModule):
         return PromptCollator(self.processor, self.prompt)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._stats = StepMetrics(self.sampling.group_size, self.device)
         prompt = {k: batch[k] for k in PROMPT_KEYS}
         rollout, features = self.rollout(prompt)
         scored = self.score(rollout, batch["records"], batch["images"])
@@ -228,8 +244,7 @@ class GRPOModule(L.LightningModule):
         base = unwrap(self.policy)
         share = self.share_image_features and supports_shared_features(base)
         tokenizer = self.processor.tokenizer
-        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        eos = [e for e in eos if e is not None and e != tokenizer.unk_token_id]
+        eos = eos_token_ids(tokenizer)
         self.policy.eval()  # no dropout while sampling
         with torch.no_grad():
             features = (
@@ -254,11 +269,7 @@ class GRPOModule(L.LightningModule):
     def score(self, rollout: Rollout, records: list[dict], images: list[Any]) -> dict[str, Any]:
         """Decode completions and run the reward set; None totals become NaN."""
         g = rollout.group_size
-        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, 0)
-        texts = self.processor.tokenizer.batch_decode(
-            [row[mask.bool()] for row, mask in zip(ids, rollout.completion_mask, strict=True)],
-            skip_special_tokens=True,
-        )
+        texts = decode_completions(self.processor.tokenizer, rollout)
         samples = [r for r in records for _ in range(g)]
         result = self.rewards(
             completions=texts,
@@ -294,8 +305,8 @@ class GRPOModule(L.LightningModule):
             scored = self.score(rollout, batch["records"], batch["images"])
             parts.append(Part(prompt, rollout, features, scored, batch["records"], batch["images"]))
             kept += [(len(parts) - 1, i) for i in signal_groups(parts[-1], g)]
-        self.log("dynamic_sampling/extra_rollouts", float(tries), batch_size=b)
-        self.log("dynamic_sampling/filled_frac", min(len(kept), b) / b, batch_size=b)
+        self._stats.mean("dynamic_sampling/extra_rollouts", float(tries))
+        self._stats.mean("dynamic_sampling/filled_frac", min(len(kept), b) / b, b)
         if not kept:
             return part
         return merge_parts(parts, kept[:b], g, self.processor.tokenizer.pad_token_id)
@@ -451,8 +462,10 @@ class GRPOModule(L.LightningModule):
         return not any("lora_" in n for n, _ in visual.named_parameters())
 
     def log_step(self, rollout, scored, advantages, metrics, records) -> None:
-        for key, value in step_logs(rollout, scored, advantages, metrics).items():
-            self.log(key, value, batch_size=len(records), sync_dist=True)
+        record_step(self._stats, rollout, scored, advantages, metrics)
+        # Already reduced over processes by torchmetrics: no sync_dist averaging on top.
+        for key, value in step_logs(self._stats).items():
+            self.log(key, value, batch_size=len(records))
         every = self.log_samples_every_n_steps
         # global_step moves by the number of updates per rollout: write on crossing a multiple.
         crossed = self._samples_step is None or (
@@ -461,7 +474,11 @@ class GRPOModule(L.LightningModule):
         if every and self.trainer.is_global_zero and crossed:
             self._samples_step = self.global_step
             folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            write_samples(folder / "samples.jsonl", self.global_step, rollout, scored, records)
+            rows = sample_rows(self.global_step, rollout, scored, records)
+            write_samples(folder / "samples.jsonl", rows)
+            for logger in self.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("samples", markdown_table(rows), self.global_step)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the adapter (LoRA, PEFT format) or the full model, plus the processor."""

@@ -10,54 +10,86 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pebr_lightning.algorithms.reward_stats import group_stats
+from pebr_lightning.metrics.step import StepMetrics
 
 
-def step_logs(
-    rollout: Any, scored: dict[str, Any], advantages: Tensor, metrics: dict[str, float]
-) -> dict[str, float]:
-    """Metric name -> value for one step.
+def record_step(
+    stats: StepMetrics, rollout: Any, scored: dict[str, Any], advantages: Tensor, metrics: dict
+) -> None:
+    """Add one step's figures on this process to `stats` (reduced globally later).
 
     For the total and every reward: mean, std, share of groups with zero spread
     (their advantage is 0) and share of samples it applied to; reward components;
-    advantage size; completion length and truncation; rollout throughput; and the
-    loss metrics of the update.
+    advantage size; completion length and truncation; rollout throughput (all
+    processes' tokens over the slowest process's time); and the update's loss metrics.
     """
-    g = rollout.group_size
     result = scored["result"]
-    logs: dict[str, float] = dict(group_stats("reward/total", scored["rewards"], g))
+    n = float(len(scored["texts"]))
+    stats.group("reward/total", scored["rewards"])
     for name, values in result.per_reward.items():
-        column = torch.tensor([math.nan if v is None else v for v in values])
-        logs.update(group_stats(f"reward/{name}", column, g))
-        logs[f"reward/{name}/faults"] = float(result.faults.get(name, 0))
+        stats.group(f"reward/{name}", torch.tensor([math.nan if v is None else v for v in values]))
+        stats.total(f"reward/{name}/faults", float(result.faults.get(name, 0)))
     for name, values in result.components.items():
         numbers = [v for v in values if v is not None]
         if numbers:
-            logs[f"component/{name}"] = sum(numbers) / len(numbers)
+            stats.mean(f"component/{name}", sum(numbers) / len(numbers), len(numbers))
     lengths = rollout.completion_mask.sum(-1).float()
-    logs["advantage/abs_mean"] = float(advantages.abs().mean())
-    logs["completion/length_mean"] = float(lengths.mean())
-    logs["completion/truncated_frac"] = float(rollout.truncated.float().mean())
-    logs["rollout/tokens_per_s"] = float(lengths.sum()) / max(rollout.seconds, 1e-9)
-    logs.update({f"train/{k}": v for k, v in metrics.items()})
+    stats.mean("advantage/abs_mean", float(advantages.abs().mean()), n)
+    stats.mean("completion/length_mean", float(lengths.mean()), n)
+    stats.mean("completion/truncated_frac", float(rollout.truncated.float().mean()), n)
+    stats.total("rollout/tokens", float(lengths.sum()))
+    stats.max("rollout/seconds", rollout.seconds)
+    for key, value in metrics.items():
+        stats.mean(f"train/{key}", value, n)
+
+
+def step_logs(stats: StepMetrics) -> dict[str, float]:
+    """Metric name -> value, reduced over all processes (a collective call)."""
+    logs = stats.compute()
+    seconds = logs.pop("rollout/seconds", 0.0)
+    logs["rollout/tokens_per_s"] = logs.pop("rollout/tokens", 0.0) / max(seconds, 1e-9)
     return logs
 
 
-def write_samples(
-    path: Path, step: int, rollout: Any, scored: dict[str, Any], records: list[dict]
-) -> None:
-    """Append the first two groups' completions with their rewards to a JSONL file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def sample_rows(
+    step: int, rollout: Any, scored: dict[str, Any], records: list[dict]
+) -> list[dict[str, Any]]:
+    """The first two groups' completions with their rewards, one dict per completion."""
     g = rollout.group_size
     per_reward = scored["result"].per_reward
-    with path.open("a", encoding="utf-8") as f:
-        for row in range(min(g * 2, len(scored["texts"]))):
-            total = float(scored["rewards"][row])
-            line = {
+    rows = []
+    for row in range(min(g * 2, len(scored["texts"]))):
+        total = float(scored["rewards"][row])
+        rows.append(
+            {
                 "step": step,
                 "id": records[row // g]["id"],
                 "completion": scored["texts"][row],
                 "reward": None if math.isnan(total) else total,
                 **{name: values[row] for name, values in per_reward.items()},
             }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as a Markdown table (TensorBoard's text tab renders it)."""
+    if not rows:
+        return ""
+    columns = [c for c in rows[0] if c != "step"]
+
+    def cell(value: Any) -> str:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_samples(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append sample rows to a JSONL file, one line per completion."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for line in rows:
             f.write(json.dumps(line) + "\n")

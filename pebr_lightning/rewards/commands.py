@@ -19,6 +19,7 @@ import json
 import tempfile
 from typing import Any
 
+from pebr_lightning.cli import positive_int
 from pebr_lightning.errors import PebrError
 from pebr_lightning.rewards import registry
 from pebr_lightning.rewards.combine import unpack_output
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         "--manifest", metavar="FILE", help="take samples from this manifest (default: synthetic)"
     )
     check.add_argument(
-        "--n", type=_positive_int, default=4, help="number of samples (default: %(default)s)"
+        "--n", type=positive_int, default=4, help="number of samples (default: %(default)s)"
     )
     check.add_argument(
         "--init-args",
@@ -169,14 +170,4 @@ def _parse_init_args(text: str) -> dict[str, Any]:
         raise PebrError(f"--init-args is not valid JSON: {err}") from None
     if not isinstance(value, dict):
         raise PebrError(f"--init-args must be a JSON object, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

@@ -83,3 +83,40 @@ def test_four_bit_quantizes_language_model_only(tiny_path):
 def test_missing_local_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(PebrError, match="cannot load model"):
         build_policy(str(tmp_path / "nope"))
+
+
+def test_adapter_folder_loads_its_base_with_the_adapter_merged(tiny_path, tmp_path):
+    """A LoRA `.hf` folder as `model`: the base it names plus the adapter, merged, gives
+    the same logits as the PEFT model that was saved; a new LoRA then wraps it."""
+    from pebr_lightning.modules.shared import save_pretrained
+
+    torch.manual_seed(0)
+    built = build_policy(str(tiny_path), lora=LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # give the adapter weights that change the output
+        for name, param in built.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    save_pretrained(built.model, built.processor, tmp_path / "adapter.hf")
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        want = built.model.eval()(input_ids=ids).logits
+        base = unwrap(built.model)
+        with built.model.disable_adapter():
+            plain = base(input_ids=ids).logits
+
+    merged = build_policy(str(tmp_path / "adapter.hf"))
+    assert not any("lora_" in n for n, _ in merged.model.named_parameters())
+    with torch.no_grad():
+        got = merged.model.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-3)
+
+    again = build_policy(str(tmp_path / "adapter.hf"), lora=LoraConfig(r=4, alpha=8))
+    trainable = [n for n, p in again.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_adapter_folder_with_a_broken_config_names_the_file_and_field(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"r": 4}')
+    with pytest.raises(PebrError, match=r"adapter_config.json: .*'base_model_name_or_path'"):
+        build_policy(str(tmp_path))

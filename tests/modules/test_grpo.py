@@ -15,6 +15,7 @@ from pebr_lightning.data.collate import PromptCollator, RecordDataset
 from pebr_lightning.data.datamodule import ManifestDataModule
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.errors import PebrError
 from pebr_lightning.models.policy import LoraConfig, unwrap
 from pebr_lightning.models.rollout import (
     SamplingConfig,
@@ -274,3 +275,8 @@ def test_merge_parts_keeps_rewards_texts_and_records_aligned(tiny_path, shapes_d
     assert merged.scored["result"].per_reward["vowel_share"] == vowels[0][first] + vowels[1][second]
     assert merged.rollout.completion_ids.shape[0] == 2 * g
     assert merged.prompt["image_grid_thw"].shape[0] == 2
+
+
+def test_greedy_temperature_is_refused_for_training(tiny_path):
+    with pytest.raises(PebrError, match=r"sampling.temperature must be > 0 for GRPO"):
+        GRPOModule(model=str(tiny_path), rewards=REWARDS, sampling=SamplingConfig(temperature=0))

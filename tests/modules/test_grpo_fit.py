@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pebr_lightning.cli import main
 
@@ -41,6 +42,8 @@ def test_demo_grpo_config_trains_lora_and_logs_finite_metrics(stage, tmp_path, s
             "2",
             "--trainer.max_steps",
             "2",
+            "--model.init_args.log_samples_every_n_steps",
+            "1",
             "--trainer.default_root_dir",
             str(tmp_path),
             "--trainer.callbacks+=pebr_lightning.testing.ParameterSnapshot",
@@ -64,3 +67,12 @@ def test_demo_grpo_config_trains_lora_and_logs_finite_metrics(stage, tmp_path, s
             if value:
                 assert math.isfinite(float(value)), (key, value)
     assert list(tmp_path.rglob("last.hf/adapter_config.json"))
+
+    # TensorBoard got the same scalars, in the same version folder, plus the samples table.
+    events = EventAccumulator(str(metrics.parent)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {f"reward/{spec['name']}/zero_std_frac" for spec in rewards} <= scalars
+    assert "rollout/tokens_per_s" in scalars
+    (table,) = events.Tensors("samples/text_summary")[:1]
+    text = table.tensor_proto.string_val[0].decode()
+    assert text.startswith("| id | completion | reward |") and text.count("\n") >= 2

@@ -1,0 +1,81 @@
+"""The `pebr eval` command: greedy accuracy of a model on a manifest, by question type.
+
+    pebr eval --model tiny-qwen2.5-vl --manifest data/shapes-val/manifest.jsonl --out eval/
+
+Writes OUT/predictions.jsonl and OUT/metrics.json and prints a table. `main` lets
+`PebrError` propagate: the top-level `pebr` command prints it as `error: <message>`
+and exits with its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pebr_lightning.cli import positive_int
+from pebr_lightning.evaluation.greedy import evaluate
+
+
+def main(argv: list[str]) -> int:
+    """Run `pebr eval <argv>` and return the exit code."""
+    args = _parser().parse_args(argv)
+    values = evaluate(
+        args.model,
+        args.manifest,
+        args.out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        progress=not args.no_progress,
+        device=args.device,
+    )
+    print(format_table(values))
+    out = Path(args.out)
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    return 0
+
+
+def format_table(values: dict[str, float]) -> str:
+    """Type, n and accuracy per question type, then the overall line."""
+    types = sorted(k.split("/", 1)[1] for k in values if k.startswith("n/"))
+    width = max([len("overall"), len("type"), *map(len, types)])
+    lines = [f"{'type':<{width}}  {'n':>6}  accuracy"]
+    for name in types:
+        lines.append(
+            f"{name:<{width}}  {int(values[f'n/{name}']):>6}  {values[f'accuracy/{name}']:.4f}"
+        )
+    overall = f"{'overall':<{width}}  {int(values['n']):>6}  {values['accuracy']:.4f}"
+    if values.get("ungraded"):
+        overall += f"  ({int(values['ungraded'])} ungraded, counted wrong)"
+    lines.append(overall)
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pebr eval",
+        description="Answer every question of a manifest greedily, grade the final answers "
+        "with the accuracy reward, and write OUT/predictions.jsonl and OUT/metrics.json.",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="tiny-qwen2.5-vl, a checkpoint folder, a LoRA adapter folder (.hf) or a hub id",
+    )
+    parser.add_argument("--manifest", required=True, metavar="FILE", help="a .jsonl manifest")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, help="questions per batch (default: 16)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=256,
+        help="answer length cap in tokens (default: 256)",
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="evaluate only the first N records"
+    )
+    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda (default: cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser

@@ -1,0 +1,258 @@
+"""Greedy accuracy of a model on a manifest, overall and per question type.
+
+Each question is answered once with greedy decoding (temperature 0: the most likely
+token at every step, so a run is reproducible), the final answer is graded by the
+accuracy reward that RL trains on (rewards/accuracy.py), and the results go to
+`OUT/predictions.jsonl` (one line per record) and `OUT/metrics.json`. The paper
+reports accuracy on its benchmarks the same way: one greedy answer per question.
+
+Prompts are batched with left padding; the prompt is prefilled once and decoded with
+the same loop as RL rollouts (models/rollout.py), with each image encoded once.
+`greedy_answers` runs that loop on a model already in memory, for a stage that
+evaluates between steps without loading the model again.
+
+    pebr eval --model tiny-qwen2.5-vl --manifest data/shapes-val/manifest.jsonl --out eval/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDataset
+from pebr_lightning.data.manifest import load_manifest
+from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.errors import PebrError
+from pebr_lightning.metrics.accuracy import AccuracyByType
+from pebr_lightning.models.policy import build_policy, unwrap
+from pebr_lightning.models.rollout import (
+    SamplingConfig,
+    decode_completions,
+    eos_token_ids,
+    image_features,
+    sample_group,
+    supports_shared_features,
+)
+from pebr_lightning.rewards.accuracy import AccuracyReward
+from pebr_lightning.rewards.answers import extract_final_answer
+
+DEFAULT_TYPE = "all"
+"""The question type of a record without a `type` field."""
+
+
+def evaluate(
+    model: str,
+    manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    prompt: PromptConfig = PromptConfig(),
+    limit: int | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Answer every question of `manifest` greedily, grade it, write predictions and metrics.
+
+    Args:
+        model: `tiny-qwen2.5-vl`, a checkpoint folder, a LoRA adapter folder (merged into
+            its base) or a hub id.
+        manifest: a JSONL manifest (docs/data.md); records without `type` count as "all".
+        out_dir: where `predictions.jsonl` and `metrics.json` are written (created if
+            needed); each file appears whole or not at all.
+        batch_size: questions decoded together.
+        max_new_tokens: answer length cap; an answer cut there is graded as it stands.
+        prompt: instruction and system prompt, as in training.
+        limit: evaluate only the first `limit` records.
+        progress: show a progress bar (or a line per batch without tqdm) on stderr.
+        device: where the model runs, e.g. "cpu", "cuda".
+
+    Returns:
+        "accuracy", "accuracy/<type>", "n", "n/<type>", "ungraded" and "seconds" (the
+        whole run, model loading included), as floats.
+
+    Raises:
+        PebrError: the manifest is missing or invalid, the model cannot be loaded, or a
+            setting is out of range.
+    """
+    start = time.perf_counter()
+    if batch_size < 1:
+        raise PebrError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise PebrError(f"limit must be >= 1, got {limit}")
+    records = load_manifest(manifest).records[:limit]  # fail on a bad manifest before loading
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    built = build_policy(model)
+    policy = built.model.to(device).eval().requires_grad_(False)
+
+    bar = _Progress(len(records), progress)
+    try:
+        texts = greedy_answers(
+            policy,
+            built.processor,
+            records,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            prompt=prompt,
+            on_batch=bar.update,
+        )
+    finally:
+        bar.close()
+    rows = grade_answers(records, texts)
+    metric = accuracy_metric(rows)
+    values = {k: float(v) for k, v in metric.compute().items()}
+    values.update({k: float(v) for k, v in metric.counts().items()})
+    values["seconds"] = time.perf_counter() - start
+    summary = {**values, "model": model, "manifest": str(manifest)}
+    _write_files(
+        {
+            out / "predictions.jsonl": "".join(
+                json.dumps(r, ensure_ascii=False) + "\n" for r in rows
+            ),
+            out / "metrics.json": json.dumps(summary, indent=2) + "\n",
+        }
+    )
+    return values
+
+
+@torch.no_grad()
+def greedy_answers(
+    policy: nn.Module,
+    processor: Any,
+    records: Sequence[dict[str, Any]],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    prompt: PromptConfig = PromptConfig(),
+    share_image_features: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """One greedy completion per record, in record order, from a model already loaded.
+
+    `policy` may be PEFT-wrapped (its adapter stays active) and in training mode: it is
+    put in eval mode for the loop and back in its previous mode afterwards. Inputs go
+    to the device of its parameters. `on_batch(n)` is called after each batch of n.
+    """
+    base = unwrap(policy)
+    device = next(policy.parameters()).device
+    share = share_image_features and supports_shared_features(base)
+    sampling = SamplingConfig(group_size=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    tokenizer = processor.tokenizer
+    eos = eos_token_ids(tokenizer)
+    collate = PromptCollator(processor, prompt)
+    dataset = RecordDataset(list(records))
+    was_training = policy.training
+    policy.eval()
+    texts: list[str] = []
+    try:
+        for first in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
+            batch = collate(items)
+            inputs = {k: batch[k].to(device) for k in PROMPT_KEYS}
+            features = (
+                image_features(base, inputs["pixel_values"], inputs["image_grid_thw"])
+                if share
+                else None
+            )
+            rollout = sample_group(
+                policy, base, inputs, sampling, eos, tokenizer.pad_token_id, features
+            )
+            texts += decode_completions(tokenizer, rollout)
+            if on_batch is not None:
+                on_batch(len(items))
+    finally:
+        policy.train(was_training)
+    return texts
+
+
+def grade_answers(
+    records: Sequence[dict[str, Any]],
+    texts: Sequence[str],
+    reward: AccuracyReward | None = None,
+) -> list[dict[str, Any]]:
+    """One prediction row per record: id, type, question, answer, prediction, extracted,
+    correct, graded. An answer the reward cannot grade (None) has correct False and
+    graded False."""
+    reward = reward or AccuracyReward()
+    scores = reward(completions=list(texts), samples=list(records))
+    rows = []
+    for record, text, score in zip(records, texts, scores, strict=True):
+        rows.append(
+            {
+                "id": record["id"],
+                "type": record.get("type") or DEFAULT_TYPE,
+                "question": record["question"],
+                "answer": record["answer"],
+                "prediction": text,
+                "extracted": extract_final_answer(text),
+                "correct": score == 1.0,
+                "graded": score is not None,
+            }
+        )
+    return rows
+
+
+def accuracy_metric(
+    rows: Sequence[dict[str, Any]], types: Sequence[str] | None = None
+) -> AccuracyByType:
+    """An AccuracyByType updated with prediction rows (from `grade_answers`).
+
+    `types` defaults to the sorted types of `rows`; across processes pass the types of
+    the whole manifest, so that every process holds states of the same length.
+    """
+    types = sorted({r["type"] for r in rows}) if types is None else list(types)
+    position = {name: i for i, name in enumerate(types)}
+    metric = AccuracyByType(types)
+    metric.update(
+        torch.tensor([r["correct"] for r in rows], dtype=torch.float64),
+        torch.tensor([position[r["type"]] for r in rows], dtype=torch.long),
+        ungraded=torch.tensor([not r["graded"] for r in rows], dtype=torch.bool),
+    )
+    return metric
+
+
+class _Progress:
+    """A tqdm bar on stderr, or a line per batch where tqdm is missing; silent when off."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, desc="eval", unit="q", file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled:
+            print(f"eval: {self.done}/{self.total} questions", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_files(contents: dict[Path, str]) -> None:
+    """Write every file beside its target first, then move each into place: a crash
+    leaves the old file or the new one, never half of one."""
+    staged = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in contents}
+    try:
+        for path, text in contents.items():
+            staged[path].write_text(text, encoding="utf-8")
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)

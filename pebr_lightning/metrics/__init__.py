@@ -1,0 +1,1 @@
+"""torchmetrics metrics: statistics that stay correct when summed across processes."""

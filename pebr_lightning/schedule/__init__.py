@@ -1,0 +1,1 @@
+"""The paper's schedule as one resumable command: SFT -> sample -> perception -> reasoning."""

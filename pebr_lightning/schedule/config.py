@@ -1,0 +1,152 @@
+"""The schedule file (`configs/schedule.yaml`) and its validation.
+
+    out: runs/schedule                 # every stage writes into out/<stage>/
+    model: Qwen/Qwen2.5-VL-7B-Instruct # what the first stage starts from
+    data: {train: ..., val: ..., test: ...}
+    eval: {batch_size: 16, max_new_tokens: 1024, limit: null}
+    stages:
+      sft:        {config: configs/sft.yaml, args: []}
+      sample:     {k: 8, temperature: 1.2, top_p: 0.99, ...}
+      perception: {config: configs/perception.yaml, split: easy, args: []}
+      reasoning:  {config: configs/reasoning.yaml, split: medium, args: []}
+
+Stages run in that order; a stage left out is not run, and the next one starts
+from the latest earlier stage's weights. `start_from` (a weights folder, or a
+stage folder of another schedule) and `manifest` override where a training stage
+starts and what it trains on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pebr_lightning.errors import PebrError
+
+ORDER = ("sft", "sample", "perception", "reasoning")
+FIT_STAGES = ("sft", "perception", "reasoning")
+SAMPLE_KEYS = (
+    "k",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "easy_min",
+    "hard_max",
+    "seed",
+    "limit",
+    "batch_size",
+)
+
+
+@dataclass(frozen=True)
+class FitStage:
+    """A `pebr fit` stage."""
+
+    name: str
+    config: str
+    args: tuple[str, ...] = ()
+    split: str | None = None
+    """Which difficulty split to train on (perception: easy, reasoning: medium)."""
+    start_from: str | None = None
+    manifest: str | None = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A parsed schedule file."""
+
+    path: str
+    out: str
+    model: str
+    data: dict[str, str]
+    eval: dict[str, Any]
+    fit: dict[str, FitStage]
+    sample: dict[str, Any] | None
+    synth: dict[str, int] | None = None
+    stage_names: tuple[str, ...] = field(default=())
+
+
+def load_schedule(path: str | Path) -> Schedule:
+    """Read and check a schedule file; errors name the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PebrError(f"schedule file not found: {path}") from None
+    except (OSError, yaml.YAMLError) as err:
+        raise PebrError(f"cannot read schedule {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise PebrError(f"{path}: expected a mapping at the top level")
+
+    def fail(key: str, message: str) -> PebrError:
+        return PebrError(f"{path}: field '{key}': {message}")
+
+    known = {"out", "model", "data", "eval", "stages", "synth"}
+    for key in raw:
+        if key not in known:
+            raise fail(key, f"unknown field (expected one of {', '.join(sorted(known))})")
+    for key in ("out", "model"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise fail(key, "required, a non-empty string")
+    data = raw.get("data") or {}
+    if not isinstance(data, dict) or not isinstance(data.get("train"), str):
+        raise fail("data.train", "required: the training manifest")
+    for key, value in data.items():
+        if key not in ("train", "val", "test") or not isinstance(value, str):
+            raise fail(f"data.{key}", "expected train, val or test, each a manifest path")
+    stages = raw.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise fail("stages", f"required: a mapping with some of {', '.join(ORDER)}")
+    fit: dict[str, FitStage] = {}
+    sample = None
+    for name, spec in stages.items():
+        if name not in ORDER:
+            raise fail(f"stages.{name}", f"unknown stage (expected {', '.join(ORDER)})")
+        spec = spec or {}
+        if not isinstance(spec, dict):
+            raise fail(f"stages.{name}", "expected a mapping")
+        if name == "sample":
+            for key in spec:
+                if key not in SAMPLE_KEYS:
+                    raise fail(
+                        f"stages.sample.{key}", f"unknown (expected {', '.join(SAMPLE_KEYS)})"
+                    )
+            sample = dict(spec)
+            continue
+        allowed = {"config", "args", "split", "start_from", "manifest"}
+        for key in spec:
+            if key not in allowed:
+                raise fail(
+                    f"stages.{name}.{key}", f"unknown (expected {', '.join(sorted(allowed))})"
+                )
+        if not isinstance(spec.get("config"), str):
+            raise fail(f"stages.{name}.config", "required: the stage's `pebr fit` config file")
+        args = spec.get("args") or []
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise fail(f"stages.{name}.args", "expected a list of command-line strings")
+        split = spec.get("split")
+        if split not in (None, "easy", "medium", "hard"):
+            raise fail(f"stages.{name}.split", f"expected easy, medium or hard, got {split!r}")
+        fit[name] = FitStage(
+            name, spec["config"], tuple(args), split, spec.get("start_from"), spec.get("manifest")
+        )
+    evaluation = raw.get("eval") or {}
+    if not isinstance(evaluation, dict):
+        raise fail("eval", "expected a mapping")
+    synth = raw.get("synth")
+    if synth is not None and not isinstance(synth, dict):
+        raise fail("synth", "expected a mapping like {train: 2000, val: 200, test: 400, seed: 0}")
+    return Schedule(
+        path=str(path),
+        out=raw["out"],
+        model=raw["model"],
+        data=dict(data),
+        eval=dict(evaluation),
+        fit=fit,
+        sample=sample,
+        synth=synth,
+        stage_names=tuple(n for n in ORDER if n in stages),
+    )

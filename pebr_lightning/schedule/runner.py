@@ -1,0 +1,227 @@
+"""Run a schedule: each stage into its own folder, finished stages skipped, interrupted
+ones resumed.
+
+A stage is finished when `out/<stage>/DONE.json` exists; it is written (atomically)
+only after the stage's training and its held-out evaluation both completed, and it
+records the weights the next stage starts from. A training stage that was
+interrupted resumes from the newest `last.ckpt` in its folder (`--ckpt_path`), so
+its configs should save `last` every few steps (the demo configs do); sampling
+resumes from its own progress file. Stages run in this process one after another,
+so a kill stops the whole schedule and nothing runs on unattended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pebr_lightning.errors import PebrError
+from pebr_lightning.schedule.config import ORDER, FitStage, Schedule
+
+Echo = Callable[[str], None]
+
+
+def run_schedule(
+    schedule: Schedule, stages: list[str] | None = None, echo: Echo = print
+) -> dict[str, dict]:
+    """Run `stages` (default: all in the file) in order; returns each stage's DONE record."""
+    chosen = list(schedule.stage_names if stages is None else stages)
+    for name in chosen:
+        if name not in schedule.stage_names:
+            raise PebrError(
+                f"--stages: {name!r} is not in {schedule.path} (it has:"
+                f" {', '.join(schedule.stage_names)})"
+            )
+    out = Path(schedule.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if schedule.synth:
+        _ensure_data(schedule, echo)
+    records: dict[str, dict] = {}
+    for name in schedule.stage_names:
+        done = read_done(out / name)
+        if name not in chosen:
+            if done is not None:
+                records[name] = done
+            continue
+        if done is not None:
+            echo(f"[schedule] {name}: finished earlier, skipped ({out / name / 'DONE.json'})")
+            records[name] = done
+            continue
+        started = time.perf_counter()
+        if name == "sample":
+            record = _run_sample(schedule, records, out / name, echo)
+        else:
+            record = _run_fit(schedule, schedule.fit[name], records, out / name, echo)
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        _write_json(out / name / "DONE.json", record)
+        echo(f"[schedule] {name}: done in {record['seconds']:.0f} s")
+        records[name] = record
+    return records
+
+
+def read_done(stage_dir: Path) -> dict | None:
+    """The record of a finished stage, or None; a damaged record is an error, not "unfinished"."""
+    path = stage_dir / "DONE.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise PebrError(f"{path}: unreadable stage record ({err}); delete it to rerun") from None
+
+
+def latest_last_checkpoint(stage_dir: Path) -> Path | None:
+    """The `last.ckpt` of the newest run version in a stage folder."""
+    found = []
+    for ckpt in stage_dir.glob("lightning_logs/version_*/checkpoints/last.ckpt"):
+        match = re.fullmatch(r"version_(\d+)", ckpt.parent.parent.name)
+        if match:
+            found.append((int(match.group(1)), ckpt))
+    return max(found)[1] if found else None
+
+
+def _start_weights(
+    schedule: Schedule, stage: FitStage | None, records: dict[str, dict], before: str
+) -> str:
+    """Where a stage starts: its `start_from`, else the latest earlier stage's weights."""
+    if stage is not None and stage.start_from:
+        source = Path(stage.start_from)
+        done = read_done(source) if source.is_dir() else None
+        return os.path.abspath(done["weights"]) if done else stage.start_from
+    for name in reversed(ORDER[: ORDER.index(before)]):
+        if name in records and records[name].get("weights"):
+            return records[name]["weights"]
+        if name in schedule.stage_names and name != "sample":
+            raise PebrError(
+                f"stage {before!r} starts from stage {name!r}, which has not finished;"
+                f" run it first (pebr schedule --stages {name},{before})"
+            )
+    return schedule.model
+
+
+def _run_fit(
+    schedule: Schedule, stage: FitStage, records: dict[str, dict], stage_dir: Path, echo: Echo
+) -> dict[str, Any]:
+    from pebr_lightning.cli import cli
+
+    start = _start_weights(schedule, stage, records, stage.name)
+    manifest = stage.manifest or _split_manifest(schedule, stage, records)
+    args = [
+        "fit",
+        "--config",
+        stage.config,
+        "--trainer.default_root_dir",
+        str(stage_dir),
+        "--model.init_args.model",
+        start,
+        "--data.init_args.train_manifest",
+        manifest,
+    ]
+    if stage.name == "sft" and schedule.data.get("val"):
+        args += ["--data.init_args.val_manifest", schedule.data["val"]]
+    args += list(stage.args)
+    resume = latest_last_checkpoint(stage_dir)
+    if resume is not None:
+        echo(f"[schedule] {stage.name}: resuming from {resume}")
+        args += ["--ckpt_path", str(resume)]
+    echo(f"[schedule] {stage.name}: pebr {' '.join(args)}")
+    argv = sys.argv
+    sys.argv = argv[:1]  # LightningCLI warns when given args while sys.argv holds others
+    try:
+        cli(args)
+    finally:
+        sys.argv = argv
+    last = latest_last_checkpoint(stage_dir)
+    weights = last.with_name("last.hf") if last else None
+    if weights is None or not weights.is_dir():
+        raise PebrError(
+            f"stage {stage.name!r} wrote no last.hf under {stage_dir}: its config must keep"
+            " an HFCheckpoint callback with save_last: true"
+        )
+    record: dict[str, Any] = {
+        "stage": stage.name,
+        "weights": os.path.abspath(weights),
+        "started_from": start,
+        "manifest": manifest,
+    }
+    if schedule.data.get("test"):
+        record["eval"] = _evaluate(schedule, record["weights"], stage_dir / "eval", echo)
+    return record
+
+
+def _split_manifest(schedule: Schedule, stage: FitStage, records: dict[str, dict]) -> str:
+    if stage.split is None:
+        return schedule.data["train"]
+    sample = records.get("sample")
+    if sample is None:
+        raise PebrError(
+            f"stage {stage.name!r} trains on the {stage.split!r} split, but the sample stage"
+            " has not finished (or is not in the schedule); run it first, or give the stage"
+            " a `manifest`"
+        )
+    count = sample["summary"]["counts"][stage.split]
+    if count == 0:
+        raise PebrError(
+            f"stage {stage.name!r} trains on the {stage.split!r} split, which is empty"
+            f" ({sample['summary']['counts']}; histogram of correct rollouts"
+            f" {sample['summary']['histogram']}): change the thresholds in stages.sample"
+            " (easy_min, hard_max) and delete the sample folder, or give the stage a `manifest`"
+        )
+    return sample["splits"][stage.split]
+
+
+def _run_sample(
+    schedule: Schedule, records: dict[str, dict], stage_dir: Path, echo: Echo
+) -> dict[str, Any]:
+    from pebr_lightning.difficulty.commands import format_summary
+    from pebr_lightning.difficulty.sampler import SampleSettings, sample_difficulty
+
+    spec = dict(schedule.sample or {})
+    batch_size = spec.pop("batch_size", 8)
+    model = _start_weights(schedule, None, records, "sample")
+    settings = SampleSettings(model=model, manifest=os.path.abspath(schedule.data["train"]), **spec)
+    echo(f"[schedule] sample: {settings.k} rollouts per question with {model}")
+    summary = sample_difficulty(settings, stage_dir, batch_size=batch_size)
+    echo(format_summary(summary))
+    splits = {name: os.path.abspath(stage_dir / f"{name}.jsonl") for name in summary["counts"]}
+    return {"stage": "sample", "summary": summary, "splits": splits}
+
+
+def _evaluate(schedule: Schedule, weights: str, out_dir: Path, echo: Echo) -> dict[str, float]:
+    from pebr_lightning.evaluation.greedy import evaluate
+
+    options = dict(schedule.eval)
+    metrics = evaluate(weights, schedule.data["test"], out_dir, **options)
+    echo(f"[schedule] held-out accuracy {metrics['accuracy']:.3f} ({out_dir})")
+    return metrics
+
+
+def _ensure_data(schedule: Schedule, echo: Echo) -> None:
+    """Write the synthetic shapes data where the schedule expects it, if missing."""
+    from pebr_lightning.data.synth import write_dataset
+
+    seed = int(schedule.synth.get("seed", 0))
+    for offset, split in enumerate(("train", "val", "test")):
+        path = schedule.data.get(split)
+        n = schedule.synth.get(split)
+        if path is None or n is None or Path(path).exists():
+            continue
+        echo(f"[schedule] writing {n} synthetic {split} records to {Path(path).parent}")
+        written = write_dataset(Path(path).parent, n=int(n), seed=seed + offset)
+        if Path(written) != Path(path):
+            raise PebrError(
+                f"{schedule.path}: field 'data.{split}': synthetic data is written as"
+                f" {written}; point data.{split} there"
+            )
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,173 @@
+"""`pebr schedule`: stages chained, finished ones skipped, an interrupted one resumed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from pebr_lightning.cli import main
+from pebr_lightning.errors import PebrError
+from pebr_lightning.schedule.config import FitStage, load_schedule
+from pebr_lightning.schedule.runner import _split_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL_GRPO = [
+    "--trainer.max_steps=2",
+    "--model.init_args.sampling.group_size=2",
+    "--model.init_args.sampling.max_new_tokens=8",
+    "--data.init_args.batch_size=2",
+]
+
+
+def small_sft_config(path: Path) -> Path:
+    """The demo SFT config, with a checkpoint every 2 steps and no validation."""
+    config = yaml.safe_load((REPO / "configs" / "demo" / "sft.yaml").read_text())
+    config["trainer"]["callbacks"][1]["init_args"] = {"save_last": True, "every_n_train_steps": 2}
+    config["trainer"].update(val_check_interval=None, limit_val_batches=0, log_every_n_steps=1)
+    config["data"]["init_args"].update(batch_size=4, num_workers=0)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def write_schedule(tmp_path: Path, data: dict[str, Path], sft_steps: int = 4) -> Path:
+    train = str(data["train"])
+    schedule = {
+        "out": str(tmp_path / "out"),
+        "model": "tiny-qwen2.5-vl",
+        "data": {"train": train, "test": str(data["val"])},
+        "eval": {"batch_size": 8, "max_new_tokens": 8, "limit": 8, "progress": False},
+        "stages": {
+            "sft": {
+                "config": str(small_sft_config(tmp_path / "sft.yaml")),
+                "args": [f"--trainer.max_steps={sft_steps}"],
+            },
+            "sample": {"k": 2, "max_new_tokens": 8, "limit": 6, "batch_size": 6},
+            # A 4-step model answers (almost) nothing right: train on the full set.
+            "perception": {
+                "config": str(REPO / "configs/demo/perception.yaml"),
+                "manifest": train,
+                "args": SMALL_GRPO,
+            },
+            "reasoning": {
+                "config": str(REPO / "configs/demo/reasoning.yaml"),
+                "manifest": train,
+                "args": SMALL_GRPO,
+            },
+        },
+    }
+    path = tmp_path / "schedule.yaml"
+    path.write_text(yaml.safe_dump(schedule))
+    return path
+
+
+def test_stages_chain_then_a_second_run_skips_them(tiny_path, shapes_data, tmp_path, capsys):
+    config = write_schedule(tmp_path, shapes_data)
+    assert main(["schedule", "--config", str(config)]) == 0
+    out = tmp_path / "out"
+    done = {s: json.loads((out / s / "DONE.json").read_text()) for s in ("sft", "sample")}
+    done |= {
+        s: json.loads((out / s / "DONE.json").read_text()) for s in ("perception", "reasoning")
+    }
+    assert done["sft"]["started_from"] == "tiny-qwen2.5-vl"
+    assert done["perception"]["started_from"] == done["sft"]["weights"]
+    assert done["reasoning"]["started_from"] == done["perception"]["weights"]
+    assert (Path(done["perception"]["weights"]) / "adapter_config.json").exists()  # LoRA
+    assert done["sample"]["summary"]["questions"] == 6
+    for stage in ("sft", "perception", "reasoning"):
+        metrics = json.loads((out / stage / "eval" / "metrics.json").read_text())
+        assert done[stage]["eval"]["accuracy"] == pytest.approx(metrics["accuracy"])
+    printed = capsys.readouterr().out
+    table = (out / "report.md").read_text()
+    assert table.strip() in printed
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
+        "sft",
+        "perception",
+        "reasoning",
+        "(majority answer per type)",
+    ]
+    with Image.open(out / "rewards.png") as picture:
+        assert picture.size == (900, 360)
+        assert len(set(picture.getdata())) > 3  # axes, text and curves, not a blank page
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/DONE.json")}
+    assert main(["schedule", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("sft", "sample", "perception", "reasoning"):
+        assert f"[schedule] {stage}: finished earlier, skipped" in printed
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/DONE.json")} == stamps
+
+
+def test_killed_stage_resumes_from_its_last_checkpoint(tiny_path, shapes_data, tmp_path, capsys):
+    """kill -9 while SFT trains (after its first `last.ckpt`); the rerun resumes from
+    that checkpoint: the new run's first logged step is past 0, and the stage ends."""
+    config = write_schedule(tmp_path, shapes_data, sft_steps=60)
+    stage_dir = tmp_path / "out" / "sft"
+    pebr = str(Path(sys.executable).with_name("pebr"))
+    proc = subprocess.Popen(
+        [pebr, "schedule", "--config", str(config), "--stages", "sft"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(stage_dir.glob("lightning_logs/version_0/checkpoints/last.ckpt")):
+            assert proc.poll() is None, "the stage ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (stage_dir / "DONE.json").exists()
+
+    assert main(["schedule", "--config", str(config), "--stages", "sft"]) == 0
+    assert "[schedule] sft: resuming from" in capsys.readouterr().out
+    assert (stage_dir / "DONE.json").exists()
+    rows = list(csv.DictReader((stage_dir / "lightning_logs/version_1/metrics.csv").open()))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps and min(steps) > 0 and max(steps) == 59
+
+
+def test_split_stage_reads_the_sample_split_and_refuses_an_empty_one(tmp_path):
+    sample = {
+        "summary": {"counts": {"easy": 3, "medium": 0, "hard": 1}, "histogram": [1, 0, 3]},
+        "splits": {name: str(tmp_path / f"{name}.jsonl") for name in ("easy", "medium", "hard")},
+    }
+    schedule = load_schedule(write_schedule(tmp_path, {"train": "t.jsonl", "val": "v.jsonl"}))
+    easy = FitStage("perception", "p.yaml", split="easy")
+    assert _split_manifest(schedule, easy, {"sample": sample}) == str(tmp_path / "easy.jsonl")
+    medium = FitStage("reasoning", "r.yaml", split="medium")
+    with pytest.raises(PebrError, match=r"'medium' split, which is empty"):
+        _split_manifest(schedule, medium, {"sample": sample})
+    with pytest.raises(PebrError, match="sample stage has not finished"):
+        _split_manifest(schedule, medium, {})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stages": {"warmup": {}}}, r"field 'stages.warmup': unknown stage"),
+        ({"stages": {"sft": {"args": []}}}, r"field 'stages.sft.config': required"),
+        ({"stages": {"sample": {"kk": 8}}}, r"field 'stages.sample.kk': unknown"),
+        ({"model": ""}, r"field 'model': required"),
+        ({"data": {"test": "x"}}, r"field 'data.train': required"),
+    ],
+)
+def test_bad_schedule_names_file_and_field(change, message, tmp_path):
+    base = {"out": "o", "model": "m", "data": {"train": "t"}, "stages": {"sft": {"config": "c"}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**base, **change}))
+    with pytest.raises(PebrError, match=rf"bad.yaml: {message}"):
+        load_schedule(path)
+    assert main(["schedule", "--config", str(path)]) == 2
