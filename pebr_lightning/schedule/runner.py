@@ -123,8 +123,10 @@ def _run_fit(
         "--data.init_args.train_manifest",
         manifest,
     ]
-    if stage.name == "sft" and schedule.data.get("val"):
-        args += ["--data.init_args.val_manifest", schedule.data["val"]]
+    # The schedule's `data` decides validation, not whatever path the stage config
+    # names: SFT validates on data.val when given; the RL stages have no validation step.
+    val = schedule.data.get("val") if stage.name == "sft" else None
+    args += ["--data.init_args.val_manifest", val or "null"]
     args += list(stage.args)
     resume = latest_last_checkpoint(stage_dir)
     if resume is not None:
