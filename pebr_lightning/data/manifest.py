@@ -219,6 +219,9 @@ def _table_records(
     # A whole column missing is one problem, not one per row.
     mapped = {ours for ours, theirs in field_map.items() if theirs in columns}
     lacking = [name for name in REQUIRED_FIELDS if name not in columns and name not in mapped]
+    # Many public datasets have no id column: the row number names the sample then.
+    number_ids = "id" in lacking
+    lacking = [name for name in lacking if name != "id"]
     if lacking and columns:
         raise ManifestError(
             f"{path}: the table has no column for required field(s) {', '.join(lacking)}; "
@@ -230,7 +233,10 @@ def _table_records(
     image_dir = Path(image_dir) if image_dir is not None else tables.default_image_dir()
     for number, row in enumerate(tables.iter_table_rows(path), start=1):
         row = {k: v for k, v in row.items() if k not in binary}
-        record, known = _table_record(_apply_field_map(row, field_map), image_dir, base)
+        record = _apply_field_map(row, field_map)
+        if number_ids:
+            record["id"] = f"{path.stem}-{number}"
+        record, known = _table_record(record, image_dir, base)
         # Name the column too where it differs, since that is what the user looks at.
         known = [
             (name, f"{message} (column '{field_map[name]}')" if name in field_map else message)
@@ -246,6 +252,8 @@ def _table_record(
     # A column exists in every row, so a null in one of our fields means "absent".
     record = {k: v for k, v in record.items() if not (v is None and k in _FIELD_CHECKS)}
     known: list[tuple[str | None, str]] = []
+    if isinstance(record.get("id"), int) and not isinstance(record["id"], bool):
+        record["id"] = str(record["id"])  # integer ids (`pid` columns) are common
     answer = record.get("answer")
     if isinstance(answer, int | float) and not isinstance(answer, bool):
         if isinstance(answer, float) and not math.isfinite(answer):

@@ -337,3 +337,18 @@ def test_jsonl_manifests_take_a_field_map_too(write_lines, dataset, tmp_path: Pa
     assert [str(p) for p in loaded.problems] == [
         f"{manifest}:2: field 'question': expected a string, got null (id y)"
     ]
+
+
+def test_integer_ids_become_text_and_a_table_without_ids_is_numbered(tmp_path):
+    """Public sets often have `pid` integers, or no id at all: 7 -> "7"; without an
+    id column, rows are named after the file and their 1-based row number."""
+    table = _geometry_table()
+    with_ints = table.set_column(0, "id", pa.array([7, 8, 9], pa.int64()))
+    pq.write_table(with_ints, tmp_path / "ints.parquet")
+    records = load_manifest(tmp_path / "ints.parquet", field_map=FIELD_MAP).records
+    assert [r["id"] for r in records] == ["7", "8", "9"]
+
+    pq.write_table(table.drop_columns(["id"]), tmp_path / "geo.parquet")
+    records = load_manifest(tmp_path / "geo.parquet", field_map=FIELD_MAP).records
+    assert [r["id"] for r in records] == ["geo-1", "geo-2", "geo-3"]
+    assert records[1]["question"] == "What is x?"
