@@ -17,7 +17,6 @@ process (string seeds are hashed with SHA-512, not with Python's salted `hash()`
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ from itertools import pairwise
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from pebr_lightning.files import write_atomic
 
 SHAPE_KINDS = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -75,14 +76,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int) -> Path:
         image.save(out_dir / record["image"], format="PNG")
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     manifest = out_dir / "manifest.jsonl"
-    tmp = out_dir / f".manifest.jsonl.{os.getpid()}.tmp"  # plain open(): honours the umask
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.writelines(lines)
-        os.replace(tmp, manifest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(manifest, "".join(lines))
     return manifest
 
 

@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from pebr_lightning.errors import ManifestError
+from pebr_lightning.files import write_atomic
 from pebr_lightning.models.tiny import cache_dir
 
 # Rows are converted to Python a batch at a time, so that a table of many large
@@ -178,15 +178,7 @@ def write_image_bytes(data: bytes, image_dir: Path) -> Path:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=suffix)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.chmod(temp, 0o644)  # mkstemp makes it private; the cache may be shared
-            os.replace(temp, target)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, data)
     except OSError as err:
         raise ManifestError(f"cannot write image to {target.parent}: {err}") from None
     return target

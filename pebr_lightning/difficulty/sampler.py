@@ -18,22 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pebr_lightning.data.collate import PromptCollator
-from pebr_lightning.data.manifest import load_image, load_manifest
+from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.difficulty.split import SPLITS, check_thresholds, difficulty, histogram
 from pebr_lightning.errors import PebrError
+from pebr_lightning.evaluation.greedy import batched_completions
+from pebr_lightning.files import write_atomic
 from pebr_lightning.models.policy import build_policy
-from pebr_lightning.models.rollout import (
-    SamplingConfig,
-    decode_completions,
-    eos_token_ids,
-    image_features,
-    sample_group,
-    supports_shared_features,
-)
+from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.rewards.accuracy import AccuracyReward
 
 
@@ -96,8 +88,6 @@ def _roll(
     progress: bool,
 ) -> None:
     built = build_policy(settings.model)
-    policy, processor = built.model.eval(), built.processor
-    collate = PromptCollator(processor, prompt)
     sampling = SamplingConfig(
         group_size=settings.k,
         temperature=settings.temperature,
@@ -105,24 +95,26 @@ def _roll(
         max_new_tokens=settings.max_new_tokens,
     )
     grader = AccuracyReward()
-    eos, pad = eos_token_ids(processor.tokenizer), processor.tokenizer.pad_token_id
     start, first = time.perf_counter(), len(records) - len(todo)
-    for begin in range(0, len(todo), batch_size):
-        chunk = todo[begin : begin + batch_size]
-        batch = collate([{"record": r, "image": load_image(r["image"])} for r in chunk])
-        # One generator per batch position: a resumed run draws fresh, reproducible numbers.
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + first + begin)
-        with torch.no_grad():
-            features = None
-            if supports_shared_features(policy):
-                features = image_features(policy, batch["pixel_values"], batch["image_grid_thw"])
-            rollout = sample_group(policy, policy, batch, sampling, eos, pad, features, generator)
-        texts = decode_completions(processor.tokenizer, rollout)
+    # Progress lines are a prefix of `records`, so `todo` starts at record `first`:
+    # seeding by record position makes a resumed run draw the numbers it would have.
+    batches = batched_completions(
+        built.model,
+        built.processor,
+        todo,
+        sampling,
+        batch_size=batch_size,
+        prompt=prompt,
+        seed=settings.seed * 1_000_003 + first,
+    )
+    graded = 0
+    for chunk, texts in batches:
         lines = tally(chunk, texts, settings.k, grader)
         _append(log, lines)
+        graded += len(chunk)
         if progress:
-            n = first + begin + len(chunk)
-            rate = (begin + len(chunk)) / max(time.perf_counter() - start, 1e-9)
+            n = first + graded
+            rate = graded / max(time.perf_counter() - start, 1e-9)
             print(
                 f"sample: {n}/{len(records)} questions graded ({rate:.1f}/s)",
                 file=sys.stderr,
@@ -164,7 +156,7 @@ def _claim(path: Path, settings: SampleSettings) -> None:
                 " use another output folder, or delete it to start over"
             )
         return
-    _write_atomic(path, json.dumps(mine, indent=2) + "\n")
+    write_atomic(path, json.dumps(mine, indent=2) + "\n")
 
 
 def _read_progress(log: Path) -> dict[str, dict]:
@@ -203,7 +195,7 @@ def _write_splits(
         label = difficulty(line["correct"], settings.k, settings.easy_min, settings.hard_max)
         splits[label].append(record)
     for name, members in splits.items():
-        _write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in members))
+        write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in members))
     counts = [done[r["id"]]["correct"] for r in records]
     summary = {
         "questions": len(records),
@@ -214,15 +206,5 @@ def _write_splits(
         "hard_max": settings.hard_max,
         "k": settings.k,
     }
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

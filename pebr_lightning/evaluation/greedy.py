@@ -17,10 +17,9 @@ evaluates between steps without loading the model again.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDatas
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
+from pebr_lightning.files import write_atomic
 from pebr_lightning.metrics.accuracy import AccuracyByType
 from pebr_lightning.models.policy import build_policy, unwrap
 from pebr_lightning.models.rollout import (
@@ -113,18 +113,13 @@ def evaluate(
     values.update({k: float(v) for k, v in metric.counts().items()})
     values["seconds"] = time.perf_counter() - start
     summary = {**values, "model": model, "manifest": str(manifest)}
-    _write_files(
-        {
-            out / "predictions.jsonl": "".join(
-                json.dumps(r, ensure_ascii=False) + "\n" for r in rows
-            ),
-            out / "metrics.json": json.dumps(summary, indent=2) + "\n",
-        }
+    write_atomic(
+        out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     )
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return values
 
 
-@torch.no_grad()
 def greedy_answers(
     policy: nn.Module,
     processor: Any,
@@ -142,36 +137,67 @@ def greedy_answers(
     put in eval mode for the loop and back in its previous mode afterwards. Inputs go
     to the device of its parameters. `on_batch(n)` is called after each batch of n.
     """
+    sampling = SamplingConfig(group_size=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    texts: list[str] = []
+    for chunk, chunk_texts in batched_completions(
+        policy,
+        processor,
+        records,
+        sampling,
+        batch_size=batch_size,
+        prompt=prompt,
+        share_image_features=share_image_features,
+    ):
+        texts += chunk_texts
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return texts
+
+
+def batched_completions(
+    policy: nn.Module,
+    processor: Any,
+    records: Sequence[dict[str, Any]],
+    sampling: SamplingConfig,
+    *,
+    batch_size: int = 16,
+    prompt: PromptConfig = PromptConfig(),
+    share_image_features: bool = True,
+    seed: int | None = None,
+) -> Iterator[tuple[list[dict[str, Any]], list[str]]]:
+    """Yield (records of the batch, their G completions each, group members contiguous).
+
+    The loop evaluation and difficulty sampling share: prompts batched with left
+    padding, each image encoded once, one prefill per prompt (models/rollout.py).
+    With `seed`, the batch starting at record i draws from a generator seeded with
+    seed + i, so a run resumed at a batch boundary draws what it would have drawn.
+    """
     base = unwrap(policy)
     device = next(policy.parameters()).device
     share = share_image_features and supports_shared_features(base)
-    sampling = SamplingConfig(group_size=1, temperature=0.0, max_new_tokens=max_new_tokens)
     tokenizer = processor.tokenizer
     eos = eos_token_ids(tokenizer)
     collate = PromptCollator(processor, prompt)
     dataset = RecordDataset(list(records))
     was_training = policy.training
     policy.eval()
-    texts: list[str] = []
     try:
         for first in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
-            batch = collate(items)
-            inputs = {k: batch[k].to(device) for k in PROMPT_KEYS}
-            features = (
-                image_features(base, inputs["pixel_values"], inputs["image_grid_thw"])
-                if share
-                else None
-            )
-            rollout = sample_group(
-                policy, base, inputs, sampling, eos, tokenizer.pad_token_id, features
-            )
-            texts += decode_completions(tokenizer, rollout)
-            if on_batch is not None:
-                on_batch(len(items))
+            inputs = {k: v.to(device) for k, v in collate(items).items() if k in PROMPT_KEYS}
+            generator = None if seed is None else torch.Generator().manual_seed(seed + first)
+            with torch.no_grad():
+                features = (
+                    image_features(base, inputs["pixel_values"], inputs["image_grid_thw"])
+                    if share
+                    else None
+                )
+                rollout = sample_group(
+                    policy, base, inputs, sampling, eos, tokenizer.pad_token_id, features, generator
+                )
+            yield [item["record"] for item in items], decode_completions(tokenizer, rollout)
     finally:
         policy.train(was_training)
-    return texts
 
 
 def grade_answers(
@@ -242,17 +268,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _write_files(contents: dict[Path, str]) -> None:
-    """Write every file beside its target first, then move each into place: a crash
-    leaves the old file or the new one, never half of one."""
-    staged = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in contents}
-    try:
-        for path, text in contents.items():
-            staged[path].write_text(text, encoding="utf-8")
-        for path, tmp in staged.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pebr_lightning.errors import PebrError
+from pebr_lightning.files import write_atomic
 from pebr_lightning.schedule.config import ORDER, FitStage, Schedule
 
 Echo = Callable[[str], None]
@@ -59,7 +60,7 @@ def run_schedule(
         else:
             record = _run_fit(schedule, schedule.fit[name], records, out / name, echo)
         record["seconds"] = round(time.perf_counter() - started, 1)
-        _write_json(out / name / "DONE.json", record)
+        write_atomic(out / name / "DONE.json", json.dumps(record, indent=2) + "\n")
         echo(f"[schedule] {name}: done in {record['seconds']:.0f} s")
         records[name] = record
     return records
@@ -221,9 +222,3 @@ def _ensure_data(schedule: Schedule, echo: Echo) -> None:
                 f"{schedule.path}: field 'data.{split}': synthetic data is written as"
                 f" {written}; point data.{split} there"
             )
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)

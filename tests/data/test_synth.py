@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pebr_lightning import files
 from pebr_lightning.data import synth
 from pebr_lightning.data.synth import (
     COLOURS,
@@ -84,7 +85,7 @@ def test_interrupted_write_keeps_the_previous_manifest(tmp_path: Path, monkeypat
     def fail(src: str, dst: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synth.os, "replace", fail)
+    monkeypatch.setattr(files.os, "replace", fail)  # the atomic writer synth uses
     with pytest.raises(KeyboardInterrupt):
         write_dataset(tmp_path, n=5, seed=9)
     assert manifest.read_bytes() == before
