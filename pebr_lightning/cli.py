@@ -23,6 +23,7 @@ EXTRA_COMMANDS = {
     "sample": ("pebr_lightning.difficulty.commands", "k rollouts per question -> easy/medium/hard"),
     "eval": ("pebr_lightning.evaluation.commands", "greedy accuracy on a manifest, by type"),
     "schedule": ("pebr_lightning.schedule.commands", "SFT -> sample -> perception -> reasoning"),
+    "export": ("pebr_lightning.export.commands", "checkpoint -> PEFT adapter + merged HF model"),
 }
 
 DESCRIPTION = "PeBR-R1 two-stage RL for vision-language models.\n\nOther commands:\n" + "\n".join(

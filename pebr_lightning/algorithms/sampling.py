@@ -1,4 +1,13 @@
-"""Next-token sampling: temperature, top-k and nucleus (top-p) filtering."""
+"""Next-token sampling: temperature, top-k and nucleus (top-p) filtering.
+
+Two sources of randomness: a torch generator (`torch.multinomial`), or keyed noise
+(`keyed_uniform`): the uniform drawn for token v of a row at decode step t is a
+hash of (row key, t, v), and the token is the Gumbel-max over the filtered logits,
+an exact draw from the same distribution. A completion then depends on its key
+and the logits only, not on which other rows share the batch or the process: GRPO
+keys rows by (seed, step, sample id, group member), so a run on 1 or N processes,
+or one resumed mid-epoch, samples the same completions.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +35,46 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for int64 tensors holding 32-bit values, without int64 overflow.
+
+    Split x into 16-bit halves: x*c = lo*c + (hi*c << 16); only the low 16 bits of
+    hi*c survive the shift modulo 2**32, and each product stays below 2**48.
+    """
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (the "lowbias32" xor-shift-multiply finaliser), elementwise.
+
+    int64 tensor of values in [0, 2**32) -> same shape and range.
+    """
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keyed_uniform(keys: Tensor, step: int, vocab: int) -> Tensor:
+    """Uniforms in (0, 1), a pure function of (key, step, token index).
+
+    keys [N] int64 (32-bit values) -> [N, V] float32. Three hash rounds chain the
+    inputs so that nearby keys, steps and tokens give unrelated values.
+    """
+    step_hash = int(mix32(torch.tensor(step & _MASK32, dtype=torch.long)))
+    row = mix32(mix32(keys.long()) ^ step_hash)  # [N]
+    token = mix32(torch.arange(vocab, device=keys.device, dtype=torch.long) * 0x9E3779B9)  # [V]
+    bits = mix32(row[:, None] ^ token[None, :])  # [N, V]
+    # The top 24 bits fill float32's mantissa; the half offset keeps 0 and 1 out.
+    return ((bits >> 8).float() + 0.5) / 2**24
+
+
 def sample_tokens(
     logits: Tensor,
     temperature: float = 1.0,
@@ -33,13 +82,16 @@ def sample_tokens(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     banned: Tensor | None = None,
+    keys: Tensor | None = None,
+    step: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Sample one token per row; returns (tokens [N], their log-probs [N]).
 
     The log-prob is that of the temperature-scaled, unfiltered distribution: the
     distribution the policy-gradient loss evaluates (it scales logits by the same
     temperature), so rollout and training log-probs agree. `banned` token ids are
-    never drawn but stay in that distribution.
+    never drawn but stay in that distribution. With `keys` ([N] int64), the draw is
+    the Gumbel-max over keyed noise for decode step `step` (`generator` is unused).
     """
     if temperature <= 0:
         tokens = logits.argmax(-1)  # [N]
@@ -48,6 +100,10 @@ def sample_tokens(
     filtered = filter_logits(scaled, top_k, top_p)  # [N, V]
     if banned is not None and banned.numel():
         filtered = filtered.index_fill(-1, banned, float("-inf"))  # [N, V]
-    tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)  # [N]
+    if keys is not None:
+        gumbel = -torch.log(-torch.log(keyed_uniform(keys, step, filtered.shape[-1])))  # [N, V]
+        tokens = (filtered + gumbel.to(filtered.device)).argmax(-1)  # [N]
+    else:
+        tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
     logp = scaled.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)  # [N]
     return tokens, logp

@@ -32,11 +32,15 @@ class HFCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         module = trainer.lightning_module
-        if trainer.is_global_zero and hasattr(module, "save_pretrained"):
-            target = hf_dir(filepath)
-            if target.exists():
-                shutil.rmtree(target)
-            module.save_pretrained(target)
+        if not hasattr(module, "save_pretrained"):
+            return
+        target = hf_dir(filepath)
+        if trainer.is_global_zero and target.exists():
+            shutil.rmtree(target)
+        trainer.strategy.barrier("hf_checkpoint")
+        # Every process calls it: with sharded weights gathering them is a collective
+        # (modules/shared.py save_pretrained writes on rank 0 only).
+        module.save_pretrained(target)
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from pebr_lightning.data.collate import RecordDataset
 from pebr_lightning.data.manifest import load_manifest
+from pebr_lightning.data.sampler import GlobalOrderSampler
 from pebr_lightning.errors import PebrError
 
 _STAGE_SPLITS = {
@@ -40,6 +41,7 @@ class ManifestDataModule(L.LightningDataModule):
         check_images: bool = True,
         field_map: dict[str, str] | None = None,
         image_dir: str | None = None,
+        seed: int = 0,
     ) -> None:
         """
         Args:
@@ -58,6 +60,8 @@ class ManifestDataModule(L.LightningDataModule):
                 {question: problem, image: images}.
             image_dir: where image bytes from Parquet/saved datasets are written
                 (default `$PEBR_CACHE/images`).
+            seed: seed of the training order: one permutation per epoch, cut into
+                global batches, the same on 1 or N processes (data/sampler.py).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -74,6 +78,7 @@ class ManifestDataModule(L.LightningDataModule):
         self.check_images = check_images
         self.field_map = field_map
         self.image_dir = image_dir
+        self.seed = seed
         self.datasets: dict[str, RecordDataset] = {}
 
     def setup(self, stage: str) -> None:
@@ -102,25 +107,41 @@ class ManifestDataModule(L.LightningDataModule):
             self.datasets[split] = RecordDataset(loaded.records)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        dataset = self.datasets["train"]
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        if len(dataset) < self.batch_size * world:
+            raise PebrError(
+                f"data.batch_size: {len(dataset)} training records cannot fill one batch of "
+                f"{self.batch_size} prompts on each of {world} process(es)"
+            )
+        sampler = GlobalOrderSampler(dataset, self.batch_size, rank, world, self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self._collator("train"),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.datasets:
             return []
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._loader("val", self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._loader("test", self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", self.eval_batch_size, shuffle=False)
+        return self._loader("predict", self.eval_batch_size)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
+        """Evaluation splits: in file order, every record."""
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self._collator(split),

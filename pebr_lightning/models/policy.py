@@ -126,6 +126,11 @@ def build_policy(
     """
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
+    if quantization is not None and lora is None:
+        raise PebrError(
+            "quantization needs a lora block: 4/8-bit weights cannot be trained directly "
+            "(set model.lora, or quantization: null for full fine-tuning)"
+        )
     path = resolve_model_path(name_or_path)
     kwargs = _load_kwargs(path, trust_remote_code)
     if dtype is not None:
@@ -158,12 +163,17 @@ def build_policy(
     processor = load_processor(name_or_path, trust_remote_code)
 
     if quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
-        )
-    elif gradient_checkpointing:
+        # What peft's prepare_model_for_kbit_training does, minus its cast of every
+        # unquantized weight to float32: for a 7B model the vision tower, embeddings and
+        # LM head (~1.8B weights) would take ~7 GB of a 24 GB card, for frozen weights.
+        model.requires_grad_(False)
+        for module in model.modules():
+            # bitsandbytes repacks a 4-bit weight for inference the first time it runs
+            # without gradients on a CPU with AVX512-BF16 (rollouts, validation), and the
+            # next training step then fails; GPUs never take that path.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if freeze_vision:
         for name, param in model.named_parameters():

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from pebr_lightning.algorithms.logprobs import token_logprobs
 from pebr_lightning.algorithms.sampling import sample_tokens
 from pebr_lightning.errors import PebrError
+from pebr_lightning.parallel.sharding import any_across
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ def sample_group(
     pad_id: int,
     features: list[Tensor] | None = None,
     generator: torch.Generator | None = None,
+    keys: Tensor | None = None,
+    synced: bool = False,
 ) -> Rollout:
     """Prefill each prompt once, repeat its KV cache G times, decode B·G completions.
 
@@ -138,6 +141,11 @@ def sample_group(
     `policy` (the same object without PEFT); LoRA layers are active in both.
     Image/video placeholder tokens are never sampled: in a completion they would make
     the next forward expect image features it does not have.
+
+    `keys` ([B*G] int64) switch to keyed noise (algorithms/sampling.py): the same
+    completions whatever the batch holds. `synced` keeps decoding until every
+    process is done: with sharded weights each forward is a collective, so a process
+    whose completions all ended must keep stepping (on padding) while others run.
     """
     start = time.perf_counter()
     g = sampling.group_size
@@ -167,14 +175,24 @@ def sample_group(
     banned = torch.tensor(vision_token_ids(base.config), dtype=torch.long, device=input_ids.device)
     for step in range(sampling.max_new_tokens):
         token, logp = sample_tokens(
-            logits, sampling.temperature, sampling.top_k, sampling.top_p, generator, banned
+            logits,
+            sampling.temperature,
+            sampling.top_k,
+            sampling.top_p,
+            generator,
+            banned,
+            keys,
+            step,
         )  # [B*G], [B*G]
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens.append(token)
         logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
         alive_steps.append(alive)
         alive = alive & ~torch.isin(token, eos)
-        if not alive.any() or step == sampling.max_new_tokens - 1:
+        running = alive.any()
+        if synced:
+            running = any_across(bool(running), alive.device)
+        if not running or step == sampling.max_new_tokens - 1:
             break
         attention = torch.cat([attention, alive[:, None].long()], dim=1)  # [B*G, P+step+1]
         out = base.model(
@@ -315,3 +333,20 @@ def _pad_cat(tensors: list[Tensor], value: float, left: bool) -> Tensor:
         fill = t.new_full((t.shape[0], width - t.shape[1]), value)  # [n, width - T_i]
         padded.append(torch.cat([fill, t] if left else [t, fill], dim=1))  # [n, width]
     return torch.cat(padded)  # [sum n, width]
+
+
+def group_keys(seed: int, step: int, attempt: int, ids: list[str], group_size: int) -> Tensor:
+    """Sampling keys of B groups of G completions -> [B*G] int64 (32-bit values).
+
+    A pure function of (seed, training step, attempt, sample id, member): the rows a
+    process samples do not depend on which other prompts share its batch, so 1 and
+    N processes (or a resumed run) draw the same completions for a sample. `attempt`
+    separates the extra rollouts of dynamic sampling within one step.
+    """
+    import zlib
+
+    keys = []
+    for sample_id in ids:
+        prompt = zlib.crc32(f"{seed}\x1f{step}\x1f{attempt}\x1f{sample_id}".encode())
+        keys += [(prompt + member * 0x9E3779B9) & 0xFFFFFFFF for member in range(group_size)]
+    return torch.tensor(keys, dtype=torch.long)

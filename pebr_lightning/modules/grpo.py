@@ -17,6 +17,7 @@ Departures from the paper: LoRA is available; the paper trains the vision tower
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from pebr_lightning.algorithms.reward_stats import fill_missing
 from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
+from pebr_lightning.metrics.phases import PhaseMeter
 from pebr_lightning.metrics.step import StepMetrics
 from pebr_lightning.models.policy import (
     LoraConfig,
@@ -48,6 +50,7 @@ from pebr_lightning.models.rollout import (
     completion_logprobs,
     decode_completions,
     eos_token_ids,
+    group_keys,
     image_features,
     image_patches,
     sample_group,
@@ -62,7 +65,18 @@ from pebr_lightning.modules.grpo_logs import (
 )
 from pebr_lightning.modules.grpo_parts import Part, merge_parts, signal_groups
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
-from pebr_lightning.modules.shared import keep_trainable_state, load_policy, save_pretrained
+from pebr_lightning.modules.shared import (
+    keep_trainable_state,
+    load_policy,
+    save_pretrained,
+    shard_module,
+)
+from pebr_lightning.parallel.sharding import (
+    any_across,
+    clip_grad_norm,
+    init_root,
+    is_distributed,
+)
 from pebr_lightning.rewards.combine import load_rewards
 from pebr_lightning.rewards.registry import RewardSpec
 
@@ -119,6 +133,7 @@ class GRPOModule(L.LightningModule):
         share_image_features: bool = True,
         logprob_chunk_size: int = 1024,
         log_samples_every_n_steps: int = 50,
+        rollout_seed: int = 0,
     ) -> None:
         """
         Args:
@@ -149,6 +164,9 @@ class GRPOModule(L.LightningModule):
             logprob_chunk_size: completion tokens per chunk when computing log-probs.
             log_samples_every_n_steps: write sample completions with their rewards to
                 `samples.jsonl` in the log folder every this many steps (0 = never).
+            rollout_seed: seed of the rollout noise. Each completion's noise is keyed
+                by (seed, step, sample id, group member), so the same sample draws the
+                same completion on 1 or N processes and after a resume.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -180,12 +198,15 @@ class GRPOModule(L.LightningModule):
         self.share_image_features = share_image_features
         self.logprob_chunk_size = logprob_chunk_size
         self.log_samples_every_n_steps = log_samples_every_n_steps
+        self.rollout_seed = rollout_seed
+        self._sharded = False
         self.policy: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self.processor: Any = None
         self.rewards: Any = None
         self._samples_step: int | None = None
         self._stats = StepMetrics(sampling.group_size)
+        self.phase_meter: PhaseMeter | None = None
         self.strict_loading = lora is None
 
     # -- Lightning hooks, in call order -------------------------------------------------
@@ -206,6 +227,11 @@ class GRPOModule(L.LightningModule):
             # Without LoRA the reference needs its own frozen copy (with LoRA the same
             # weights with the adapter switched off serve, at no extra memory).
             self.ref_model = copy.deepcopy(unwrap(self.policy)).eval().requires_grad_(False)
+        self._sharded = shard_module(self)  # FSDP2 when the strategy is ModelParallelStrategy
+
+    def on_fit_start(self) -> None:
+        if self._sharded:
+            init_root(unwrap(self.policy), self.device)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [(n, p) for n, p in self.named_parameters() if not n.startswith("ref_model.")]
@@ -216,8 +242,11 @@ class GRPOModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._stats = StepMetrics(self.sampling.group_size, self.device)
+        if self.phase_meter is None:
+            self.phase_meter = PhaseMeter(self.device)
+        self.phase_meter.reset()
         prompt = {k: batch[k] for k in PROMPT_KEYS}
-        rollout, features = self.rollout(prompt)
+        rollout, features = self.rollout(prompt, batch["records"])
         scored = self.score(rollout, batch["records"], batch["images"])
         part = Part(prompt, rollout, features, scored, batch["records"], batch["images"])
         if self.dynamic_sampling_tries:
@@ -239,14 +268,16 @@ class GRPOModule(L.LightningModule):
 
     # -- the step's phases ----------------------------------------------------------------
 
-    def rollout(self, prompt: dict[str, Tensor]) -> tuple[Rollout, list[Tensor] | None]:
+    def rollout(
+        self, prompt: dict[str, Tensor], records: list[dict], attempt: int = 0
+    ) -> tuple[Rollout, list[Tensor] | None]:
         """Image features once per image (when shared) and G completions per prompt."""
         base = unwrap(self.policy)
         share = self.share_image_features and supports_shared_features(base)
         tokenizer = self.processor.tokenizer
         eos = eos_token_ids(tokenizer)
         self.policy.eval()  # no dropout while sampling
-        with torch.no_grad():
+        with torch.no_grad(), self._phase("rollout"):
             features = (
                 image_features(base, prompt["pixel_values"], prompt["image_grid_thw"])
                 if share
@@ -260,6 +291,14 @@ class GRPOModule(L.LightningModule):
                 eos,
                 tokenizer.pad_token_id,
                 features,
+                keys=group_keys(
+                    self.rollout_seed,
+                    self.global_step,
+                    attempt,
+                    [str(r["id"]) for r in records],
+                    self.sampling.group_size,
+                ).to(self.device),
+                synced=self._sharded,
             )
         self.policy.train()
         if features is not None and self._vision_trainable():
@@ -269,17 +308,18 @@ class GRPOModule(L.LightningModule):
     def score(self, rollout: Rollout, records: list[dict], images: list[Any]) -> dict[str, Any]:
         """Decode completions and run the reward set; None totals become NaN."""
         g = rollout.group_size
-        texts = decode_completions(self.processor.tokenizer, rollout)
-        samples = [r for r in records for _ in range(g)]
-        result = self.rewards(
-            completions=texts,
-            samples=samples,
-            images=[im for im in images for _ in range(g)],
-            tokenizer=self.processor.tokenizer,
-            processor=self.processor,
-            global_step=self.global_step,
-            device=self.device,
-        )
+        with self._phase("score"):
+            texts = decode_completions(self.processor.tokenizer, rollout)
+            samples = [r for r in records for _ in range(g)]
+            result = self.rewards(
+                completions=texts,
+                samples=samples,
+                images=[im for im in images for _ in range(g)],
+                tokenizer=self.processor.tokenizer,
+                processor=self.processor,
+                global_step=self.global_step,
+                device=self.device,
+            )
         total = torch.tensor(
             [math.nan if t is None else t for t in result.total], device=self.device
         )
@@ -295,13 +335,21 @@ class GRPOModule(L.LightningModule):
         b, g = len(part.records), self.sampling.group_size
         parts, kept, tries = [part], [(0, i) for i in signal_groups(part, g)], 0
         dataset = self.trainer.train_dataloader.dataset
-        generator = torch.Generator().manual_seed(self.global_step)
-        while len(kept) < b and tries < self.dynamic_sampling_tries:
+        # Each process draws its own prompts (the same seed would pick the same ones).
+        generator = torch.Generator().manual_seed(
+            (self.rollout_seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
+        )
+        # Sharded, every process must roll out as often as the neediest one (each
+        # forward is a collective); a process already full just ignores the extra groups.
+        while tries < self.dynamic_sampling_tries and (
+            any_across(len(kept) < b, self.device) if self._sharded else len(kept) < b
+        ):
             tries += 1
-            picks = torch.randint(len(dataset), (b - len(kept),), generator=generator).tolist()
+            want = max(b - len(kept), 1)  # a full process still rolls out when sharded
+            picks = torch.randint(len(dataset), (want,), generator=generator).tolist()
             batch = self.collator("train")([dataset[i] for i in picks])
             prompt = {k: batch[k].to(self.device) for k in PROMPT_KEYS}
-            rollout, features = self.rollout(prompt)
+            rollout, features = self.rollout(prompt, batch["records"], attempt=tries)
             scored = self.score(rollout, batch["records"], batch["images"])
             parts.append(Part(prompt, rollout, features, scored, batch["records"], batch["images"]))
             kept += [(len(parts) - 1, i) for i in signal_groups(parts[-1], g)]
@@ -330,14 +378,15 @@ class GRPOModule(L.LightningModule):
             return None
         rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)
         pieces = []
-        for micro in rows.split(self.micro_batch_size):
-            if self.ref_model is None:  # LoRA: the same weights with the adapter off
-                with self.policy.disable_adapter():
-                    base = unwrap(self.policy)
-                    feats = features if self._adapter_free_vision() else None
-                    pieces.append(self._logprobs(base, prompt, rollout, micro, feats))
-            else:
-                pieces.append(self._logprobs(self.ref_model, prompt, rollout, micro, None))
+        with self._phase("logprobs"):
+            for micro in rows.split(self.micro_batch_size):
+                if self.ref_model is None:  # LoRA: the same weights with the adapter off
+                    with self.policy.disable_adapter():
+                        base = unwrap(self.policy)
+                        feats = features if self._adapter_free_vision() else None
+                        pieces.append(self._logprobs(base, prompt, rollout, micro, feats))
+                else:
+                    pieces.append(self._logprobs(self.ref_model, prompt, rollout, micro, None))
         return torch.cat(pieces)
 
     def update(
@@ -355,10 +404,18 @@ class GRPOModule(L.LightningModule):
         base = unwrap(self.policy)
         g = rollout.group_size
         cfg = self.loss_cfg
-        rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)[keep]
+        rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)
+        loss_mask = rollout.completion_mask  # [B*G, T]
+        if is_distributed():
+            # Every process must run as many forwards and backwards as the others
+            # (sharded forwards and gradient reductions are collectives), so rows left
+            # out of the loss are masked instead of skipped.
+            loss_mask = loss_mask * keep[:, None]
+        else:
+            rows = rows[keep]
         old = None
         if cfg.mu > 1:  # the policy moves between passes: freeze today's log-probs first
-            with torch.no_grad():
+            with torch.no_grad(), self._phase("logprobs"):
                 old = torch.zeros_like(rollout.logprobs)
                 for micro in rows.split(self.micro_batch_size):
                     old[micro] = self._logprobs(base, prompt, rollout, micro, features)
@@ -368,48 +425,88 @@ class GRPOModule(L.LightningModule):
         count = 0
         for _ in range(cfg.mu):
             for mini in rows.split(per_update):
-                mask = rollout.completion_mask[mini]
+                mask = loss_mask[mini]
                 tokens = self._global_count(int(mask.sum()))
                 seqs = int((mask.sum(-1) > 0).sum())
                 for micro in mini.split(self.micro_batch_size):
-                    logp = self._logprobs(base, prompt, rollout, micro, features)
-                    cmask = rollout.completion_mask[micro]
-                    loss, stats = policy_loss(
-                        logp,
-                        logp.detach() if old is None else old[micro],
-                        advantages[micro],
-                        cmask,
-                        ref_logp=None if ref is None else ref[micro],
-                        beta=cfg.beta,
-                        eps_low=cfg.eps_low,
-                        eps_high=cfg.eps_high,
-                        dual_clip=cfg.dual_clip,
-                        loss_type=cfg.loss_type,
-                        importance_level=cfg.importance_level,
-                        max_completion_length=self.sampling.max_new_tokens,
-                        num_valid_tokens_global=tokens,
-                        world_size=self.trainer.world_size,
-                    )
-                    # Each micro-batch's share of its update batch, so that accumulating
-                    # 2 x 4 sequences gives the same step as 1 x 8.
-                    share = self._micro_share(cfg.loss_type, cmask, int(mask.sum()), seqs)
-                    self.manual_backward(loss * share)
+                    with self._phase("backward"):
+                        loss, stats, share = self._micro_loss(
+                            base,
+                            prompt,
+                            rollout,
+                            features,
+                            advantages,
+                            old,
+                            ref,
+                            micro,
+                            loss_mask[micro],
+                            int(mask.sum()),
+                            seqs,
+                            tokens,
+                        )
+                        self.manual_backward(loss * share)
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + float(value)
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * share
                     count += 1
-                params = [p for p in self.policy.parameters() if p.requires_grad]
-                norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                norms.append(float(norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                with self._phase("optimizer"):
+                    params = [p for p in self.policy.parameters() if p.requires_grad]
+                    norms.append(float(clip_grad_norm(params, self.max_grad_norm)))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
         means = {k: v / max(count, 1) for k, v in sums.items()}
         means["grad_norm"] = sum(norms) / max(len(norms), 1)
         means["optimizer_steps"] = float(len(norms))
         return means
 
+    def _micro_loss(
+        self,
+        base,
+        prompt,
+        rollout,
+        features,
+        advantages,
+        old,
+        ref,
+        micro,
+        cmask,
+        mini_tokens,
+        seqs,
+        tokens,
+    ) -> tuple[Tensor, dict[str, Tensor], float]:
+        """The clipped loss of micro-batch `micro` (loss mask `cmask` [n, T]), its stats,
+        and its share of the update batch (`mini_tokens` tokens, `seqs` sequences)."""
+        cfg = self.loss_cfg
+        logp = self._logprobs(base, prompt, rollout, micro, features)
+        loss, stats = policy_loss(
+            logp,
+            logp.detach() if old is None else old[micro],
+            advantages[micro],
+            cmask,
+            ref_logp=None if ref is None else ref[micro],
+            beta=cfg.beta,
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            dual_clip=cfg.dual_clip,
+            loss_type=cfg.loss_type,
+            importance_level=cfg.importance_level,
+            max_completion_length=self.sampling.max_new_tokens,
+            num_valid_tokens_global=tokens,
+            world_size=self.trainer.world_size,
+        )
+        # Each micro-batch's share of its update batch, so that accumulating
+        # 2 x 4 sequences gives the same step as 1 x 8.
+        share = self._micro_share(cfg.loss_type, cmask, mini_tokens, seqs)
+        return loss, stats, share
+
     # -- helpers --------------------------------------------------------------------------
+
+    def _phase(self, name: str) -> contextlib.AbstractContextManager:
+        """Time (and peak memory) of a phase of the step, when a meter is attached."""
+        return (
+            contextlib.nullcontext() if self.phase_meter is None else self.phase_meter.phase(name)
+        )
 
     def _logprobs(self, base, prompt, rollout, rows, features) -> Tensor:
         if features is None and self.share_image_features and supports_shared_features(base):
@@ -443,7 +540,9 @@ class GRPOModule(L.LightningModule):
             return 1.0
         if loss_type == "bnpo":
             return float(cmask.sum()) / max(tokens, 1)
-        return float((cmask.sum(-1) > 0).sum()) / max(seqs, 1)  # grpo, dr_grpo: per sequence
+        if loss_type == "dr_grpo":  # divided by its row count, masked rows included
+            return cmask.shape[0] / max(seqs, 1)
+        return float((cmask.sum(-1) > 0).sum()) / max(seqs, 1)  # grpo: per sequence
 
     def _global_count(self, tokens: int) -> int:
         if dist.is_available() and dist.is_initialized():
@@ -463,6 +562,10 @@ class GRPOModule(L.LightningModule):
 
     def log_step(self, rollout, scored, advantages, metrics, records) -> None:
         record_step(self._stats, rollout, scored, advantages, metrics)
+        for name, figures in (self.phase_meter.results if self.phase_meter else {}).items():
+            self._stats.max(f"time/{name}_s", figures["seconds"])
+            if figures["peak_bytes"] is not None:
+                self._stats.max(f"memory/{name}_peak_gib", figures["peak_bytes"] / 2**30)
         # Already reduced over processes by torchmetrics: no sync_dist averaging on top.
         for key, value in step_logs(self._stats).items():
             self.log(key, value, batch_size=len(records))
@@ -471,9 +574,12 @@ class GRPOModule(L.LightningModule):
         crossed = self._samples_step is None or (
             self.global_step // max(every, 1) > self._samples_step // max(every, 1)
         )
-        if every and self.trainer.is_global_zero and crossed:
-            self._samples_step = self.global_step
-            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if not (every and crossed):
+            return
+        self._samples_step = self.global_step
+        # trainer.log_dir is a broadcast under a distributed strategy: every process asks
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if self.trainer.is_global_zero:
             rows = sample_rows(self.global_step, rollout, scored, records)
             write_samples(folder / "samples.jsonl", rows)
             for logger in self.loggers:

@@ -32,7 +32,13 @@ from pebr_lightning.models.policy import (
     unwrap,
 )
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
-from pebr_lightning.modules.shared import keep_trainable_state, load_policy, save_pretrained
+from pebr_lightning.modules.shared import (
+    keep_trainable_state,
+    load_policy,
+    save_pretrained,
+    shard_module,
+)
+from pebr_lightning.parallel.sharding import sum_across, world_size
 
 MODEL_INPUTS = (
     "input_ids",
@@ -106,6 +112,7 @@ class SFTModule(L.LightningModule):
         # from_pretrained returns eval mode; Lightning keeps a module's mode as found.
         self.policy = built.model.train()
         self.processor = built.processor
+        shard_module(self)  # FSDP2 when the strategy is ModelParallelStrategy
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_adamw(
@@ -117,15 +124,15 @@ class SFTModule(L.LightningModule):
         return SFTCollator(self.processor, self.prompt, self.max_length)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, n_tokens = self.response_loss(batch)
+        loss, mean, n_tokens = self.response_loss(batch)
         size = len(batch["ids"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/response_tokens", float(n_tokens), batch_size=size, reduce_fx="sum")
+        self.log("train/loss", mean, prog_bar=True, batch_size=size)
+        self.log("train/response_tokens", float(n_tokens), batch_size=size)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss, _ = self.response_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
+        _, mean, _ = self.response_loss(batch)
+        self.log("val/loss", mean, prog_bar=True, batch_size=len(batch["ids"]))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.lora is not None:
@@ -133,14 +140,24 @@ class SFTModule(L.LightningModule):
 
     # -- helpers ------------------------------------------------------------------------
 
-    def response_loss(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
-        """Mean negative log-likelihood over the batch's response tokens, and their count."""
+    def response_loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, int]:
+        """The loss to differentiate, the mean NLL per response token over all processes
+        (detached, to log), and the response-token count of all processes.
+
+        Each process holds its own share of the batch and the gradient is averaged
+        over processes, so the loss is this process's NLL sum x world size / all
+        processes' token count: the average is then the token mean of the whole
+        batch, as on one process, however unevenly the tokens fall.
+        """
         base = unwrap(self.policy)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         hidden = base.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
         hidden, targets = shifted_targets(hidden, batch["labels"])  # [N, H], [N]
         logp = token_logprobs(hidden, base.lm_head, targets, self.logprob_chunk_size)  # [N]
-        return -logp.mean(), targets.numel()
+        nll = -logp.sum()
+        total = sum_across(torch.stack([nll.detach(), logp.new_tensor(float(targets.numel()))]))
+        count = max(float(total[1]), 1.0)
+        return nll * world_size() / count, total[0] / count, int(total[1])
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the adapter (LoRA, PEFT format) or the full model, plus the processor."""

@@ -33,7 +33,53 @@ def load_policy(module: Any) -> Any:
     )
 
 
+def shard_module(module: Any) -> bool:
+    """Shard the module's policy (and frozen reference copy) with FSDP2 when the
+    strategy set up a device mesh (ModelParallelStrategy); False when it did not."""
+    mesh = getattr(module, "device_mesh", None)
+    if mesh is None:
+        return False
+    from pebr_lightning.errors import PebrError
+    from pebr_lightning.models.policy import unwrap
+    from pebr_lightning.parallel.sharding import shard_policy
+
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise PebrError(
+            "trainer.strategy: tensor parallelism is not supported; use "
+            "pebr_lightning.parallel.FSDP2Strategy (data_parallel_size = world size)"
+        )
+    dp = mesh["data_parallel"] if "data_parallel" in names else mesh
+    strategy = module.trainer.strategy
+    settings = strategy.shard_settings() if hasattr(strategy, "shard_settings") else {}
+    shard_policy(module.policy, unwrap(module.policy), dp, **settings)
+    ref = getattr(module, "ref_model", None)
+    if ref is not None:
+        shard_policy(ref, ref, dp, **settings)
+    return True
+
+
 def save_pretrained(policy: Any, processor: Any, path: str | Path) -> None:
-    """Write the adapter (LoRA, PEFT format) or the full model, plus the processor."""
-    policy.save_pretrained(str(path))
-    processor.save_pretrained(str(path))
+    """Write the adapter (LoRA, PEFT format) or the full model, plus the processor.
+
+    With sharded weights every process must call this (gathering the full weights
+    is a collective); only rank 0 writes.
+    """
+    from pebr_lightning.parallel.sharding import full_state_dict, is_rank_zero, is_sharded
+
+    if not is_sharded(policy):
+        if is_rank_zero():
+            policy.save_pretrained(str(path))
+            processor.save_pretrained(str(path))
+        return
+    # A LoRA adapter needs only its own weights: don't gather the frozen base.
+    state = full_state_dict(policy, trainable_only=hasattr(policy, "peft_config"))
+    # rank 0 holds the gathered weights, the other ranks an empty dict
+    if state:
+        config = getattr(policy, "config", None)
+        if getattr(config, "tie_word_embeddings", False):
+            # gathered, the tied head is a second copy of the embedding: keep one, as
+            # save_pretrained does on an unsharded model
+            state.pop("lm_head.weight", None)
+        policy.save_pretrained(str(path), state_dict=state)
+        processor.save_pretrained(str(path))

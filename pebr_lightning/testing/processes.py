@@ -18,7 +18,7 @@ def run_gloo(fn: Callable[[int], Any], world_size: int = 2, timeout_s: float = 1
     up; returns the results by rank. `fn` must be importable (module level) and its
     result picklable. A rank that raises fails the call with that rank's traceback."""
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     procs = [
         ctx.Process(target=_entry, args=(fn, rank, world_size, port, queue))
         for rank in range(world_size)
@@ -51,7 +51,8 @@ def _entry(fn: Callable[[int], Any], rank: int, world_size: int, port: int, queu
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

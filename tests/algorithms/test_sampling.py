@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from pebr_lightning.algorithms.sampling import filter_logits, sample_tokens
+from pebr_lightning.algorithms.sampling import filter_logits, keyed_uniform, mix32, sample_tokens
 
 
 def test_top_p_keeps_the_smallest_nucleus():
@@ -53,3 +53,48 @@ def test_banned_tokens_are_never_drawn_but_keep_their_mass():
     tokens, logp = sample_tokens(logits, temperature=1.0, banned=torch.tensor([1]))
     assert tokens.eq(0).all()
     torch.testing.assert_close(logp, torch.full((64,), math.log(0.5)))
+
+
+def test_mix32_matches_the_reference_hash():
+    """lowbias32 computed with Python's unbounded ints, masked to 32 bits."""
+
+    def reference(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    values = [0, 1, 2, 12345, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]
+    assert mix32(torch.tensor(values)).tolist() == [reference(v) for v in values]
+
+
+def test_keyed_uniform_depends_only_on_key_step_and_token():
+    keys = torch.tensor([7, 8, 9])
+    u = keyed_uniform(keys, step=3, vocab=50)  # [3, 50]
+    assert u.shape == (3, 50) and (u > 0).all() and (u < 1).all()
+    torch.testing.assert_close(keyed_uniform(keys[1:2], 3, 50), u[1:2])  # batch-independent
+    assert not torch.equal(keyed_uniform(keys, 4, 50), u)  # another step, other noise
+    assert not torch.equal(u[0], u[1])  # another key, other noise
+
+
+def test_keyed_sampling_draws_from_the_distribution():
+    """Probabilities [0.5, 0.3, 0.15, 0.05]; 40k keys: each share within 0.01 (binomial
+    std <= 0.0025) of its probability."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 40_000
+    tokens, logp = sample_tokens(probs.log().repeat(n, 1), keys=torch.arange(n), step=1)
+    shares = torch.bincount(tokens, minlength=4) / n
+    torch.testing.assert_close(shares, probs, atol=0.01, rtol=0)
+    torch.testing.assert_close(logp, probs.log()[tokens])
+
+
+def test_keyed_sampling_respects_filters_and_is_reproducible():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(500, 1)
+    keys = torch.arange(500)
+    tokens, _ = sample_tokens(logits, top_p=0.7, keys=keys, step=0)
+    assert set(tokens.tolist()) == {0, 1}  # the nucleus of 0.7 holds the first two
+    tokens, _ = sample_tokens(logits, banned=torch.tensor([0]), keys=keys, step=0)
+    assert 0 not in tokens.tolist()
+    again, _ = sample_tokens(logits[:7], banned=torch.tensor([0]), keys=keys[:7], step=0)
+    assert torch.equal(again, tokens[:7])

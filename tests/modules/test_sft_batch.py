@@ -51,11 +51,12 @@ def test_chunked_loss_equals_transformers_loss(module, items):
     batch = module.collator("train")(items)
     module.logprob_chunk_size = 7  # several chunks, last one partial
     with torch.no_grad():
-        ours, n_tokens = module.response_loss(batch)
+        ours, mean, n_tokens = module.response_loss(batch)
         inputs = {k: v for k, v in batch.items() if k != "ids"}
         reference = module.policy(**inputs).loss
     assert n_tokens == int((batch["labels"] != IGNORE_INDEX).sum())
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, reference, rtol=1e-5, atol=1e-5)  # one process: the same
 
 
 def test_max_length_cuts_the_response_not_the_prompt(module, items):
