@@ -12,6 +12,7 @@ print one `error:` message and exit with code 2, without a traceback.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -25,6 +26,9 @@ EXTRA_COMMANDS = {
     "schedule": ("pebr_lightning.schedule.commands", "SFT -> sample -> perception -> reasoning"),
     "export": ("pebr_lightning.export.commands", "checkpoint -> PEFT adapter + merged HF model"),
 }
+
+# errno values of a write that ran out of room: disk full, file too large, quota
+FULL_DISK = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 DESCRIPTION = "PeBR-R1 two-stage RL for vision-language models.\n\nOther commands:\n" + "\n".join(
     f"  pebr {name:<10} {summary}" for name, (_, summary) in EXTRA_COMMANDS.items()
@@ -47,6 +51,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PebrError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        if err.errno not in FULL_DISK:
+            raise
+        # Outputs are written to a temporary name and renamed when complete
+        # (files.write_atomic, Lightning's checkpoint save): what was there is intact.
+        where = f" {err.filename}" if err.filename else ""
+        print(
+            f"error: cannot write{where}: {err.strerror} (disk full or over a size quota); "
+            "files written before are intact: free space and rerun (`--ckpt_path last` "
+            "resumes a fit)",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
@@ -64,8 +81,39 @@ def cli(args: list[str] | None, run: bool = True):
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             trainer = config["trainer"]
+            root = trainer.get("default_root_dir") or os.getcwd()
             if trainer.get("logger") in (None, True):  # the user left the default
-                trainer["logger"] = default_loggers(trainer.get("default_root_dir") or os.getcwd())
+                trainer["logger"] = default_loggers(root)
+            if "weights_only" in config and config["weights_only"] is None:
+                # checkpoints are data: no pickled code runs on load (torch's own
+                # default today, stated so that a change upstream cannot undo it)
+                config["weights_only"] = True
+
+        def _parse_ckpt_path(self) -> None:
+            # Replaces LightningCLI's: it reads the checkpoint's hyper-parameters over the
+            # config, importing the `_class_path` written inside the checkpoint. Here the
+            # config stays the authority: `last` is resolved, the file checked, and the
+            # recorded class compared as text with the config's, never imported.
+            if not self.config.get("subcommand"):
+                return
+            config = self.config[self.config.subcommand]
+            ckpt_path = config.get("ckpt_path")
+            if not ckpt_path:
+                return
+            if ckpt_path == "last":
+                root = config["trainer"].get("default_root_dir") or os.getcwd()
+                ckpt_path = config["ckpt_path"] = resolve_last(root)
+                if ckpt_path is None:
+                    return
+            recorded = check_checkpoint(ckpt_path)
+            wanted = config["model"].get("class_path") if config.get("model") else None
+            if recorded and wanted and recorded != wanted:
+                from pebr_lightning.errors import PebrError
+
+                raise PebrError(
+                    f"{ckpt_path}: written by {recorded}, but the config trains {wanted}; "
+                    "resume a checkpoint of the same stage"
+                )
 
     return PebrCLI(
         model_class=None,
@@ -76,6 +124,56 @@ def cli(args: list[str] | None, run: bool = True):
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},
     )
+
+
+def resolve_last(root: str | os.PathLike) -> str | None:
+    """`--ckpt_path last`: the newest run version's `last.ckpt` under the root folder.
+
+    Lightning's own "last" looks only in the new run's folder, which each run gets
+    afresh (`lightning_logs/version_N`), so it would never find the interrupted one.
+    None (start afresh, said on stderr) when there is none yet.
+    """
+    from pathlib import Path
+
+    from pebr_lightning.schedule.runner import latest_last_checkpoint
+
+    found = latest_last_checkpoint(Path(root))
+    if found is None:
+        print(f"--ckpt_path last: no last.ckpt under {root} yet; starting afresh", file=sys.stderr)
+        return None
+    print(f"--ckpt_path last: resuming from {found}", file=sys.stderr)
+    return str(found)
+
+
+def check_checkpoint(path: str | os.PathLike) -> str | None:
+    """Fail with one clear line, before any model loads, when `--ckpt_path` is not a
+    readable checkpoint (missing, truncated, not a checkpoint, an incomplete sharded
+    folder). Returns the module class path the checkpoint records, as text."""
+    from pathlib import Path
+
+    import torch
+
+    from pebr_lightning.errors import PebrError
+
+    path = Path(path)
+    hint = "pass another --ckpt_path, or `last` for the newest complete one"
+    if path.is_dir():
+        missing = [n for n in (".metadata", "meta.pt") if not (path / n).is_file()]
+        if missing:
+            raise PebrError(
+                f"{path}: incomplete sharded checkpoint (no {', '.join(missing)}); {hint}"
+            )
+        path = path / "meta.pt"  # hyper-parameters and loop state; weights in shards
+    elif not path.is_file():
+        raise PebrError(f"{path}: no such checkpoint; {hint}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # pickle, zip and torch errors alike: the file is unusable
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PebrError(f"{path}: not a readable checkpoint ({first}); {hint}") from None
+    hparams = data.get("hyper_parameters") if isinstance(data, dict) else None
+    recorded = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    return recorded if isinstance(recorded, str) else None
 
 
 def positive_int(text: str) -> int:

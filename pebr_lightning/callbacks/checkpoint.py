@@ -35,12 +35,23 @@ class HFCheckpoint(ModelCheckpoint):
         if not hasattr(module, "save_pretrained"):
             return
         target = hf_dir(filepath)
-        if trainer.is_global_zero and target.exists():
-            shutil.rmtree(target)
+        # Written beside, then swapped in: a run killed mid-write leaves the previous
+        # folder (or a `.partial` one nothing reads), never a half-written `.hf`.
+        partial = target.with_name(target.name + ".partial")
+        if trainer.is_global_zero:
+            shutil.rmtree(partial, ignore_errors=True)
         trainer.strategy.barrier("hf_checkpoint")
         # Every process calls it: with sharded weights gathering them is a collective
         # (modules/shared.py save_pretrained writes on rank 0 only).
-        module.save_pretrained(target)
+        module.save_pretrained(partial)
+        if trainer.is_global_zero:
+            old = target.with_name(target.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                target.rename(old)
+            partial.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        trainer.strategy.barrier("hf_checkpoint_done")
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from pebr_lightning.algorithms.logprobs import IGNORE_INDEX
 from pebr_lightning.data.manifest import load_image
 from pebr_lightning.data.prompts import PromptConfig, build_messages, record_response
-from pebr_lightning.errors import PebrError
+from pebr_lightning.errors import ManifestError, PebrError
 
 
 class RecordDataset(Dataset):
@@ -29,7 +29,16 @@ class RecordDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        return {"record": record, "image": load_image(record["image"])}
+        try:
+            image = load_image(record["image"])
+        except ManifestError as err:
+            # validated at start-up, so the file changed since (or the disk failed):
+            # say which sample, and that checkpoints keep what was trained
+            raise ManifestError(
+                f"sample {record['id']}: {err}; fix or drop that record, then resume "
+                "with --ckpt_path last"
+            ) from None
+        return {"record": record, "image": image}
 
 
 class SFTCollator:
@@ -125,17 +134,35 @@ class PromptCollator:
     """Prompts only, left-padded for generation, with the records and images kept.
 
     GRPO samples the responses itself; rewards read `records` (the manifest
-    samples) and `images` (the decoded PIL images).
+    samples) and `images` (the decoded PIL images). With `max_prompt_tokens`, a prompt
+    (image tokens included) longer than that is an error naming the sample.
     """
 
-    def __init__(self, processor: Any, prompt: PromptConfig) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        prompt: PromptConfig,
+        max_prompt_tokens: int | None = None,
+        setting: str = "max_prompt_tokens",
+    ) -> None:
         self.processor = processor
         self.prompt = prompt
+        self.max_prompt_tokens = max_prompt_tokens
+        self.setting = setting
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         records = [item["record"] for item in items]
         images = [item["image"] for item in items]
         batch = dict(encode_prompts(self.processor, records, images, self.prompt, "left"))
+        if self.max_prompt_tokens is not None:
+            lengths = batch["attention_mask"].sum(-1).tolist()  # [B]
+            for record, length in zip(records, lengths, strict=True):
+                if length > self.max_prompt_tokens:
+                    raise PebrError(
+                        f"sample {record['id']}: the prompt is {length} tokens (image tokens "
+                        f"included), over {self.setting}={self.max_prompt_tokens}; raise "
+                        "it, shorten the question or use a smaller image"
+                    )
         batch["mm_token_type_ids"] = mm_token_types(batch["input_ids"], self.processor)
         batch["records"] = records
         batch["images"] = images

@@ -8,9 +8,11 @@ LightningModule being trained (it owns the processor and the prompt format).
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -79,6 +81,7 @@ class ManifestDataModule(L.LightningDataModule):
         self.field_map = field_map
         self.image_dir = image_dir
         self.seed = seed
+        self._resume: dict[str, Any] | None = None
         self.datasets: dict[str, RecordDataset] = {}
 
     def setup(self, stage: str) -> None:
@@ -115,12 +118,24 @@ class ManifestDataModule(L.LightningDataModule):
                 f"data.batch_size: {len(dataset)} training records cannot fill one batch of "
                 f"{self.batch_size} prompts on each of {world} process(es)"
             )
-        sampler = GlobalOrderSampler(dataset, self.batch_size, rank, world, self.seed)
+        resume = self._resume or {}
+        sampler = GlobalOrderSampler(
+            dataset,
+            self.batch_size,
+            rank,
+            world,
+            self.seed,
+            resume_epoch=resume.get("epoch"),
+            resume_batches=resume.get("batches", 0),
+        )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
+            # its own generator: each new iterator draws a worker seed, which would
+            # otherwise shift the global RNG stream differently in a resumed run
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self._collator("train"),
@@ -146,6 +161,35 @@ class ManifestDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=self._collator(split),
         )
+
+    # -- resuming: Lightning stores this in checkpoints and restores it before the
+    # -- dataloaders are built
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands: the epoch, the batches of it trained on, and the RNGs.
+
+        Lightning reloads plain DataLoaders from the start of the epoch on resume;
+        with this the sampler skips what was trained on, and dropout and any other
+        random draw continue as if the run had not stopped (GRPO rollout noise is
+        keyed by step and needs no RNG state).
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        return {
+            "epoch": trainer.current_epoch,
+            # batches fetched this epoch: at a checkpoint every one of them was trained on
+            "batches": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._resume = {"epoch": state_dict["epoch"], "batches": state_dict["batches"]}
+        torch.set_rng_state(state_dict["torch_rng"])
+        random.setstate(state_dict["python_rng"])
 
     def _collator(self, split: str) -> Any:
         module = self.trainer.lightning_module if self.trainer is not None else None

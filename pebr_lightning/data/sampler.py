@@ -41,8 +41,10 @@ def global_batch_order(
 class GlobalOrderSampler(DistributedSampler):
     """A DistributedSampler (so Lightning keeps it as it is) dealing global batches.
 
-    Lightning calls `set_epoch` before each epoch; `rank` and `world_size` default
-    to the initialised process group (1 process: rank 0 of 1).
+    Lightning calls `set_epoch` before each epoch. A run resumed mid-epoch passes
+    `resume_epoch` and `resume_batches`: that epoch then starts after the batches
+    already trained on, and its length stays the full epoch's, which Lightning's
+    restored batch counter completes.
     """
 
     def __init__(
@@ -53,6 +55,8 @@ class GlobalOrderSampler(DistributedSampler):
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        resume_epoch: int | None = None,
+        resume_batches: int = 0,
     ) -> None:
         super().__init__(
             dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
@@ -60,19 +64,22 @@ class GlobalOrderSampler(DistributedSampler):
         self.batch_size = batch_size
         self.num_samples = len(dataset) // (batch_size * world_size) * batch_size
         self.total_size = self.num_samples * world_size
+        self.resume_epoch = resume_epoch
+        self.resume_batches = resume_batches
 
     def __iter__(self) -> Iterator[int]:
-        return iter(
-            global_batch_order(
-                len(self.dataset),
-                self.batch_size,
-                self.rank,
-                self.num_replicas,
-                self.seed,
-                self.epoch,
-                self.shuffle,
-            )
+        order = global_batch_order(
+            len(self.dataset),
+            self.batch_size,
+            self.rank,
+            self.num_replicas,
+            self.seed,
+            self.epoch,
+            self.shuffle,
         )
+        if self.epoch == self.resume_epoch:
+            order = order[self.resume_batches * self.batch_size :]
+        return iter(order)
 
     def __len__(self) -> int:
         return self.num_samples

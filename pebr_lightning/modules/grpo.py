@@ -66,6 +66,7 @@ from pebr_lightning.modules.grpo_logs import (
 from pebr_lightning.modules.grpo_parts import Part, merge_parts, signal_groups
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import (
+    check_trainable_state,
     keep_trainable_state,
     load_policy,
     save_pretrained,
@@ -79,6 +80,15 @@ from pebr_lightning.parallel.sharding import (
 )
 from pebr_lightning.rewards.combine import load_rewards
 from pebr_lightning.rewards.registry import RewardSpec
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory"."""
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError)
+        and ("can't allocate memory" in text or "out of memory" in text)
+    )
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,7 @@ class GRPOModule(L.LightningModule):
         logprob_chunk_size: int = 1024,
         log_samples_every_n_steps: int = 50,
         rollout_seed: int = 0,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         """
         Args:
@@ -167,6 +178,8 @@ class GRPOModule(L.LightningModule):
             rollout_seed: seed of the rollout noise. Each completion's noise is keyed
                 by (seed, step, sample id, group member), so the same sample draws the
                 same completion on 1 or N processes and after a resume.
+            max_prompt_tokens: a prompt longer than this (image tokens included) stops
+                training with an error naming the sample; null = no limit.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -199,6 +212,7 @@ class GRPOModule(L.LightningModule):
         self.logprob_chunk_size = logprob_chunk_size
         self.log_samples_every_n_steps = log_samples_every_n_steps
         self.rollout_seed = rollout_seed
+        self.max_prompt_tokens = max_prompt_tokens
         self._sharded = False
         self.policy: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
@@ -238,7 +252,9 @@ class GRPOModule(L.LightningModule):
         return configure_adamw(params, self.optim, int(self.trainer.estimated_stepping_batches))
 
     def collator(self, split: str) -> PromptCollator:
-        return PromptCollator(self.processor, self.prompt)
+        return PromptCollator(
+            self.processor, self.prompt, self.max_prompt_tokens, "model.max_prompt_tokens"
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._stats = StepMetrics(self.sampling.group_size, self.device)
@@ -256,6 +272,9 @@ class GRPOModule(L.LightningModule):
         ref = self.reference_logprobs(prompt, rollout, features)
         metrics = self.update(prompt, rollout, features, advantages, keep, ref)
         self.log_step(rollout, scored, advantages, metrics, part.records)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_trainable_state(self, checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pebr_rewards"] = [spec.to_dict() for spec in self.reward_specs]
@@ -277,7 +296,7 @@ class GRPOModule(L.LightningModule):
         tokenizer = self.processor.tokenizer
         eos = eos_token_ids(tokenizer)
         self.policy.eval()  # no dropout while sampling
-        with torch.no_grad(), self._phase("rollout"):
+        with torch.no_grad(), self._phase("rollout"), self._out_of_memory("rollout", records):
             features = (
                 image_features(base, prompt["pixel_values"], prompt["image_grid_thw"])
                 if share
@@ -378,7 +397,7 @@ class GRPOModule(L.LightningModule):
             return None
         rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)
         pieces = []
-        with self._phase("logprobs"):
+        with self._phase("logprobs"), self._out_of_memory("reference pass"):
             for micro in rows.split(self.micro_batch_size):
                 if self.ref_model is None:  # LoRA: the same weights with the adapter off
                     with self.policy.disable_adapter():
@@ -420,6 +439,11 @@ class GRPOModule(L.LightningModule):
                 for micro in rows.split(self.micro_batch_size):
                     old[micro] = self._logprobs(base, prompt, rollout, micro, features)
         per_update = (self.prompts_per_update or rollout.prompt_ids.shape[0]) * g
+        signal = bool((advantages[keep] != 0).any())
+        if not any_across(signal, self.device):  # the same decision on every process
+            # as many (empty) steps as a full update, so global_step moves the same way
+            steps = math.ceil(rollout.completion_ids.shape[0] / per_update) * cfg.mu
+            return self._skip_update(optimizer, scheduler, steps)
         sums: dict[str, float] = {}
         norms: list[float] = []
         count = 0
@@ -429,7 +453,7 @@ class GRPOModule(L.LightningModule):
                 tokens = self._global_count(int(mask.sum()))
                 seqs = int((mask.sum(-1) > 0).sum())
                 for micro in mini.split(self.micro_batch_size):
-                    with self._phase("backward"):
+                    with self._phase("backward"), self._out_of_memory("backward"):
                         loss, stats, share = self._micro_loss(
                             base,
                             prompt,
@@ -458,7 +482,23 @@ class GRPOModule(L.LightningModule):
         means = {k: v / max(count, 1) for k, v in sums.items()}
         means["grad_norm"] = sum(norms) / max(len(norms), 1)
         means["optimizer_steps"] = float(len(norms))
+        means["skipped_steps"] = 0.0
         return means
+
+    def _skip_update(self, optimizer, scheduler, steps: int) -> dict[str, float]:
+        """An update with no reward signal on any process: no forward, no backward.
+
+        Every advantage is 0, so the policy-gradient term is 0; what a step would still do
+        is pull towards the reference (KL, beta > 0) and apply AdamW's decay and momentum,
+        moving the policy with no reward behind it. Instead each optimizer step is taken
+        with no gradients, which torch optimizers skip (weights and AdamW state stay as
+        they are), so global_step and the schedule advance as in a normal update.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+        return {"skipped_steps": 1.0, "grad_norm": 0.0, "optimizer_steps": float(steps)}
 
     def _micro_loss(
         self,
@@ -507,6 +547,34 @@ class GRPOModule(L.LightningModule):
         return (
             contextlib.nullcontext() if self.phase_meter is None else self.phase_meter.phase(name)
         )
+
+    @contextlib.contextmanager
+    def _out_of_memory(self, phase: str, records: list[dict] | None = None):
+        """Re-raise CUDA's OutOfMemoryError, or CPU's failed allocation, as a PebrError
+        that names the phase, the step and the settings that lower memory use there."""
+        try:
+            yield
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            s = self.sampling
+            if phase == "rollout":
+                lower = (
+                    f"model.sampling.group_size ({s.group_size}), "
+                    f"model.sampling.max_new_tokens ({s.max_new_tokens}) or data.batch_size"
+                )
+            else:
+                lower = (
+                    f"model.micro_batch_size ({self.micro_batch_size}), "
+                    f"model.sampling.max_new_tokens ({s.max_new_tokens}) or "
+                    "model.logprob_chunk_size, or set model.gradient_checkpointing: true, "
+                    "model.lora or model.quantization"
+                )
+            ids = f", samples {', '.join(str(r['id']) for r in records[:5])}" if records else ""
+            raise PebrError(
+                f"out of memory in the {phase} (step {self.global_step}{ids}): lower {lower}"
+                f" ({type(err).__name__}: {str(err)[:200]})"
+            ) from err
 
     def _logprobs(self, base, prompt, rollout, rows, features) -> Tensor:
         if features is None and self.share_image_features and supports_shared_features(base):

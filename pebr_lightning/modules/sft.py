@@ -33,6 +33,7 @@ from pebr_lightning.models.policy import (
 )
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import (
+    check_trainable_state,
     keep_trainable_state,
     load_policy,
     save_pretrained,
@@ -137,6 +138,9 @@ class SFTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.lora is not None:
             keep_trainable_state(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_trainable_state(self, checkpoint)
 
     # -- helpers ------------------------------------------------------------------------
 

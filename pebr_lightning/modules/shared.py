@@ -18,6 +18,42 @@ def keep_trainable_state(module: L.LightningModule, checkpoint: dict[str, Any]) 
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
 
+def check_trainable_state(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose weights do not fit the module (another LoRA rank or
+    target list, another model), before Lightning loads it.
+
+    LoRA checkpoints hold only the trainable weights, so loading is not strict and a
+    mismatch would otherwise pass silently: every trainable weight must be there,
+    with its shape, and nothing the module lacks. A sharded checkpoint keeps its
+    weights out of this dict (torch.distributed.checkpoint checks them on load).
+    """
+    from pebr_lightning.errors import PebrError
+
+    state = checkpoint.get("state_dict")
+    if state is None:
+        return
+    params = dict(module.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    missing = sorted(trainable - set(state))
+    unknown = sorted(set(state) - set(module.state_dict()))
+    shapes = sorted(
+        f"{n} {tuple(state[n].shape)} vs {tuple(params[n].shape)}"
+        for n in set(state) & set(params)
+        if hasattr(state[n], "shape") and tuple(state[n].shape) != tuple(params[n].shape)
+    )
+    problems = [
+        (f"{len(missing)} trainable weight(s) missing", missing),
+        (f"{len(unknown)} weight(s) the model does not have", unknown),
+        (f"{len(shapes)} shape mismatch(es)", shapes),
+    ]
+    found = [f"{what} (e.g. {', '.join(names[:3])})" for what, names in problems if names]
+    if found:
+        raise PebrError(
+            "the checkpoint does not fit this model (another lora/model setting?): "
+            + "; ".join(found)
+        )
+
+
 def load_policy(module: Any) -> Any:
     """Build the policy a module's settings describe (the modules share these names)."""
     from pebr_lightning.models.policy import build_policy

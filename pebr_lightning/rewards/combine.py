@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,6 +47,8 @@ class WeightedReward:
     """`raise`: a fault raises RewardError; `none`: faulty values become None and are counted."""
     spec: RewardSpec | None = None
     """The config entry it was built from, if any (recorded in checkpoints)."""
+    timeout_s: float | None = None
+    """Seconds one call may take before it is a fault; None = no limit (see `_call`)."""
 
 
 @dataclass
@@ -88,6 +91,10 @@ class RewardSet:
                 )
             if item.on_error not in ("raise", "none"):
                 raise PebrError(f"reward {item.reward.name!r}: unknown on_error {item.on_error!r}")
+            if item.timeout_s is not None and not item.timeout_s > 0:
+                raise PebrError(
+                    f"reward {item.reward.name!r}: timeout_s must be > 0, got {item.timeout_s}"
+                )
         self.total_weight = sum(item.weight for item in self.rewards)
         if self.total_weight <= 0:
             raise PebrError("every reward weight is 0: at least one must be positive")
@@ -167,7 +174,11 @@ def load_rewards(specs: Sequence[RewardSpec | dict[str, Any]]) -> RewardSet:
         spec = RewardSpec.from_dict(raw)
         items.append(
             WeightedReward(
-                reward=build_reward(spec), weight=spec.weight, on_error=spec.on_error, spec=spec
+                reward=build_reward(spec),
+                weight=spec.weight,
+                on_error=spec.on_error,
+                spec=spec,
+                timeout_s=spec.timeout_s,
             )
         )
     return RewardSet(items)
@@ -221,7 +232,9 @@ def _run_one(
         return [None] * n, {}, n
 
     try:
-        output = item.reward(completions=completions, samples=samples, **context)
+        output = _call(item, completions, samples, context)
+    except RewardTimeout as err:
+        return whole_batch(str(err))
     except Exception as err:
         return whole_batch(f"raised {type(err).__name__}: {err}", err)
     try:
@@ -264,6 +277,51 @@ def _run_one(
             "`on_error: none` for it to score such samples None"
         )
     return scores, components, faults
+
+
+class RewardTimeout(Exception):
+    """A reward call ran past its `timeout_s` (internal: becomes a RewardError or None scores)."""
+
+
+def _call(
+    item: WeightedReward,
+    completions: list[str],
+    samples: list[dict[str, Any]],
+    context: dict[str, Any],
+) -> Any:
+    """The reward's output; with `timeout_s`, from a worker thread waited on that long.
+
+    A thread, not a child process: rewards hold models on the GPU and the tokenizer,
+    processor and device of the context, which a process would have to pickle and
+    reload. The price is that Python cannot stop a thread: one that overruns is
+    abandoned (a daemon, so it does not keep the program alive) and keeps its CPU, GPU
+    and memory until it returns. A reward whose own work can hang for good (the
+    accuracy reward's sympy) should bound it itself, as AccuracyReward does with a
+    child process it can kill.
+    """
+    if item.timeout_s is None:
+        return item.reward(completions=completions, samples=samples, **context)
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["output"] = item.reward(completions=completions, samples=samples, **context)
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    name = item.reward.name
+    worker = threading.Thread(target=work, name=f"reward-{name}", daemon=True)
+    worker.start()
+    worker.join(item.timeout_s)
+    if worker.is_alive():
+        raise RewardTimeout(
+            f"did not return within timeout_s={item.timeout_s:g} s (its call was abandoned "
+            "and may still be running); raise `timeout_s` in its reward entry if it is "
+            "only slow"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["output"]
 
 
 def _clean(values: Sequence[Any]) -> tuple[list[float | None], list[tuple[int, str]]]:

@@ -34,7 +34,7 @@ from pebr_lightning.errors import PebrError
 
 GROUP = "pebr_lightning.rewards"
 ON_ERROR_CHOICES = ("raise", "none")
-SPEC_KEYS = ("name", "class_path", "weight", "init_args", "on_error")
+SPEC_KEYS = ("name", "class_path", "weight", "init_args", "on_error", "timeout_s")
 
 _entries: list[RewardEntry] | None = None
 
@@ -112,6 +112,10 @@ class RewardSpec:
     on_error: Literal["raise", "none"] = "raise"
     """What a reward fault does (it raises, or returns NaN, a non-number, a wrong length):
     `raise` stops with an error naming the samples; `none` scores those samples None."""
+    timeout_s: float | None = None
+    """Seconds one call (one batch) may take; longer is a fault handled by `on_error`. The
+    call then runs in a worker thread, which is abandoned, not stopped, when it overruns
+    (docs/RELIABILITY.md). None: no limit, the call runs in the training thread."""
 
     def __post_init__(self) -> None:
         if (self.name is None) == (self.class_path is None):
@@ -143,6 +147,18 @@ class RewardSpec:
                 f"reward {self.label}: on_error must be one of {', '.join(ON_ERROR_CHOICES)},"
                 f" got {self.on_error!r}"
             )
+        if self.timeout_s is not None:
+            if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)):
+                raise RewardConfigError(
+                    f"reward {self.label}: timeout_s must be a number or null, "
+                    f"got {self.timeout_s!r}"
+                )
+            self.timeout_s = float(self.timeout_s)
+            if not self.timeout_s > 0 or not math.isfinite(self.timeout_s):
+                raise RewardConfigError(
+                    f"reward {self.label}: timeout_s must be > 0 and finite (or null for no "
+                    f"limit), got {self.timeout_s}"
+                )
 
     @property
     def label(self) -> str:
@@ -157,6 +173,8 @@ class RewardSpec:
         data["weight"] = self.weight
         data["init_args"] = copy.deepcopy(self.init_args)
         data["on_error"] = self.on_error
+        if self.timeout_s is not None:
+            data["timeout_s"] = self.timeout_s
         return data
 
     @classmethod

@@ -1,5 +1,6 @@
 """Helpers for tests of pebr_lightning and of plugins built on it."""
 
+from pebr_lightning.testing.faults import KillAtStep
 from pebr_lightning.testing.rewards import (
     RewardCheckReport,
     check_context_keys,
@@ -17,6 +18,7 @@ from pebr_lightning.testing.rewards import (
 from pebr_lightning.testing.snapshot import ParameterSnapshot
 
 __all__ = [
+    "KillAtStep",
     "ParameterSnapshot",
     "RewardCheckReport",
     "check_context_keys",
