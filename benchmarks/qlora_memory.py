@@ -47,7 +47,9 @@ GIB = 2**30
 # What the module logged, kept per step to show that the LoRA weights got a gradient.
 LOGGED = ("train/grad_norm", "reward/total/std", "completion/length_mean")
 TOKEN_NAMES = ("endoftext", "im_end", "image_pad", "video_pad", "vision_start", "vision_end")
-SPREAD_REWARD = "pebr_lightning.testing.spread_reward.VowelShareReward"
+# Scores each completion by its place in its group: every group has spread whatever
+# random weights decode to, so every step runs the full update being measured.
+SPREAD_REWARD = "pebr_lightning.testing.spread_reward.GroupPositionReward"
 
 # Qwen2.5-VL-7B-Instruct's published config.json (special token ids come from the
 # tokenizer used here instead). "small" keeps every ratio that shapes the code path

@@ -24,3 +24,25 @@ class VowelShareReward:
             letters = [c for c in text.lower() if c.isalpha()]
             scores.append(sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0)
         return scores
+
+
+class GroupPositionReward:
+    """Scores a completion by its position within its group (0, 1/G, 2/G, ...).
+
+    Every group then has spread whatever the text, so a GRPO step always runs its
+    full update: for benchmarks that measure that update on random weights, whose
+    completions often decode to nothing. Groups are runs of the same sample id.
+    """
+
+    name = "group_position"
+
+    def __call__(
+        self, *, completions: list[str], samples: list[dict[str, Any]], **context: Any
+    ) -> list[float]:
+        scores, position, previous = [], 0, None
+        for sample in samples:
+            position = position + 1 if sample["id"] == previous else 0
+            previous = sample["id"]
+            scores.append(float(position))
+        top = max(scores, default=0.0) or 1.0
+        return [s / top for s in scores]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,42 @@ def test_write_failing_mid_checkpoint_leaves_no_truncated_one(tmp_path, shapes_d
     assert not list(root.rglob("last.ckpt"))
     assert not [p for p in root.rglob("*.hf") if p.name == "last.hf"]
 
+    assert main([*sft_args(shapes_data["train"], root), "--ckpt_path", "last"]) == 0
+    (ckpt,) = root.rglob("last.ckpt")
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2
+
+
+# Python ignores SIGXFSZ at start-up (a write past the limit then fails with EFBIG);
+# restored to the default, the kernel kills the process inside that write().
+KILLED_BY_LIMIT = (
+    "import signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+    "from pebr_lightning.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_killed_inside_a_checkpoint_write_leaves_no_truncated_one(tmp_path, shapes_data):
+    """SIGXFSZ kills the process in the middle of writing the ~7.5 MB checkpoint
+    (4 MB limit): a crash mid-write, as a pre-emption at the wrong moment gives."""
+    root = tmp_path / "run"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, 4 * 2**20))
+
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_BY_LIMIT, *sft_args(shapes_data["train"], root)],
+        preexec_fn=limit,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == -signal.SIGXFSZ, done.stderr[-2000:]  # killed, not an error
+    # SIGXFSZ comes only from a write crossing the limit. Lightning writes into a
+    # temporary file (fsspec: in the system temp folder) and moves it when complete:
+    # nothing under the run folder was cut, and there is no last.ckpt at all.
+    for path in root.rglob("*"):
+        assert not path.is_file() or path.stat().st_size < 4 * 2**20, path
+    assert not list(root.rglob("last.ckpt"))
     assert main([*sft_args(shapes_data["train"], root), "--ckpt_path", "last"]) == 0
     (ckpt,) = root.rglob("last.ckpt")
     assert torch.load(ckpt, weights_only=True)["global_step"] == 2

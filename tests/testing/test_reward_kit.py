@@ -262,3 +262,11 @@ def test_individual_checks_raise_assertion_errors(args, check, reward, words: st
 def test_check_pickle_returns_a_working_copy(args) -> None:
     clone = check_pickle(Good(), *args)
     assert isinstance(clone, Good)
+
+
+def test_group_position_reward_spreads_every_group():
+    from pebr_lightning.testing.spread_reward import GroupPositionReward
+
+    samples = [{"id": "a"}] * 3 + [{"id": "b"}] * 3
+    scores = GroupPositionReward()(completions=[""] * 6, samples=samples)
+    assert scores == [0.0, 0.5, 1.0, 0.0, 0.5, 1.0]
