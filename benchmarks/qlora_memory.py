@@ -14,8 +14,10 @@ GPU. On CUDA the peak is tensor bytes allocated by PyTorch; on CPU it is the who
 process's resident memory (see phases.py). Prompts are short (the tiny processor
 caps images at 112x112 px, 16 image tokens): the G x 512 completion tokens dominate.
 
-Precision follows the shipped configs: bf16-true, bfloat16 4-bit compute (on the
-2-core CPU measured, also faster than 32-true with float32 compute). "small" keeps
+Precision: bf16-true by default, with bfloat16 4-bit compute (what the CPU figures in
+docs/BENCHMARKS.md used; on the 2-core CPU also faster than 32-true with float32
+compute). The shipped configs/qlora-24gb use bf16-mixed, which keeps the LoRA weights
+in float32; their headers give the matching `--precision bf16-mixed` command. "small" keeps
 the 152,064-token vocabulary, so logits and sampling cost per token what they cost
 at 7B. Results and notes: docs/BENCHMARKS.md.
 
