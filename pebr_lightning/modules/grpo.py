@@ -26,12 +26,10 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from pebr_lightning.algorithms.advantages import group_advantages, zero_variance_groups
-from pebr_lightning.algorithms.losses import policy_loss
 from pebr_lightning.algorithms.reward_stats import fill_missing
 from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator
 from pebr_lightning.data.prompts import PromptConfig
@@ -64,6 +62,7 @@ from pebr_lightning.modules.grpo_logs import (
     write_samples,
 )
 from pebr_lightning.modules.grpo_parts import Part, merge_parts, signal_groups
+from pebr_lightning.modules.grpo_update import is_out_of_memory, out_of_memory_error, policy_update
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import (
     check_trainable_state,
@@ -74,21 +73,10 @@ from pebr_lightning.modules.shared import (
 )
 from pebr_lightning.parallel.sharding import (
     any_across,
-    clip_grad_norm,
     init_root,
-    is_distributed,
 )
 from pebr_lightning.rewards.combine import load_rewards
 from pebr_lightning.rewards.registry import RewardSpec
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory"."""
-    text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError)
-        and ("can't allocate memory" in text or "out of memory" in text)
-    )
 
 
 @dataclass(frozen=True)
@@ -417,128 +405,8 @@ class GRPOModule(L.LightningModule):
         keep: Tensor,
         ref: Tensor | None,
     ) -> dict[str, float]:
-        """mu passes of clipped policy-gradient steps over the rollout."""
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        base = unwrap(self.policy)
-        g = rollout.group_size
-        cfg = self.loss_cfg
-        rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)
-        loss_mask = rollout.completion_mask  # [B*G, T]
-        if is_distributed():
-            # Every process must run as many forwards and backwards as the others
-            # (sharded forwards and gradient reductions are collectives), so rows left
-            # out of the loss are masked instead of skipped.
-            loss_mask = loss_mask * keep[:, None]
-        else:
-            rows = rows[keep]
-        old = None
-        if cfg.mu > 1:  # the policy moves between passes: freeze today's log-probs first
-            with torch.no_grad(), self._phase("logprobs"):
-                old = torch.zeros_like(rollout.logprobs)
-                for micro in rows.split(self.micro_batch_size):
-                    old[micro] = self._logprobs(base, prompt, rollout, micro, features)
-        per_update = (self.prompts_per_update or rollout.prompt_ids.shape[0]) * g
-        signal = bool((advantages[keep] != 0).any())
-        if not any_across(signal, self.device):  # the same decision on every process
-            # as many (empty) steps as a full update, so global_step moves the same way
-            steps = math.ceil(rollout.completion_ids.shape[0] / per_update) * cfg.mu
-            return self._skip_update(optimizer, scheduler, steps)
-        sums: dict[str, float] = {}
-        norms: list[float] = []
-        count = 0
-        for _ in range(cfg.mu):
-            for mini in rows.split(per_update):
-                mask = loss_mask[mini]
-                tokens = self._global_count(int(mask.sum()))
-                seqs = int((mask.sum(-1) > 0).sum())
-                for micro in mini.split(self.micro_batch_size):
-                    with self._phase("backward"), self._out_of_memory("backward"):
-                        loss, stats, share = self._micro_loss(
-                            base,
-                            prompt,
-                            rollout,
-                            features,
-                            advantages,
-                            old,
-                            ref,
-                            micro,
-                            loss_mask[micro],
-                            int(mask.sum()),
-                            seqs,
-                            tokens,
-                        )
-                        self.manual_backward(loss * share)
-                    for key, value in stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * share
-                    count += 1
-                with self._phase("optimizer"):
-                    params = [p for p in self.policy.parameters() if p.requires_grad]
-                    norms.append(float(clip_grad_norm(params, self.max_grad_norm)))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-        means = {k: v / max(count, 1) for k, v in sums.items()}
-        means["grad_norm"] = sum(norms) / max(len(norms), 1)
-        means["optimizer_steps"] = float(len(norms))
-        means["skipped_steps"] = 0.0
-        return means
-
-    def _skip_update(self, optimizer, scheduler, steps: int) -> dict[str, float]:
-        """An update with no reward signal on any process: no forward, no backward.
-
-        Every advantage is 0, so the policy-gradient term is 0; what a step would still do
-        is pull towards the reference (KL, beta > 0) and apply AdamW's decay and momentum,
-        moving the policy with no reward behind it. Instead each optimizer step is taken
-        with no gradients, which torch optimizers skip (weights and AdamW state stay as
-        they are), so global_step and the schedule advance as in a normal update.
-        """
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(steps):
-            optimizer.step()
-            scheduler.step()
-        return {"skipped_steps": 1.0, "grad_norm": 0.0, "optimizer_steps": float(steps)}
-
-    def _micro_loss(
-        self,
-        base,
-        prompt,
-        rollout,
-        features,
-        advantages,
-        old,
-        ref,
-        micro,
-        cmask,
-        mini_tokens,
-        seqs,
-        tokens,
-    ) -> tuple[Tensor, dict[str, Tensor], float]:
-        """The clipped loss of micro-batch `micro` (loss mask `cmask` [n, T]), its stats,
-        and its share of the update batch (`mini_tokens` tokens, `seqs` sequences)."""
-        cfg = self.loss_cfg
-        logp = self._logprobs(base, prompt, rollout, micro, features)
-        loss, stats = policy_loss(
-            logp,
-            logp.detach() if old is None else old[micro],
-            advantages[micro],
-            cmask,
-            ref_logp=None if ref is None else ref[micro],
-            beta=cfg.beta,
-            eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high,
-            dual_clip=cfg.dual_clip,
-            loss_type=cfg.loss_type,
-            importance_level=cfg.importance_level,
-            max_completion_length=self.sampling.max_new_tokens,
-            num_valid_tokens_global=tokens,
-            world_size=self.trainer.world_size,
-        )
-        # Each micro-batch's share of its update batch, so that accumulating
-        # 2 x 4 sequences gives the same step as 1 x 8.
-        share = self._micro_share(cfg.loss_type, cmask, mini_tokens, seqs)
-        return loss, stats, share
+        """mu passes of clipped policy-gradient steps over the rollout (grpo_update.py)."""
+        return policy_update(self, prompt, rollout, features, advantages, keep, ref)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -557,23 +425,8 @@ class GRPOModule(L.LightningModule):
         except RuntimeError as err:
             if not is_out_of_memory(err):
                 raise
-            s = self.sampling
-            if phase == "rollout":
-                lower = (
-                    f"model.sampling.group_size ({s.group_size}), "
-                    f"model.sampling.max_new_tokens ({s.max_new_tokens}) or data.batch_size"
-                )
-            else:
-                lower = (
-                    f"model.micro_batch_size ({self.micro_batch_size}), "
-                    f"model.sampling.max_new_tokens ({s.max_new_tokens}) or "
-                    "model.logprob_chunk_size, or set model.gradient_checkpointing: true, "
-                    "model.lora or model.quantization"
-                )
-            ids = f", samples {', '.join(str(r['id']) for r in records[:5])}" if records else ""
-            raise PebrError(
-                f"out of memory in the {phase} (step {self.global_step}{ids}): lower {lower}"
-                f" ({type(err).__name__}: {str(err)[:200]})"
+            raise out_of_memory_error(
+                err, phase, self.global_step, self.sampling, self.micro_batch_size, records
             ) from err
 
     def _logprobs(self, base, prompt, rollout, rows, features) -> Tensor:
@@ -602,22 +455,6 @@ class GRPOModule(L.LightningModule):
         for i, feats in zip(wanted, encoded, strict=True):
             features[i] = feats
         return features
-
-    def _micro_share(self, loss_type: str, cmask: Tensor, tokens: int, seqs: int) -> float:
-        if loss_type == "dapo":  # already divided by the global token count
-            return 1.0
-        if loss_type == "bnpo":
-            return float(cmask.sum()) / max(tokens, 1)
-        if loss_type == "dr_grpo":  # divided by its row count, masked rows included
-            return cmask.shape[0] / max(seqs, 1)
-        return float((cmask.sum(-1) > 0).sum()) / max(seqs, 1)  # grpo: per sequence
-
-    def _global_count(self, tokens: int) -> int:
-        if dist.is_available() and dist.is_initialized():
-            count = torch.tensor(tokens, device=self.device)
-            dist.all_reduce(count)
-            return int(count)
-        return tokens
 
     def _vision_trainable(self) -> bool:
         visual = unwrap(self.policy).model.visual
