@@ -61,18 +61,74 @@ def mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def token_hash(vocab: int, device: torch.device | str | None = None) -> Tensor:
+    """The per-token half of the keyed hash -> [V] int64 (the same for every row and step)."""
+    return mix32(torch.arange(vocab, device=device, dtype=torch.long) * 0x9E3779B9)
+
+
+def keyed_uniform_steps(keys: Tensor, steps: Tensor, tokens: Tensor) -> Tensor:
+    """Uniforms in (0, 1) for several decode steps at once.
+
+    keys [N] int64 (32-bit values), steps [S] int64, tokens [V] = token_hash(V)
+    -> [S, N, V] float32. Three hash rounds chain the inputs so that nearby keys,
+    steps and tokens give unrelated values.
+    """
+    step = mix32(steps.long() & _MASK32)  # [S]
+    row = mix32(mix32(keys.long())[None, :] ^ step[:, None])  # [S, N]
+    return hash_to_unit(mix32(row[..., None] ^ tokens))  # [S, N, V]
+
+
+def hash_to_unit(bits: Tensor) -> Tensor:
+    """32-bit hashes -> float32 uniforms strictly inside (0, 1).
+
+    The top 24 bits plus a half fill float32's mantissa. The largest value,
+    (2**24 - 0.5) / 2**24, rounds to exactly 1.0 in float32, whose Gumbel noise
+    -log(-log(1)) is +inf: that token would win even where filtering set its logit
+    to -inf (inf - inf is NaN, and argmax takes NaN). One draw in 2**24 does this;
+    a 152k vocabulary makes millions per decode step, so it is clamped below 1.
+    """
+    return (((bits >> 8).float() + 0.5) / 2**24).clamp_(max=1.0 - 2**-24)
+
+
 def keyed_uniform(keys: Tensor, step: int, vocab: int) -> Tensor:
     """Uniforms in (0, 1), a pure function of (key, step, token index).
 
-    keys [N] int64 (32-bit values) -> [N, V] float32. Three hash rounds chain the
-    inputs so that nearby keys, steps and tokens give unrelated values.
+    keys [N] int64 (32-bit values) -> [N, V] float32.
     """
-    step_hash = int(mix32(torch.tensor(step & _MASK32, dtype=torch.long)))
-    row = mix32(mix32(keys.long()) ^ step_hash)  # [N]
-    token = mix32(torch.arange(vocab, device=keys.device, dtype=torch.long) * 0x9E3779B9)  # [V]
-    bits = mix32(row[:, None] ^ token[None, :])  # [N, V]
-    # The top 24 bits fill float32's mantissa; the half offset keeps 0 and 1 out.
-    return ((bits >> 8).float() + 0.5) / 2**24
+    steps = torch.tensor([step], dtype=torch.long, device=keys.device)
+    return keyed_uniform_steps(keys, steps, token_hash(vocab, keys.device))[0]
+
+
+class KeyedGumbel:
+    """The Gumbel noise -log(-log(keyed_uniform(keys, t, V))) of decode steps t = 0, 1, ...
+
+    Made for a block of steps at a time and served step by step: the hash is ~25
+    elementwise ops, and at a rollout's batch x vocabulary their fixed cost per call
+    (CPU) or per kernel launch (GPU) dominates, so one call per block instead of one
+    per token saves most of it. The token half of the hash is computed once. Blocks
+    hold at most `budget_bytes` of int64 hash intermediates (one step when a single
+    step is larger) and never reach past step `steps` - 1.
+    """
+
+    def __init__(
+        self, keys: Tensor, vocab: int, steps: int, budget_bytes: int = 64 * 2**20
+    ) -> None:
+        self.keys = keys  # [N]
+        self.steps = steps
+        self.tokens = token_hash(vocab, keys.device)  # [V]
+        self.block = max(1, budget_bytes // (8 * keys.numel() * vocab))
+        self._start = 0
+        self._noise: Tensor | None = None  # [S, N, V] for steps _start ... _start + S - 1
+
+    def __call__(self, step: int) -> Tensor:
+        """Noise of decode step `step` -> [N, V] float32."""
+        held = self._noise is not None and self._start <= step < self._start + len(self._noise)
+        if not held:
+            end = max(min(step + self.block, self.steps), step + 1)
+            steps = torch.arange(step, end, device=self.keys.device)  # [S]
+            self._noise = -torch.log(-torch.log(keyed_uniform_steps(self.keys, steps, self.tokens)))
+            self._start = step
+        return self._noise[step - self._start]
 
 
 def sample_tokens(
@@ -84,6 +140,7 @@ def sample_tokens(
     banned: Tensor | None = None,
     keys: Tensor | None = None,
     step: int = 0,
+    gumbel: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample one token per row; returns (tokens [N], their log-probs [N]).
 
@@ -91,7 +148,8 @@ def sample_tokens(
     distribution the policy-gradient loss evaluates (it scales logits by the same
     temperature), so rollout and training log-probs agree. `banned` token ids are
     never drawn but stay in that distribution. With `keys` ([N] int64), the draw is
-    the Gumbel-max over keyed noise for decode step `step` (`generator` is unused).
+    the Gumbel-max over keyed noise for decode step `step` (`generator` is unused);
+    `gumbel` ([N, V], from KeyedGumbel) is that noise already made.
     """
     if temperature <= 0:
         tokens = logits.argmax(-1)  # [N]
@@ -100,8 +158,9 @@ def sample_tokens(
     filtered = filter_logits(scaled, top_k, top_p)  # [N, V]
     if banned is not None and banned.numel():
         filtered = filtered.index_fill(-1, banned, float("-inf"))  # [N, V]
-    if keys is not None:
+    if gumbel is None and keys is not None:
         gumbel = -torch.log(-torch.log(keyed_uniform(keys, step, filtered.shape[-1])))  # [N, V]
+    if gumbel is not None:
         tokens = (filtered + gumbel.to(filtered.device)).argmax(-1)  # [N]
     else:
         tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -62,13 +62,16 @@ class _Open:
 class PhaseMeter:
     """Seconds and peak memory of named phases, summed over re-entries within a step."""
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, memory: bool = True) -> None:
         """
         Args:
             device: the device whose memory is measured (`cuda:N`, or `cpu` for the
                 process's resident memory).
+            memory: also measure peak memory; False records seconds only (peaks are
+                None), leaving out the /proc reads and writes a CPU peak costs.
         """
         self.device = torch.device(device)
+        self.memory = memory
         self._results: dict[str, dict[str, float | None]] = {}
         self._open: list[_Open] = []
         self._cpu_reset_works: bool | None = None  # probed on first use
@@ -124,12 +127,16 @@ class PhaseMeter:
             torch.cuda.synchronize(self.device)
 
     def _reset_peak(self) -> None:
+        if not self.memory:
+            return
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.device.type == "cpu" and self._cpu_reset_works is not False:
             self._cpu_reset_works = _clear_cpu_peak(check=self._cpu_reset_works is None)
 
     def _read_peak(self) -> float | None:
+        if not self.memory:
+            return None
         if self.device.type == "cuda":
             return float(torch.cuda.max_memory_allocated(self.device))
         if self.device.type == "cpu" and self._cpu_reset_works:

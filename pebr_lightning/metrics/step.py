@@ -69,16 +69,28 @@ class StepMetrics:
     `max`. Processes may register different names (a reward component that only some
     batches produce): `compute` first agrees on the union of names, so every process
     runs the same collectives in the same order.
+
+    One instance serves every step: `reset()` empties it and keeps the metric
+    objects, since building ~30 torchmetrics objects per step cost more than the
+    tiny model's optimizer step (docs/BENCHMARKS.md).
     """
 
     def __init__(self, group_size: int, device: torch.device | str = "cpu") -> None:
         self.group_size = group_size
         self.device = torch.device(device)
         self._metrics: dict[str, Metric] = {}
+        self._used: set[str] = set()  # names updated since the last reset
+
+    def reset(self) -> None:
+        """Forget the figures so far (the next step starts empty)."""
+        for name in self._used:
+            self._metrics[name].reset()
+        self._used.clear()
 
     def _get(self, name: str, kind: str) -> Metric:
         if name not in self._metrics:
             self._metrics[name] = _new_metric(kind, self.group_size).to(self.device)
+        self._used.add(name)
         return self._metrics[name]
 
     def group(self, name: str, values: Tensor) -> None:
@@ -102,7 +114,7 @@ class StepMetrics:
 
     def compute(self) -> dict[str, float]:
         """Name -> global value; NaN results (nothing to average anywhere) are left out."""
-        keys = sorted(self._metrics)
+        keys = sorted(self._used)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             everyone: list[list[str]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(everyone, keys)
@@ -110,10 +122,9 @@ class StepMetrics:
         out: dict[str, float] = {}
         for key in keys:
             kind, name = key.split(":", 1)
-            metric = self._metrics.get(key)
-            if metric is None:  # another process had this figure; contribute nothing
-                metric = self._metrics[key] = _new_metric(kind, self.group_size).to(self.device)
-                _update_empty(metric, kind, self.group_size, self.device)
+            if key not in self._used:  # another process had this figure; contribute nothing
+                _update_empty(self._get(key, kind), kind, self.group_size, self.device)
+            metric = self._metrics[key]
             value = metric.compute()
             parts = value.items() if isinstance(value, dict) else [("", value)]
             for suffix, number in parts:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from pebr_lightning.algorithms.logprobs import token_logprobs
-from pebr_lightning.algorithms.sampling import sample_tokens
+from pebr_lightning.algorithms.sampling import KeyedGumbel, sample_tokens
 from pebr_lightning.errors import PebrError
 from pebr_lightning.parallel.sharding import any_across
 
@@ -44,6 +44,9 @@ class SamplingConfig:
     """Keep only the k most likely tokens; 0 disables it."""
     max_new_tokens: int = 2048
     """Completion length cap; a completion that reaches it without EOS counts as truncated."""
+    min_new_tokens: int = 0
+    """EOS cannot be sampled before this many tokens (as in `generate(min_new_tokens=...)`);
+    equal to max_new_tokens it forces every completion to full length (benchmarks)."""
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -54,6 +57,11 @@ class SamplingConfig:
             raise PebrError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise PebrError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise PebrError(
+                f"sampling.min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
+            )
 
 
 @dataclass
@@ -92,6 +100,20 @@ def image_features(base: nn.Module, pixel_values: Tensor, image_grid_thw: Tensor
     """One vision-tower pass over a batch of images -> each image's merged features."""
     out = base.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
     return list(out.pooler_output)  # B x [tokens_i, H]
+
+
+def features_of(base: nn.Module, prompt: dict[str, Tensor], prompts: Tensor) -> list:
+    """Image features of the prompts `prompts` only (one tower pass, with gradients when
+    enabled); None in the other prompts' slots."""
+    wanted = sorted(set(prompts.tolist()))
+    patches = image_patches(prompt)
+    encoded = image_features(
+        base, torch.cat([patches[i] for i in wanted]), prompt["image_grid_thw"][wanted]
+    )
+    features: list = [None] * len(patches)
+    for i, feats in zip(wanted, encoded, strict=True):
+        features[i] = feats
+    return features
 
 
 def image_patches(prompt: dict[str, Tensor]) -> tuple[Tensor, ...]:
@@ -173,6 +195,8 @@ def sample_group(
     tokens, logps, alive_steps = [], [], []
     alive = torch.ones(b * g, dtype=torch.bool, device=input_ids.device)  # [B*G]
     banned = torch.tensor(vision_token_ids(base.config), dtype=torch.long, device=input_ids.device)
+    banned_early = torch.cat([banned, eos])  # before min_new_tokens: no EOS either
+    noise = None if keys is None else KeyedGumbel(keys, logits.shape[-1], sampling.max_new_tokens)
     for step in range(sampling.max_new_tokens):
         token, logp = sample_tokens(
             logits,
@@ -180,9 +204,8 @@ def sample_group(
             sampling.top_k,
             sampling.top_p,
             generator,
-            banned,
-            keys,
-            step,
+            banned_early if step < sampling.min_new_tokens else banned,
+            gumbel=None if noise is None else noise(step),
         )  # [B*G], [B*G]
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens.append(token)
@@ -245,37 +268,89 @@ def completion_logprobs(
     features: list[Tensor] | None,
     temperature: float,
     chunk_size: int = 1024,
+    share_prompt: bool = False,
 ) -> Tensor:
     """log p(completion tokens) for sequences `rows` of the rollout -> [n, T] (0 on padding).
 
-    One forward over prompt + completion; the prompt's image features are reused
-    from `features` when given, so the vision tower does not run again.
+    The prompt's image features are reused from `features` when given, so the vision
+    tower does not run again. `share_prompt` runs each distinct prompt of `rows` once
+    (`shared_prompt_hidden`); otherwise one forward over each prompt + completion.
     """
     g = rollout.group_size
     prompts = rows // g  # [n]
     completion = rollout.completion_ids[rows]  # [n, T]
     cmask = rollout.completion_mask[rows]  # [n, T]
-    input_ids = torch.cat([rollout.prompt_ids[prompts], completion], dim=1)  # [n, P+T]
-    attention = torch.cat([rollout.prompt_mask[prompts], cmask], dim=1)  # [n, P+T]
-    mm_types = torch.cat(
-        [prompt["mm_token_type_ids"][prompts], torch.zeros_like(completion, dtype=torch.int32)],
-        dim=1,
-    )  # [n, P+T]
-    hidden = base.model(
-        input_ids=input_ids,
-        attention_mask=attention,
-        mm_token_type_ids=mm_types,
-        use_cache=False,
-        **model_inputs(prompt, rows, g, features),
-    ).last_hidden_state  # [n, P+T, H]
-    p = rollout.prompt_ids.shape[1]
-    predicting = hidden[:, p - 1 : -1]  # [n, T, H]: position t predicts completion token t
+    if share_prompt:
+        predicting = shared_prompt_hidden(
+            base, prompt, rollout, prompts, completion, cmask, features
+        )
+    else:
+        input_ids = torch.cat([rollout.prompt_ids[prompts], completion], dim=1)  # [n, P+T]
+        attention = torch.cat([rollout.prompt_mask[prompts], cmask], dim=1)  # [n, P+T]
+        mm_types = torch.cat(
+            [prompt["mm_token_type_ids"][prompts], torch.zeros_like(completion, dtype=torch.int32)],
+            dim=1,
+        )  # [n, P+T]
+        hidden = base.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            mm_token_type_ids=mm_types,
+            use_cache=False,
+            **model_inputs(prompt, rows, g, features),
+        ).last_hidden_state  # [n, P+T, H]
+        p = rollout.prompt_ids.shape[1]
+        predicting = hidden[:, p - 1 : -1]  # [n, T, H]: position t predicts completion token t
     keep = cmask.bool()  # [n, T]
-    out = torch.zeros(cmask.shape, dtype=torch.float32, device=hidden.device)  # [n, T]
+    out = torch.zeros(cmask.shape, dtype=torch.float32, device=predicting.device)  # [n, T]
     out[keep] = token_logprobs(
         predicting[keep], base.lm_head, completion[keep], chunk_size, temperature
     )  # [N]
     return out
+
+
+def shared_prompt_hidden(
+    base: nn.Module,
+    prompt: dict[str, Tensor],
+    rollout: Rollout,
+    prompts: Tensor,
+    completion: Tensor,
+    cmask: Tensor,
+    features: list[Tensor] | None,
+) -> Tensor:
+    """Hidden states predicting each completion token -> [n, T, H], each prompt run once.
+
+    The u distinct prompts among `prompts` [n] go through the model at batch u; their
+    KV cache is gathered to the n sequences and the completions [n, T] (mask `cmask`) run on
+    top of it, at the positions the rollout's decode used. With gradients on, they flow back
+    through the gathered cache into the one prompt pass, so a group's G sequences
+    cost one prompt forward and backward instead of G (an image-heavy prompt is most
+    of a sequence). Same values as the full forward up to float rounding.
+    """
+    g = rollout.group_size
+    unique, inverse = torch.unique(prompts, return_inverse=True)  # [u], [n]
+    out = base.model(
+        input_ids=rollout.prompt_ids[unique],
+        attention_mask=rollout.prompt_mask[unique],
+        mm_token_type_ids=prompt["mm_token_type_ids"][unique],
+        use_cache=True,
+        **model_inputs(prompt, unique * g, g, features),
+    )  # last_hidden_state [u, P, H]
+    cache = out.past_key_values
+    cache.batch_select_indices(inverse)  # [n] sequences from here on
+    delta = base.model.rope_deltas[inverse]  # [n, 1], set by the prompt pass
+    prompt_mask = rollout.prompt_mask[prompts]  # [n, P]
+    t = completion.shape[1]
+    steps = torch.arange(t, device=completion.device)  # [T]
+    positions = prompt_mask.sum(-1, keepdim=True) + steps + delta  # [n, T], as in sample_group
+    hidden = base.model(
+        input_ids=completion,
+        attention_mask=torch.cat([prompt_mask, cmask], dim=1),  # [n, P+T]
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # [n, T, H]
+    first = out.last_hidden_state[:, -1][inverse]  # [n, H]: the prompt's last token
+    return torch.cat([first[:, None], hidden[:, :-1]], dim=1)  # [n, T, H]
 
 
 def select_groups(

@@ -48,9 +48,9 @@ from pebr_lightning.models.rollout import (
     completion_logprobs,
     decode_completions,
     eos_token_ids,
+    features_of,
     group_keys,
     image_features,
-    image_patches,
     sample_group,
     supports_shared_features,
 )
@@ -129,6 +129,7 @@ class GRPOModule(L.LightningModule):
         max_grad_norm: float = 1.0,
         dynamic_sampling_tries: int = 0,
         share_image_features: bool = True,
+        share_prompt: bool = True,
         logprob_chunk_size: int = 1024,
         log_samples_every_n_steps: int = 50,
         rollout_seed: int = 0,
@@ -160,6 +161,10 @@ class GRPOModule(L.LightningModule):
                 extra rollouts per step (0 = off). Counts are logged.
             share_image_features: run the vision tower once per image per step and reuse
                 its output for the G sequences of a group (off = the naive path).
+            share_prompt: in log-prob passes and the loss, run each prompt once per
+                micro-batch and its G completions on its KV cache (gradients flow back
+                through the cache), instead of G full prompt + completion sequences.
+                Off under gradient checkpointing, which drops the cache.
             logprob_chunk_size: completion tokens per chunk when computing log-probs.
             log_samples_every_n_steps: write sample completions with their rewards to
                 `samples.jsonl` in the log folder every this many steps (0 = never).
@@ -197,6 +202,7 @@ class GRPOModule(L.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.dynamic_sampling_tries = dynamic_sampling_tries
         self.share_image_features = share_image_features
+        self.share_prompt = share_prompt
         self.logprob_chunk_size = logprob_chunk_size
         self.log_samples_every_n_steps = log_samples_every_n_steps
         self.rollout_seed = rollout_seed
@@ -245,7 +251,9 @@ class GRPOModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._stats = StepMetrics(self.sampling.group_size, self.device)
+        if self._stats.device != self.device:
+            self._stats = StepMetrics(self.sampling.group_size, self.device)
+        self._stats.reset()
         if self.phase_meter is None:
             self.phase_meter = PhaseMeter(self.device)
         self.phase_meter.reset()
@@ -430,9 +438,12 @@ class GRPOModule(L.LightningModule):
             ) from err
 
     def _logprobs(self, base, prompt, rollout, rows, features) -> Tensor:
-        if features is None and self.share_image_features and supports_shared_features(base):
+        qwen_vl = supports_shared_features(base)
+        if features is None and self.share_image_features and qwen_vl:
             # trainable vision tower: encode only this micro-batch's images, with gradients
-            features = self._features_for(base, prompt, rows // rollout.group_size)
+            features = features_of(base, prompt, rows // rollout.group_size)
+        # A checkpointed layer in training mode drops the KV cache the sharing rides on.
+        checkpointed = self.gradient_checkpointing and base.training
         return completion_logprobs(
             base,
             prompt,
@@ -441,20 +452,8 @@ class GRPOModule(L.LightningModule):
             features,
             self.sampling.temperature,
             self.logprob_chunk_size,
+            share_prompt=self.share_prompt and qwen_vl and not checkpointed,
         )
-
-    def _features_for(self, base, prompt: dict[str, Tensor], prompts: Tensor) -> list:
-        wanted = sorted(set(prompts.tolist()))
-        patches = image_patches(prompt)
-        encoded = image_features(
-            base,
-            torch.cat([patches[i] for i in wanted]),
-            prompt["image_grid_thw"][wanted],
-        )
-        features: list = [None] * len(patches)
-        for i, feats in zip(wanted, encoded, strict=True):
-            features[i] = feats
-        return features
 
     def _vision_trainable(self) -> bool:
         visual = unwrap(self.policy).model.visual

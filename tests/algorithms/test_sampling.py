@@ -1,8 +1,16 @@
 import math
 
+import pytest
 import torch
 
-from pebr_lightning.algorithms.sampling import filter_logits, keyed_uniform, mix32, sample_tokens
+from pebr_lightning.algorithms.sampling import (
+    KeyedGumbel,
+    filter_logits,
+    hash_to_unit,
+    keyed_uniform,
+    mix32,
+    sample_tokens,
+)
 
 
 def test_top_p_keeps_the_smallest_nucleus():
@@ -76,6 +84,48 @@ def test_keyed_uniform_depends_only_on_key_step_and_token():
     torch.testing.assert_close(keyed_uniform(keys[1:2], 3, 50), u[1:2])  # batch-independent
     assert not torch.equal(keyed_uniform(keys, 4, 50), u)  # another step, other noise
     assert not torch.equal(u[0], u[1])  # another key, other noise
+
+
+def test_keyed_uniform_is_the_documented_hash_chain():
+    """u = ((mix(mix(mix(key) ^ mix(step)) ^ mix(token * 0x9E3779B9)) >> 8) + 0.5) / 2**24,
+    every product modulo 2**32, worked out in plain Python for a few entries."""
+
+    def mix(x: int) -> int:
+        x &= 0xFFFFFFFF
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    keys, step, vocab = [5, 0xDEADBEEF], 11, 40
+    u = keyed_uniform(torch.tensor(keys), step, vocab)  # [2, 40]
+    for i, key in enumerate(keys):
+        for token in (0, 1, 39):
+            row = mix(mix(key) ^ mix(step))
+            bits = mix(row ^ mix(token * 0x9E3779B9))
+            assert u[i, token].item() == pytest.approx(((bits >> 8) + 0.5) / 2**24, abs=2**-24)
+
+
+def test_hash_to_unit_keeps_zero_and_one_out():
+    """The largest hash once rounded to 1.0 in float32 (Gumbel noise +inf)."""
+    u = hash_to_unit(torch.tensor([0, 255, 0xFFFFFF00, 0xFFFFFFFF]))
+    assert (u > 0).all() and (u < 1).all()
+    assert u[0] == u[1] == 0.5 / 2**24
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+
+
+def test_keyed_gumbel_blocks_give_the_per_step_noise():
+    """Made 3 steps at a time (a budget of 3 steps), read in and out of order, up to
+    the last step: the same noise as one keyed_uniform call per step."""
+    keys, vocab = torch.tensor([3, 4]), 16
+    budget = 3 * 8 * keys.numel() * vocab
+    noise = KeyedGumbel(keys, vocab, steps=7, budget_bytes=budget)
+    assert noise.block == 3
+    for step in (0, 1, 2, 3, 1, 6, 5):
+        expected = -torch.log(-torch.log(keyed_uniform(keys, step, vocab)))
+        torch.testing.assert_close(noise(step), expected, rtol=0, atol=0)
+    assert len(noise._noise) == 2  # the block at step 5 stops at the last step, 6
 
 
 def test_keyed_sampling_draws_from_the_distribution():

@@ -76,8 +76,28 @@ def expected() -> dict[str, float]:
 
 def worker(rank: int) -> dict[str, float]:
     stats = StepMetrics(group_size=2)
+    # an earlier step on the same instance, with a figure this step does not have
+    stats.group("reward/total", torch.tensor([50.0, 60.0]))
+    stats.mean("component/earlier_only", 1.0)
+    stats.compute()
+    stats.reset()
     fill(stats, rank)
     return stats.compute()
+
+
+def test_reset_forgets_the_last_step_and_its_names():
+    stats = StepMetrics(group_size=2)
+    stats.group("reward/total", torch.tensor([50.0, 60.0]))
+    stats.mean("train/kl", 9.0)
+    stats.max("seconds", 9.0)
+    stats.compute()
+    stats.reset()
+    stats.group("reward/total", torch.tensor([1.0, 3.0]))
+    stats.max("seconds", 0.5)
+    out = stats.compute()
+    assert out["reward/total/mean"] == 2.0 and out["reward/total/std"] == 1.0
+    assert out["seconds"] == 0.5  # not the earlier step's 9.0
+    assert "train/kl" not in out
 
 
 def test_two_processes_reduce_to_the_global_figures():

@@ -107,9 +107,12 @@ def test_vision_tower_encodes_each_image_once_per_step(
     share, expected, tiny_path, shapes_data, tmp_path
 ):
     """B = 2 prompts, G = 4, beta > 0: shared features encode the 2 images once per step
-    (rollout, reference and loss passes reuse them); the naive path encodes 2 in the
-    prefill, then all B*G = 8 again in the reference pass and 8 in the loss pass."""
-    module = make_module(tiny_path, share_image_features=share, loss=GRPOLossConfig(beta=0.01))
+    (rollout, reference and loss passes reuse them); the naive path (no shared
+    features, no shared prompt) encodes 2 in the prefill, then all B*G = 8 again in
+    the reference pass and 8 in the loss pass."""
+    module = make_module(
+        tiny_path, share_image_features=share, share_prompt=share, loss=GRPOLossConfig(beta=0.01)
+    )
     calls = count_images(module)
     fit(module, shapes_data, tmp_path, batch_size=2, steps=1)
     assert sum(calls) == expected
