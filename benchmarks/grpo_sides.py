@@ -92,6 +92,11 @@ def build_trl(args, folder: Path, records: list[dict], out: Path, turn: Turn):
     from pebr_lightning.models.rollout import vision_token_ids
 
     processor = AutoProcessor.from_pretrained(folder)
+    # TRL re-runs the processor on the prompts for its loss forward with the tokenizer's
+    # default padding side, while its prompt ids are left-padded: with prompts of
+    # different lengths in a batch, right padding misplaces the image-token types
+    # and Qwen's get_rope_index fails (seen with TRL 1.16). Left, as TRL advises.
+    processor.tokenizer.padding_side = "left"
     dataset = Dataset.from_dict(
         {
             "prompt": [build_messages(r, PromptConfig()) for r in records],

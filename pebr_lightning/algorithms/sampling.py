@@ -107,11 +107,14 @@ class KeyedGumbel:
     (CPU) or per kernel launch (GPU) dominates, so one call per block instead of one
     per token saves most of it. The token half of the hash is computed once. Blocks
     hold at most `budget_bytes` of int64 hash intermediates (one step when a single
-    step is larger) and never reach past step `steps` - 1.
+    step is larger) and never reach past step `steps` - 1. The budget is small on
+    purpose: on CPU, temporaries above glibc's mmap threshold (up to 32 MiB) are
+    fresh pages each time, and at 64 MiB blocks were 4x slower than one step at a
+    time (docs/BENCHMARKS.md).
     """
 
     def __init__(
-        self, keys: Tensor, vocab: int, steps: int, budget_bytes: int = 64 * 2**20
+        self, keys: Tensor, vocab: int, steps: int, budget_bytes: int = 16 * 2**20
     ) -> None:
         self.keys = keys  # [N]
         self.steps = steps
