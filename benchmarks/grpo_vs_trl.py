@@ -37,7 +37,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -110,22 +109,12 @@ def describe_run(command: str, args: argparse.Namespace) -> dict[str, str]:
     import torch
     import transformers
     import trl
+    from qlora_memory import describe_machine  # the same machine line as that benchmark
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "command": command,
         "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "machine": (
-            f"{os.cpu_count()} CPUs ({platform.machine()}, {cpu}), "
-            f"torch threads={torch.get_num_threads()}, no GPU used"
-        ),
+        "machine": describe_machine("cpu"),
         "versions": (
             f"trl {trl.__version__}, transformers {transformers.__version__}, "
             f"torch {torch.__version__}, lightning {lightning.__version__}"
