@@ -3,9 +3,11 @@
 Each sample is a 112×112 picture of 1–5 coloured shapes on a light background,
 with a question about it and the perception targets that PeBR-R1 trains on: a
 short description, a one-sentence rationale, a few reasoning steps and keywords.
-The description lists the shapes left to right, so a model that describes the
-picture first can answer every question from its own description (describing
-before answering is what made a tiny model learn; see docs/data.md).
+The description lists the shapes left to right and states their number after the
+list ("left to right: a red circle, a blue square. 2 shapes."), so a model that
+describes the picture first can answer every question from its own description,
+and counts what it has already listed instead of committing to a number first
+(docs/RESULTS.md has the measurements behind both choices).
 
 Sample `i` of seed `s` comes from its own `random.Random(f"shapes-{s}-{i}")`, so
 it is the same whichever samples were generated before it and in whichever
@@ -31,6 +33,11 @@ SHAPE_KINDS = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
 IMAGE_SIZE = 112
 QUESTION_TYPES = ("count", "colour", "count_colour", "left_of", "arithmetic", "choice")
+QUESTION_WEIGHTS = (3, 3, 2, 1, 1, 2)
+"""How often each type is drawn first (a scene that cannot support it falls back to another).
+Questions a description answers directly (count, colour, choice) are drawn most: they
+are the ones whose answers a small model learns from the picture, and the others need
+them first (docs/RESULTS.md)."""
 
 BACKGROUND = (245, 245, 240)
 PALETTE = {
@@ -40,7 +47,7 @@ PALETTE = {
     "yellow": (230, 195, 20),
 }
 
-_MIN_SIZE, _MAX_SIZE = 14, 26
+_MIN_SIZE, _MAX_SIZE = 20, 30  # sides in px; 14-26 left colours unlearned (docs/RESULTS.md)
 _BORDER = 2  # free pixels kept between a shape and the image edge
 _GAP = 3  # free pixels kept between the bounding boxes of two shapes
 _MIN_X_GAP = 8  # centres this far apart in x keep "left to right" unambiguous
@@ -133,16 +140,20 @@ def draw_scene(shapes: list[dict]) -> Image.Image:
 
 
 def describe(shapes: list[dict]) -> str:
-    """'3 shapes, left to right: a red circle, a blue square, a green triangle.'"""
+    """'left to right: a red circle, a blue square, a green triangle. 3 shapes.'
+
+    The list comes before the count: a left-to-right decoder then states the number
+    after it has written every shape, instead of guessing it before the first one.
+    """
     names = ", ".join(f"a {_name(s)}" for s in shapes)
     if len(shapes) == 1:
-        return f"1 shape: {names}."
-    return f"{len(shapes)} shapes, left to right: {names}."
+        return f"{names}. 1 shape."
+    return f"left to right: {names}. {len(shapes)} shapes."
 
 
 def _pick_question(shapes: list[dict], rng: random.Random) -> tuple[str, _Question]:
     """Draw a question type; if the scene cannot support it, try the others in random order."""
-    first = rng.choice(QUESTION_TYPES)
+    (first,) = rng.choices(QUESTION_TYPES, weights=QUESTION_WEIGHTS)
     others = [t for t in QUESTION_TYPES if t != first]
     rng.shuffle(others)
     for qtype in (first, *others):
@@ -202,7 +213,9 @@ def _keywords(shapes: list[dict]) -> dict[str, list[str]]:
         "objects": [k for k in SHAPE_KINDS if k in kinds],
         "numbers": [str(len(shapes))],
         "attributes": [c for c in COLOURS if c in colours],
-        "spatial": [f"{_name(a)} left of {_name(b)}" for a, b in pairwise(shapes)],
+        # Neighbours in the description's own words ("red circle, a blue square"), so
+        # the reference response finds every keyword and a wrong order finds fewer.
+        "spatial": [f"{_name(a)}, a {_name(b)}" for a, b in pairwise(shapes)],
     }
 
 

@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
         limit=args.limit,
         progress=not args.no_progress,
         device=args.device,
+        samples=args.samples,
+        temperature=args.temperature,
     )
     print(format_table(values))
     out = Path(args.out)
@@ -48,6 +50,14 @@ def format_table(values: dict[str, float]) -> str:
     if values.get("ungraded"):
         overall += f"  ({int(values['ungraded'])} ungraded, counted wrong)"
     lines.append(overall)
+    extra = [
+        (key, values[key])
+        for key in sorted(values)
+        if key == "sampled_accuracy" or key.startswith(("pass@", "perception/"))
+    ]
+    lines += [
+        f"{key:<{width}}  {'':>6}  {value:.4f}" for key, value in extra if key != "perception/n"
+    ]
     return "\n".join(lines)
 
 
@@ -75,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--limit", type=positive_int, default=None, help="evaluate only the first N records"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also draw K sampled answers per question: sampled accuracy and pass@K (default: 0)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="temperature of those answers (default: 1.0)"
     )
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda (default: cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -30,6 +30,7 @@ from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDatas
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
+from pebr_lightning.evaluation.perception import perception_metrics
 from pebr_lightning.files import write_atomic
 from pebr_lightning.metrics.accuracy import AccuracyByType
 from pebr_lightning.models.policy import build_policy, unwrap
@@ -59,6 +60,9 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     device: str = "cpu",
+    samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Answer every question of `manifest` greedily, grade it, write predictions and metrics.
 
@@ -74,10 +78,17 @@ def evaluate(
         limit: evaluate only the first `limit` records.
         progress: show a progress bar (or a line per batch without tqdm) on stderr.
         device: where the model runs, e.g. "cpu", "cuda".
+        samples: also draw this many sampled answers per question (at `temperature`)
+            and report their mean accuracy and pass@samples; 0 draws none.
+        temperature: sampling temperature of those answers.
+        seed: seed of those answers' random draws (the same seed draws the same answers).
 
     Returns:
         "accuracy", "accuracy/<type>", "n", "n/<type>", "ungraded" and "seconds" (the
-        whole run, model loading included), as floats.
+        whole run, model loading included), as floats; with `samples` = k,
+        "sampled_accuracy" and "pass@k" too; for records that carry ground-truth
+        `shapes`, "perception/count" and "perception/colours" of the greedy
+        descriptions (evaluation/perception.py).
 
     Raises:
         PebrError: the manifest is missing or invalid, the model cannot be loaded, or a
@@ -88,6 +99,8 @@ def evaluate(
         raise PebrError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise PebrError(f"limit must be >= 1, got {limit}")
+    if samples < 0:
+        raise PebrError(f"samples must be >= 0, got {samples}")
     records = load_manifest(manifest).records[:limit]  # fail on a bad manifest before loading
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +124,23 @@ def evaluate(
     metric = accuracy_metric(rows)
     values = {k: float(v) for k, v in metric.compute().items()}
     values.update({k: float(v) for k, v in metric.counts().items()})
+    values.update(perception_metrics(records, texts))
+    if samples:
+        sampling = SamplingConfig(
+            group_size=samples, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens
+        )
+        values.update(
+            sampled_accuracy(
+                policy,
+                built.processor,
+                records,
+                sampling,
+                batch_size=batch_size,
+                prompt=prompt,
+                seed=seed,
+                progress=progress,
+            )
+        )
     values["seconds"] = time.perf_counter() - start
     summary = {**values, "model": model, "manifest": str(manifest)}
     write_atomic(
@@ -200,6 +230,42 @@ def batched_completions(
         policy.train(was_training)
 
 
+def sampled_accuracy(
+    policy: nn.Module,
+    processor: Any,
+    records: Sequence[dict[str, Any]],
+    sampling: SamplingConfig,
+    *,
+    batch_size: int = 16,
+    prompt: PromptConfig = PromptConfig(),
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Mean accuracy of `sampling.group_size` sampled answers per question, and pass@k
+    (the share of questions with at least one right answer among them).
+
+    Greedy accuracy shows the single most likely answer; RL on a small model often
+    moves the sampled distribution first, which only these two figures show.
+    """
+    k = sampling.group_size
+    right = per_question = 0.0
+    bar = _Progress(len(records), progress, desc=f"sample x{k}")
+    try:
+        for chunk, texts in batched_completions(
+            policy, processor, records, sampling, batch_size=batch_size, prompt=prompt, seed=seed
+        ):
+            rows = grade_answers([r for r in chunk for _ in range(k)], texts)
+            correct = torch.tensor([r["correct"] for r in rows], dtype=torch.float64)
+            correct = correct.view(len(chunk), k)  # [B, k]: group members are contiguous
+            right += float(correct.sum())
+            per_question += float(correct.amax(-1).sum())
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    n = max(len(records), 1)
+    return {"sampled_accuracy": right / (n * k), f"pass@{k}": per_question / n}
+
+
 def grade_answers(
     records: Sequence[dict[str, Any]],
     texts: Sequence[str],
@@ -249,21 +315,22 @@ def accuracy_metric(
 class _Progress:
     """A tqdm bar on stderr, or a line per batch where tqdm is missing; silent when off."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, desc: str = "eval") -> None:
         self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
+        self.desc = desc
         if enabled:
             try:
                 from tqdm import tqdm
             except ImportError:
                 return
-            self.bar = tqdm(total=total, desc="eval", unit="q", file=sys.stderr)
+            self.bar = tqdm(total=total, desc=desc, unit="q", file=sys.stderr)
 
     def update(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
         elif self.enabled:
-            print(f"eval: {self.done}/{self.total} questions", file=sys.stderr, flush=True)
+            print(f"{self.desc}: {self.done}/{self.total} questions", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

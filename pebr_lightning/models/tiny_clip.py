@@ -39,7 +39,7 @@ from pebr_lightning.models.tiny import cache_dir
 
 TINY_CLIP = "tiny-clip"
 # Bump when the recipe changes, so stale cache folders are never reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 SEED = 0
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"

@@ -2,8 +2,9 @@
 
     pebr schedule --config configs/demo/schedule.yaml [--stages sft,sample] [--out DIR]
 
-Ends with a table (stage, training metric at start and end, held-out accuracy)
-written to OUT/report.md and a picture of the reward curves, OUT/rewards.png.
+Ends with a table (stage, training metric at start and end, held-out accuracy greedy
+and sampled, description count and colours) written to OUT/report.md and a picture
+of every reward component and the KL per RL stage, OUT/rewards.png.
 """
 
 from __future__ import annotations
@@ -16,12 +17,8 @@ from pathlib import Path
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.errors import PebrError
 from pebr_lightning.schedule.config import ORDER, load_schedule
-from pebr_lightning.schedule.report import (
-    format_table,
-    majority_baseline,
-    plot_curves,
-    summary_rows,
-)
+from pebr_lightning.schedule.curves import plot_curves
+from pebr_lightning.schedule.report import format_table, majority_baseline, summary_rows
 from pebr_lightning.schedule.runner import read_done, run_schedule
 
 

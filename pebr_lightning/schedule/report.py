@@ -1,47 +1,43 @@
-"""The schedule's closing table and reward-curve picture, from the stages' own logs.
+"""The schedule's closing table, from the stages' own logs and held-out evaluations.
 
 Start and end of a training metric are means over the first and last 10% of its
 logged steps (at least one step each): single steps of RL rewards are too noisy
-to compare.
+to compare. Each stage's training metric is the one it optimises: the SFT loss, the
+whole perception reward, and the accuracy reward of reasoning (its format term is
+near 1 from the start). The reward curves are drawn by schedule/curves.py.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from pebr_lightning.schedule.curves import stage_metrics
 
 TRAIN_METRIC = {
     "sft": "train/loss",
     "perception": "reward/total/mean",
-    "reasoning": "reward/total/mean",
+    "reasoning": "reward/accuracy/mean",
 }
-CURVES = {
-    "perception": ("reward/total/mean", "reward/clip_score/mean", "reward/keyword/mean"),
-    "reasoning": ("reward/total/mean", "reward/accuracy/mean"),
-}
-COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+HELDOUT = (
+    ("accuracy", "greedy"),
+    ("sampled_accuracy", "sampled T=1"),
+    ("pass@8", "pass@8"),
+    ("perception/count", "desc. count"),
+    ("perception/colours", "desc. colours"),
+)
+"""Held-out figures of each stage's evaluation (evaluation/greedy.py), with their column
+titles: greedy accuracy, mean accuracy of 8 sampled answers and pass@8, and the share of
+greedy descriptions with the right shape count and colour multiset."""
 
 
 def metric_series(stage_dir: Path, name: str) -> list[tuple[int, float]]:
     """(step, value) of one metric across every run version of a stage, by step; a
-    resumed run's steps replace the interrupted run's from where they overlap."""
-    by_step: dict[int, float] = {}
-    versions = sorted(
-        stage_dir.glob("lightning_logs/version_*/metrics.csv"),
-        key=lambda p: int(p.parent.name.split("_")[-1]),
-    )
-    for path in versions:
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                value = row.get(name)
-                if value not in (None, "") and row.get("step", "") != "":
-                    by_step[int(row["step"])] = float(value)
-    return sorted(by_step.items())
+    resumed run's steps replace the interrupted run's from where they overlap, and
+    steps without a finite value are left out (schedule/curves.py reads the logs)."""
+    return stage_metrics(stage_dir).get(name, [])
 
 
 def start_end(series: list[tuple[int, float]]) -> tuple[float, float]:
@@ -68,7 +64,9 @@ def majority_baseline(records: list[dict]) -> float:
 
 
 def summary_rows(out: Path, done: dict[str, dict]) -> list[dict[str, Any]]:
-    """One row per finished training stage: metric, start, end, held-out accuracy."""
+    """One row per finished training stage: its training metric at start and end, and
+    every held-out figure of its evaluation (`eval` of its DONE record, all keys kept,
+    per-type accuracies included)."""
     rows = []
     for name, metric in TRAIN_METRIC.items():
         if name not in done:
@@ -82,84 +80,32 @@ def summary_rows(out: Path, done: dict[str, dict]) -> list[dict[str, Any]]:
                 "start": start,
                 "end": end,
                 "heldout_accuracy": evaluation.get("accuracy", math.nan),
+                "heldout": {k: float(v) for k, v in evaluation.items()},
             }
         )
     return rows
 
 
+def number(x: float | None) -> str:
+    return "—" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
 def format_table(rows: list[dict[str, Any]], baseline: float | None = None) -> str:
-    """A Markdown table (readable as plain text too)."""
-
-    def number(x: float) -> str:
-        return "—" if x is None or math.isnan(x) else f"{x:.3f}"
-
+    """A Markdown table (readable as plain text too); held-out columns a stage's
+    evaluation did not measure show a dash."""
+    titles = " | ".join(title for _, title in HELDOUT)
     lines = [
-        "| stage | training metric | start | end | held-out accuracy (greedy) |",
-        "|---|---|---|---|---|",
+        f"| stage | training metric | start | end | {titles} |",
+        "|---|---|---|---|" + "---|" * len(HELDOUT),
     ]
-    lines += [
-        f"| {r['stage']} | {r['metric']} | {number(r['start'])} | {number(r['end'])}"
-        f" | {number(r['heldout_accuracy'])} |"
-        for r in rows
-    ]
-    if baseline is not None:
-        lines.append(f"| (majority answer per type) | | | | {number(baseline)} |")
-    return "\n".join(lines)
-
-
-def plot_curves(out: Path, path: Path, width: int = 900, height: int = 360) -> Path | None:
-    """PNG of the RL stages' reward curves (one panel per stage, moving average of 5)."""
-    panels = [(s, names) for s, names in CURVES.items() if (out / s).is_dir()]
-    if not panels:
-        return None
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    panel_w = width // len(panels)
-    for i, (stage, names) in enumerate(panels):
-        box = (i * panel_w + 50, 30, (i + 1) * panel_w - 15, height - 60)
-        _panel(draw, box, stage, [(n, metric_series(out / stage, n)) for n in names])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
-
-
-def _panel(draw: ImageDraw.ImageDraw, box, title: str, series) -> None:
-    left, top, right, bottom = box
-    draw.rectangle(box, outline="black")
-    draw.text((left, top - 20), f"{title}: reward per step (moving average of 5)", fill="black")
-    points = [(s, v) for _, data in series for s, v in data]
-    if not points:
-        draw.text((left + 10, top + 10), "no data", fill="black")
-        return
-    x0, x1 = min(s for s, _ in points), max(s for s, _ in points)
-    y0, y1 = min(v for _, v in points), max(v for _, v in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
-
-    def at(step: float, value: float) -> tuple[float, float]:
-        return (
-            left + (step - x0) / (x1 - x0) * (right - left),
-            bottom - (value - y0) / (y1 - y0) * (bottom - top),
+    for r in rows:
+        heldout = r.get("heldout") or {"accuracy": r["heldout_accuracy"]}
+        cells = " | ".join(number(heldout.get(key)) for key, _ in HELDOUT)
+        lines.append(
+            f"| {r['stage']} | {r['metric']} | {number(r['start'])} | {number(r['end'])}"
+            f" | {cells} |"
         )
-
-    for tick in (y0, (y0 + y1) / 2, y1):
-        y = at(x0, tick)[1]
-        draw.line((left - 4, y, left, y), fill="black")
-        draw.text((left - 46, y - 6), f"{tick:.2f}", fill="black")
-    draw.text((left, bottom + 4), f"step {x0}", fill="black")
-    draw.text((right - 60, bottom + 4), f"step {x1}", fill="black")
-    for n, (name, data) in enumerate(series):
-        colour = COLOURS[n % len(COLOURS)]
-        values = [v for _, v in data]
-        smooth = [
-            sum(values[max(0, j - 4) : j + 1]) / len(values[max(0, j - 4) : j + 1])
-            for j in range(len(values))
-        ]
-        line = [at(s, v) for (s, _), v in zip(data, smooth, strict=True)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        elif line:
-            draw.ellipse(
-                (line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2), fill=colour
-            )
-        draw.text((left + 8, bottom + 20 + 0 * n), "", fill=colour)
-        draw.text((left + 8 + 150 * n, bottom + 22), name.removeprefix("reward/"), fill=colour)
+    if baseline is not None:
+        blanks = " |" * (len(HELDOUT) - 1)
+        lines.append(f"| (majority answer per type) | | | | {number(baseline)} |{blanks}")
+    return "\n".join(lines)

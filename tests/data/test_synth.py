@@ -97,10 +97,12 @@ def test_every_answer_follows_from_the_shapes(records: list[dict]) -> None:
         assert record["answer"] == _expected_answer(record), record
 
 
-def test_all_question_types_occur_in_200_records(records: list[dict]) -> None:
+def test_all_question_types_occur_in_the_configured_mix(records: list[dict]) -> None:
     counts = Counter(r["type"] for r in records[:200])
     assert set(counts) == set(QUESTION_TYPES)
-    assert min(counts.values()) >= 15, counts  # roughly balanced: 200 / 6 is about 33
+    assert min(counts.values()) >= 8, counts  # the rarest weight is 1 of 12: about 17 in 200
+    # Types drawn with weight 3 (count, colour) come up more often than those with 1.
+    assert counts["count"] > counts["left_of"] and counts["colour"] > counts["arithmetic"]
 
 
 def test_count_colour_sometimes_asks_for_an_absent_colour(records: list[dict]) -> None:
@@ -118,7 +120,7 @@ def test_scenes_are_valid(records: list[dict]) -> None:
         assert xs == sorted(xs) and len(set(xs)) == len(xs)  # left to right, no ties
         for s in shapes:
             assert s["kind"] in SHAPE_KINDS and s["colour"] in COLOURS
-            assert 14 <= s["size"] <= 26
+            assert 20 <= s["size"] <= 30
             half = s["size"] // 2
             assert s["x"] - half >= 0 and s["x"] - half + s["size"] <= IMAGE_SIZE
             assert s["y"] - half >= 0 and s["y"] - half + s["size"] <= IMAGE_SIZE
@@ -142,15 +144,45 @@ def test_images_show_exactly_the_listed_colours() -> None:
             assert image.getpixel((s["x"], s["y"])) == PALETTE[s["colour"]]
 
 
-def test_descriptions_list_the_shapes_left_to_right(records: list[dict]) -> None:
+def test_descriptions_list_the_shapes_left_to_right_then_count_them(records: list[dict]) -> None:
     for record in records:
         shapes = record["shapes"]
         named = ", ".join(f"a {s['colour']} {s['kind']}" for s in shapes)
         if len(shapes) == 1:
-            assert record["description"] == f"1 shape: {named}."
+            assert record["description"] == f"{named}. 1 shape."
         else:
-            assert record["description"] == f"{len(shapes)} shapes, left to right: {named}."
+            assert record["description"] == f"left to right: {named}. {len(shapes)} shapes."
         assert len(record["description"].split()) <= 25
+
+
+def test_the_reference_response_scores_full_marks_on_the_perception_rewards(
+    records: list[dict], tiny_path
+) -> None:
+    """A reward the data's own answer cannot satisfy is a bug: keyword, format and length
+    give every reference response 1.0 (keyword in both modes)."""
+    from transformers import AutoTokenizer
+
+    from pebr_lightning.data.prompts import record_response
+    from pebr_lightning.rewards.format import FormatReward
+    from pebr_lightning.rewards.keyword import KeywordReward
+    from pebr_lightning.rewards.length import LengthReward
+
+    texts = [record_response(r) for r in records]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    for reward in (KeywordReward("paper"), KeywordReward("normalised")):
+        output = reward(completions=texts, samples=records)
+        assert output.scores == [1.0] * len(records), reward.mode
+    assert FormatReward()(completions=texts, samples=records) == [1.0] * len(records)
+    length = LengthReward()(completions=texts, samples=records, tokenizer=tokenizer)
+    assert length == [1.0] * len(records)
+    # ... and a description with two neighbours swapped loses a spatial keyword.
+    record = next(r for r in records if len({(s["colour"], s["kind"]) for s in r["shapes"]}) > 2)
+    a, b = record["shapes"][0], record["shapes"][1]
+    first, second = f"a {a['colour']} {a['kind']}", f"a {b['colour']} {b['kind']}"
+    swapped = texts[records.index(record)].replace(f"{first}, {second}", f"{second}, {first}", 1)
+    assert swapped != texts[records.index(record)]
+    (score,) = KeywordReward()(completions=[swapped], samples=[record]).scores
+    assert score < 1.0
 
 
 def test_keywords_rationale_and_reasoning(records: list[dict]) -> None:
@@ -164,9 +196,7 @@ def test_keywords_rationale_and_reasoning(records: list[dict]) -> None:
         assert len(keywords["spatial"]) == len(shapes) - 1
         if len(shapes) > 1:
             first, second = shapes[0], shapes[1]
-            expected = (
-                f"{first['colour']} {first['kind']} left of {second['colour']} {second['kind']}"
-            )
+            expected = f"{first['colour']} {first['kind']}, a {second['colour']} {second['kind']}"
             assert keywords["spatial"][0] == expected
         assert record["rationale"].startswith("The question asks")
         assert 1 <= len(record["reasoning"]) <= 3

@@ -166,3 +166,28 @@ def test_pebr_eval_missing_manifest_exits_2(tiny_path, tmp_path, capsys):
     assert pebr_main([*argv, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "error: manifest not found" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_sampled_accuracy_and_pass_at_k(noisy_model, shapes_data, tmp_path):
+    """Half the records get the model's own greedy answer as reference. At temperature
+    0 every sample is the greedy answer, so sampled accuracy and pass@k equal greedy
+    accuracy; at temperature 1 pass@k is at least the sampled accuracy, both are
+    shares of the k x n graded answers, and the same seed draws the same answers."""
+    records = load_manifest(shapes_data["val"]).records[:8]
+    _, first, _ = run(noisy_model, write_manifest(tmp_path / "a.jsonl", records), tmp_path / "a")
+    reward = AccuracyReward()
+    for record, row in list(zip(records, first, strict=True))[:4]:
+        if reward(completions=[row["prediction"]], samples=[{"answer": row["extracted"]}]) == [1.0]:
+            record["answer"] = row["extracted"]
+    manifest = write_manifest(tmp_path / "b.jsonl", records)
+    greedy, _, _ = run(noisy_model, manifest, tmp_path / "b", samples=3, temperature=0.0)
+    assert greedy["accuracy"] > 0
+    assert greedy["sampled_accuracy"] == pytest.approx(greedy["accuracy"])
+    assert greedy["pass@3"] == pytest.approx(greedy["accuracy"])
+
+    sampled, _, saved = run(noisy_model, manifest, tmp_path / "c", samples=4, temperature=1.0)
+    assert 0 <= sampled["sampled_accuracy"] <= sampled["pass@4"] <= 1
+    assert (sampled["sampled_accuracy"] * 4 * len(records)).is_integer()
+    assert saved["pass@4"] == sampled["pass@4"]
+    again, _, _ = run(noisy_model, manifest, tmp_path / "d", samples=4, temperature=1.0)
+    assert again["sampled_accuracy"] == sampled["sampled_accuracy"]

@@ -81,7 +81,8 @@ def test_stages_chain_then_a_second_run_skips_them(tiny_path, shapes_data, tmp_p
     assert done["sft"]["started_from"] == "tiny-qwen2.5-vl"
     assert done["perception"]["started_from"] == done["sft"]["weights"]
     assert done["reasoning"]["started_from"] == done["perception"]["weights"]
-    assert (Path(done["perception"]["weights"]) / "adapter_config.json").exists()  # LoRA
+    # The demo RL stages fine-tune the whole model: full weights, no adapter.
+    assert (Path(done["perception"]["weights"]) / "model.safetensors").exists()
     assert done["sample"]["summary"]["questions"] == 6
     for stage in ("sft", "perception", "reasoning"):
         metrics = json.loads((out / stage / "eval" / "metrics.json").read_text())
@@ -95,8 +96,17 @@ def test_stages_chain_then_a_second_run_skips_them(tiny_path, shapes_data, tmp_p
         "reasoning",
         "(majority answer per type)",
     ]
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert header[4:] == ["greedy", "sampled T=1", "pass@8", "desc. count", "desc. colours"]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "reward/accuracy/mean" in rows["reasoning"]
+    sft = [cell.strip() for cell in rows["sft"].strip("|").split("|")]
+    metrics = json.loads((out / "sft" / "eval" / "metrics.json").read_text())
+    assert sft[4] == f"{metrics['accuracy']:.3f}"
+    assert sft[7] == f"{metrics['perception/count']:.3f}"
+    assert sft[5] == "—"  # this schedule draws no sampled answers
     with Image.open(out / "rewards.png") as picture:
-        assert picture.size == (900, 360)
+        assert picture.size == (1300, 480)  # one panel per RL stage
         assert len(set(picture.getdata())) > 3  # axes, text and curves, not a blank page
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/DONE.json")}

@@ -22,6 +22,8 @@ SCENE = {
     [
         # total 3 right, circle x2 right, square x1 right -> 3/3
         ("3 shapes, left to right: a red circle, a blue circle, a green square.", 1.0),
+        # the synthetic set's own order: the shapes first, then their number
+        ("left to right: a red circle, a blue circle, a green square. 3 shapes.", 1.0),
         # total wrong (2), circles right, square right -> 2/3
         ("2 shapes: a red circle, a blue circle, a green square.", 2 / 3),
         # no total stated, one circle missing, square right -> 1/3

@@ -1,0 +1,257 @@
+"""Does each stage do its job? The demo schedule over several seeds, plus the ablation.
+
+For each seed, the whole schedule (SFT -> difficulty sampling -> perception RL ->
+reasoning RL, with held-out evaluation after each training stage) runs into
+OUT/seed<N>/, with that seed for every stage (`seed_everything`, the GRPO rollout
+noise and the difficulty sampler). Then the paper's ablation runs from the same SFT
+checkpoint on the same Medium split: reasoning RL alone, with the RL steps of both
+stages together (OUT/seed<N>-reasoning-only/). The data and the embedded model's
+initial weights are the same for every seed; what differs is the order of batches
+and every random draw (rollouts, difficulty sampling).
+
+It prints one table, mean ± std over seeds of every figure per stage, and whether
+each target of the learning issue holds (docs/RESULTS.md), and writes
+OUT/learning.md and OUT/learning.json. Finished stages are skipped on a second run,
+as `pebr schedule` does, so an interrupted run continues where it stopped.
+
+    python benchmarks/learning.py                       # 3 seeds + ablation, ~75 min on 2 cores
+    python benchmarks/learning.py --seeds 0 --no-ablation --out runs/learning-1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pebr_lightning.data.manifest import load_manifest
+from pebr_lightning.schedule.config import FitStage, Schedule, load_schedule
+from pebr_lightning.schedule.report import majority_baseline, summary_rows
+from pebr_lightning.schedule.runner import read_done, run_schedule
+
+HELDOUT = (
+    ("accuracy", "greedy acc"),
+    ("sampled_accuracy", "sampled acc (T=1)"),
+    ("pass@8", "pass@8"),
+    ("accuracy/count", "count acc"),
+    ("accuracy/colour", "colour acc"),
+    ("perception/count", "desc. count right"),
+    ("perception/colours", "desc. colours right"),
+)
+ROWS = ("sft", "perception", "reasoning", "reasoning-only")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    base = load_schedule(args.schedule)
+    out = Path(args.out)
+    started = time.perf_counter()
+    runs: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+        schedule = seeded(base, seed, out / f"seed{seed}")
+        echo(f"seed {seed}: schedule into {schedule.out}")
+        run_schedule(schedule)
+        rows = {r["stage"]: r for r in summary_rows(Path(schedule.out), done_records(schedule))}
+        if not args.no_ablation:
+            ablation = reasoning_only(schedule, seed, out / f"seed{seed}-reasoning-only")
+            echo(f"seed {seed}: ablation (reasoning RL only) into {ablation.out}")
+            run_schedule(ablation)
+            (row,) = summary_rows(Path(ablation.out), done_records(ablation))
+            rows["reasoning-only"] = {**row, "stage": "reasoning-only"}
+        sample = read_done(Path(schedule.out) / "sample")
+        runs[seed] = {
+            "rows": rows,
+            "sample": sample["summary"]["counts"] if sample else None,
+        }
+    test = base.data.get("test")
+    baseline = majority_baseline(load_manifest(test, check_images=False).records) if test else None
+    result = {
+        "schedule": str(args.schedule),
+        "seeds": seeds,
+        "majority_baseline": baseline,
+        "runs": {str(s): r for s, r in runs.items()},
+        "targets": targets(runs, baseline),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    table = format_report(result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "learning.md").write_text(table + "\n")
+    (out / "learning.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(table)
+    print(f"wrote {out / 'learning.md'} and {out / 'learning.json'}")
+    return 0
+
+
+def seeded(base: Schedule, seed: int, out: Path) -> Schedule:
+    """The schedule with every random draw seeded by `seed`, written into `out`."""
+    # The batch order (the data module's own seed), the GRPO rollout noise (its own
+    # seed) and everything else seed_everything reaches.
+    extra = (f"--seed_everything={seed}", f"--data.init_args.seed={seed}")
+    fit = {}
+    for name, stage in base.fit.items():
+        args = extra if name == "sft" else (*extra, f"--model.init_args.rollout_seed={seed}")
+        fit[name] = dataclasses.replace(stage, args=(*stage.args, *args))
+    sample = None if base.sample is None else {**base.sample, "seed": seed}
+    return dataclasses.replace(base, out=str(out), fit=fit, sample=sample)
+
+
+def reasoning_only(schedule: Schedule, seed: int, out: Path) -> Schedule:
+    """Reasoning RL alone from the schedule's SFT weights, on the reasoning stage's
+    data, for as many steps as perception and reasoning RL took together."""
+    reasoning = schedule.fit["reasoning"]
+    steps = max_steps(schedule.fit["perception"]) + max_steps(reasoning)
+    sft = Path(schedule.out) / "sft"
+    manifest = reasoning.manifest or str(Path(schedule.out) / "sample" / f"{reasoning.split}.jsonl")
+    stage = FitStage(
+        name="reasoning",
+        config=reasoning.config,
+        args=(*reasoning.args, f"--trainer.max_steps={steps}"),
+        start_from=str(sft),
+        manifest=manifest,
+    )
+    return dataclasses.replace(
+        schedule,
+        out=str(out),
+        fit={"reasoning": stage},
+        sample=None,
+        synth=None,
+        stage_names=("reasoning",),
+    )
+
+
+def max_steps(stage: FitStage) -> int:
+    """The stage's `--trainer.max_steps` (its last one), else its config's."""
+    for arg in reversed(stage.args):
+        if arg.startswith("--trainer.max_steps="):
+            return int(arg.split("=", 1)[1])
+    config = yaml.safe_load(Path(stage.config).read_text())
+    return int(config["trainer"]["max_steps"])
+
+
+def done_records(schedule: Schedule) -> dict[str, dict]:
+    out = Path(schedule.out)
+    return {n: d for n in schedule.stage_names if (d := read_done(out / n)) is not None}
+
+
+def targets(runs: dict[int, dict[str, Any]], baseline: float | None) -> list[dict[str, Any]]:
+    """The learning issue's targets, each with the figures it was judged on."""
+
+    def per_seed(stage: str, key: str) -> list[float]:
+        return [
+            r["rows"][stage]["heldout"].get(key, math.nan)
+            for r in runs.values()
+            if stage in r["rows"]
+        ]
+
+    def gains(stage: str) -> list[float]:
+        return [
+            r["rows"][stage]["end"] - r["rows"][stage]["start"]
+            for r in runs.values()
+            if stage in r["rows"]
+        ]
+
+    def delta(stage: str, before: str, key: str) -> list[float]:
+        return [a - b for a, b in zip(per_seed(stage, key), per_seed(before, key), strict=True)]
+
+    found = []
+
+    def check(name: str, values: list[float], ok: bool) -> None:
+        found.append({"target": name, "values": values, "met": bool(values) and ok})
+
+    sft = per_seed("sft", "accuracy")
+    if baseline is not None:
+        lead = [a - baseline for a in sft]
+        check("SFT greedy accuracy >= majority baseline + 0.15 (mean)", lead, mean(lead) >= 0.15)
+    for kind in ("count", "colour"):
+        values = per_seed("sft", f"accuracy/{kind}")
+        check(f"SFT {kind} accuracy > 0.6 (mean)", values, mean(values) > 0.6)
+    up = gains("perception")
+    check("perception reward +0.05, first vs last 10% (every seed)", up, min(up, default=0) >= 0.05)
+    for key in ("perception/count", "perception/colours"):
+        values = delta("perception", "sft", key)
+        check(f"held-out {key} up after perception (mean)", values, mean(values) > 0)
+    up = gains("reasoning")
+    check("reasoning accuracy reward +0.05 (every seed)", up, min(up, default=0) >= 0.05)
+    values = delta("reasoning", "perception", "accuracy")
+    check("greedy accuracy +0.03 over the model reasoning started from (mean)", values,
+          mean(values) >= 0.03)  # fmt: skip
+    return found
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    runs = list(result["runs"].values())
+    n = len(runs)
+    titles = " | ".join(t for _, t in HELDOUT)
+    lines = [
+        f"Mean ± std over {n} seed(s) ({', '.join(map(str, result['seeds']))}); start and end"
+        " are the means of the first and last 10% of a stage's logged steps.",
+        "",
+        f"| stage | training metric | start | end | {titles} |",
+        "|---|---|---|---|---|" + "---|" * (len(HELDOUT) - 1),
+    ]
+    for stage in ROWS:
+        rows = [r["rows"][stage] for r in runs if stage in r["rows"]]
+        if not rows:
+            continue
+        cells = [mean_std([row["heldout"].get(k, math.nan) for row in rows]) for k, _ in HELDOUT]
+        lines.append(
+            f"| {stage} | {rows[0]['metric']} | {mean_std([r['start'] for r in rows])}"
+            f" | {mean_std([r['end'] for r in rows])} | {' | '.join(cells)} |"
+        )
+    if result["majority_baseline"] is not None:
+        lines.append(
+            f"| (majority answer per type) | | | | {result['majority_baseline']:.3f} |"
+            + " |" * (len(HELDOUT) - 1)
+        )
+    splits = [r["sample"] for r in runs if r["sample"]]
+    if splits:
+        lines += ["", "Difficulty split per seed: " + "; ".join(json.dumps(s) for s in splits)]
+    lines += ["", "| target | per seed | met |", "|---|---|---|"]
+    for t in result["targets"]:
+        values = ", ".join(f"{v:+.3f}" if "+" in t["target"] else f"{v:.3f}" for v in t["values"])
+        lines.append(f"| {t['target']} | {values} | {'yes' if t['met'] else 'NO'} |")
+    lines.append(f"\n{result['seconds']:.0f} s in all")
+    return "\n".join(lines)
+
+
+def echo(message: str) -> None:
+    print(f"[learning] {message}", file=sys.stderr, flush=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/learning.py",
+        description="Run the demo schedule for several seeds plus the reasoning-only"
+        " ablation; print mean ± std per stage and metric and which targets hold.",
+    )
+    p.add_argument("--schedule", default="configs/demo/schedule.yaml", help="schedule YAML")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--out", default="runs/learning", help="output folder")
+    p.add_argument("--no-ablation", action="store_true", help="skip reasoning-only RL")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())
