@@ -11,7 +11,8 @@ and every random draw (rollouts, difficulty sampling).
 
 It prints one table, mean ± std over seeds of every figure per stage, and whether
 each target of the learning issue holds (docs/RESULTS.md), and writes
-OUT/learning.md and OUT/learning.json. Finished stages are skipped on a second run,
+OUT/learning.md, OUT/learning.json and each seed's reward curves,
+OUT/seed<N>/rewards.png. Finished stages are skipped on a second run,
 as `pebr schedule` does, so an interrupted run continues where it stopped.
 
     python benchmarks/learning.py                       # 3 seeds + ablation, ~75 min on 2 cores
@@ -34,6 +35,7 @@ import yaml
 
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.schedule.config import FitStage, Schedule, load_schedule
+from pebr_lightning.schedule.curves import plot_curves
 from pebr_lightning.schedule.report import majority_baseline, summary_rows
 from pebr_lightning.schedule.runner import read_done, run_schedule
 
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         schedule = seeded(base, seed, out / f"seed{seed}")
         echo(f"seed {seed}: schedule into {schedule.out}")
         run_schedule(schedule)
+        plot_curves(Path(schedule.out), Path(schedule.out) / "rewards.png")
         rows = {r["stage"]: r for r in summary_rows(Path(schedule.out), done_records(schedule))}
         if not args.no_ablation:
             ablation = reasoning_only(schedule, seed, out / f"seed{seed}-reasoning-only")

@@ -114,3 +114,4 @@ def test_learning_benchmark_tiny_mode(tiny_path, shapes_data, tmp_path) -> None:
     assert any(n.startswith("perception reward +0.05") for n in names)
     assert all(len(t["values"]) == 2 and isinstance(t["met"], bool) for t in data["targets"])
     assert (out / "learning.md").read_text().strip() in result.stdout
+    assert (out / "seed1" / "rewards.png").stat().st_size > 0
