@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-ARGS = ["--steps", "3", "--prompts", "1", "--group-size", "2", "--max-new-tokens", "4"]
+# Groups of 4: with 2 completions of 4 random tokens, both sometimes score the same
+# vowel share (seen once in CI), and that step is skipped.
+ARGS = ["--steps", "3", "--prompts", "1", "--group-size", "4", "--max-new-tokens", "4"]
 
 
 def test_benchmark_tiny_mode_alternates_equal_work_and_prints_the_table(tmp_path) -> None:
@@ -33,7 +35,7 @@ def test_benchmark_tiny_mode_alternates_equal_work_and_prints_the_table(tmp_path
     assert re.search(r"^versions: trl 1\.16\.0, transformers ", text, re.MULTILINE)
     for label in ("TRL GRPOTrainer", "pebr GRPOModule"):
         assert re.search(
-            rf"^\| {label} \| [\d.]+ \| \d+ \| [\d.]+ \| [\d.]+-[\d.]+ \| 8 \|$", text, re.M
+            rf"^\| {label} \| [\d.]+ \| \d+ \| [\d.]+ \| [\d.]+-[\d.]+ \| 16 \|$", text, re.M
         )
     assert re.search(r"^ratio \(pebr / TRL samples/s\): [\d.]+x; target >= 1.5x: ", text, re.M)
     for phase in ("rollout", "score", "backward", "optimizer"):
@@ -42,9 +44,9 @@ def test_benchmark_tiny_mode_alternates_equal_work_and_prints_the_table(tmp_path
     figures = json.loads(out.read_text())
     trl, ours = figures["steps"]["trl"], figures["steps"]["ours"]
     assert len(trl) == len(ours) == 3
-    # equal work, counted by each side from its own output: 1 x 2 completions x 4 tokens
+    # equal work, counted by each side from its own output: 1 x 4 completions x 4 tokens
     assert figures["equal_work"] is True
-    assert [s["tokens"] for s in trl] == [s["tokens"] for s in ours] == [8, 8, 8]
+    assert [s["tokens"] for s in trl] == [s["tokens"] for s in ours] == [16, 16, 16]
     assert figures["sides"]["ours"]["skipped_steps"] == 0  # every step ran its update
     # strictly alternating, TRL first: each step ends before the other side's next begins
     spans = [
@@ -54,5 +56,5 @@ def test_benchmark_tiny_mode_alternates_equal_work_and_prints_the_table(tmp_path
     sides = figures["sides"]
     ratio = sides["ours"]["samples_per_s"] / sides["trl"]["samples_per_s"]
     assert figures["ratio"] == ratio
-    assert sides["trl"]["samples_per_s"] == 2 / sides["trl"]["step_s_median"]
+    assert sides["trl"]["samples_per_s"] == 4 / sides["trl"]["step_s_median"]  # 1 x 4 a step
     assert all(ours[-1]["phases"][p] > 0 for p in ("rollout", "backward", "optimizer"))

@@ -65,6 +65,10 @@ def stage_args(stage: str, train: Path) -> tuple[list[str], str]:
         "12",
         "--model.init_args.micro_batch_size",
         "3",  # micro-batches cut across groups
+        # The demo config fine-tunes every weight; the SFT case covers that, so this
+        # one shards a LoRA policy (the configs/fsdp/ GRPO setting).
+        "--model.init_args.lora",
+        json.dumps({"r": 16, "alpha": 32, "dropout": 0.0}),
     ], "adapter_model.safetensors"
 
 
