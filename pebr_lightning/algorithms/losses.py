@@ -26,7 +26,7 @@ Reductions of L [B*G, T] to a scalar (padding never counts):
     dr_grpo  sum over valid tokens / (B*G * max_completion_length) (Dr. GRPO)
     dapo     sum over valid tokens / valid tokens on all processes * world_size (DAPO)
 
-PeBR-R1 ("GRPO settings" in PAPER_FACTS.md) trains with verl's token-mean loss, which
+PeBR-R1 (docs/paper.md, "GRPO settings") trains with verl's token-mean loss, which
 is "bnpo" on one process and "dapo" across processes, with eps_low 0.2, eps_high 0.3,
 c = 3 and beta 1e-2.
 """

@@ -2,7 +2,7 @@
 
 The paper's prompt puts an instruction before the question (describe the image as
 the question needs, give a rationale, reason step by step, end with only the final
-result); the response is a sequence of `###` sections (PAPER_FACTS.md, "Response
+result); the response is a sequence of `###` sections (docs/paper.md, "Response
 format"). The SFT target is rendered from a manifest record's `description`,
 `rationale`, `reasoning` and `answer`, and the same headers are what the format
 reward (a later issue) checks for.

@@ -1,6 +1,6 @@
 """GRPO: the engine of both RL stages (perception on Easy cases, reasoning on Medium).
 
-One training step per batch of B prompts (PAPER_FACTS.md, "GRPO settings"):
+One training step per batch of B prompts (docs/paper.md, "GRPO settings"):
 sample G completions per prompt -> score them with the configured rewards ->
 group-relative advantages -> (reference log-probs when beta > 0) -> mu passes of
 clipped policy-gradient updates over the rollout, in micro-batches with gradient

@@ -1,6 +1,6 @@
 """Warm-up SFT: next-token loss on the PeBR-format response only.
 
-The paper's first stage (PAPER_FACTS.md, Pipeline 1): fine-tune the VLM on
+The paper's first stage (docs/paper.md, "Pipeline"): fine-tune the VLM on
 responses in the PeBR format (image description, rationale, steps, final answer)
 with the vision tower and projector frozen, AdamW, cosine schedule with warm-up.
 The target is rendered from each manifest record (data/prompts.py); every prompt

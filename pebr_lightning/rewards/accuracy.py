@@ -1,6 +1,6 @@
 """The accuracy reward: is the final answer right?
 
-As the paper (PAPER_FACTS.md, "Stage 1 reward" and "Stage 2 reward"): the text after
+As the paper (docs/paper.md, "Stage 1 reward" and "Stage 2 reward"): the text after
 the last "The final answer is:" up to the line end (else the last `<answer>...</answer>`,
 else the whole response) is graded against `sample["answer"]` with mathruler's
 `grade_answer`. Departures: surrounding markdown bold and one trailing full stop are

@@ -1,7 +1,7 @@
 """Pull the parts the rewards score out of a PeBR response.
 
 Headers are matched the way the paper's format check does: case-insensitively, with
-any whitespace (or none) after the `###` (PAPER_FACTS.md, "Stage 1 reward").
+any whitespace (or none) after the `###` (docs/paper.md, "Stage 1 reward").
 `extract_final_answer` feeds the accuracy reward and `description_section` the
 keyword and CLIP rewards.
 """

@@ -1,6 +1,6 @@
 """The CLIP reward: how well the response's image description matches the image.
 
-The paper's Stage 1 CLIP term (PAPER_FACTS.md, "Stage 1 reward"): the cosine
+The paper's Stage 1 CLIP term (docs/paper.md, "Stage 1 reward"): the cosine
 similarity s between the image and the text of the "### Image Description:" section
 (up to "### Rationales:"), scored min(1, s / 0.4). A response without the section
 scores the empty caption, as the paper's code does. We also clamp at 0, so a

@@ -5,7 +5,7 @@ set runs each reward once per batch and returns a `RewardResult`: the weighted
 total per sample, every reward's own scores, every logged component, and how many
 values the fault policy turned into None. The paper's Stage 1 sum is
 0.4 clip + 0.4 keyword + 0.1 format + 0.1 length, Stage 2 is 0.9 accuracy + 0.1 format
-(PAPER_FACTS.md); both are plain weighted sums, which this reproduces exactly when
+(docs/paper.md); both are plain weighted sums, which this reproduces exactly when
 every reward returns a number.
 
 Where we depart from a plain sum: a reward may return None ("not applicable to this

@@ -1,6 +1,6 @@
 """The format reward: does the response have the expected shape?
 
-Mode "pebr" is the paper's check (PAPER_FACTS.md, "Stage 1 reward": every header
+Mode "pebr" is the paper's check (docs/paper.md, "Stage 1 reward": every header
 present, case-insensitive, any spacing after `###`); like the paper's, it does not
 check their order. Mode "think" is the R1-style `<think>...</think><answer>...</answer>`
 format, for prompts that ask for that instead.

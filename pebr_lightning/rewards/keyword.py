@@ -1,6 +1,6 @@
 """The keyword reward: how many of the sample's reference keywords the response mentions.
 
-Mode "paper" is the paper's Stage 1 keyword term (PAPER_FACTS.md, "Stage 1 reward"):
+Mode "paper" is the paper's Stage 1 keyword term (docs/paper.md, "Stage 1 reward"):
 the share of reference keywords found as case-insensitive substrings anywhere in the
 response, 0 for a sample without keywords. Its substring test is loose ("red" is
 found in "covered", "1" in "10") and strict at once ("circles" or "three" do not

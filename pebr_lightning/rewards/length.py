@@ -1,6 +1,6 @@
 """The length reward: full marks up to a token budget, then inversely proportional.
 
-The paper's Stage 1 length term (PAPER_FACTS.md, "Stage 1 reward"): 1 for a response
+The paper's Stage 1 length term (docs/paper.md, "Stage 1 reward"): 1 for a response
 of at most 512 tokens, else 512 / length. Tokens are counted with the policy's own
 tokenizer, which the trainer passes as `context["tokenizer"]`.
 
