@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_CONFIG ?= configs/demo/schedule.yaml
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lint format lock
+.PHONY: setup demo test lint format lock gpu-wheels
 
 setup: $(STAMP)
 
@@ -37,3 +37,9 @@ format: $(STAMP)
 lock: $(STAMP)
 	grep '^#' constraints.txt > constraints.txt.new
 	$(BIN)/python -m pip freeze --exclude-editable >> constraints.txt.new && mv constraints.txt.new constraints.txt
+
+# Wheels a lent GPU machine lacks (bitsandbytes slimmed to CUDA 13, open_clip, trl, ...)
+# into the git-ignored .whl/, within the 64 MiB a device call carries. Then, there:
+# benchmarks/gpu_check.sh (docs/BENCHMARKS.md, "The GPU check").
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu_wheels.py

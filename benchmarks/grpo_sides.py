@@ -19,6 +19,14 @@ REWARDS = [
 ]
 
 
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a step's time covers its kernels."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 class Turn:
     """A side's end of the pipe to the coordinator, called from its training loop.
 
@@ -61,12 +69,13 @@ class TrlRewardSet:
 
     __name__ = "pebr_rewards"  # TRL names a reward function's metrics after this
 
-    def __init__(self, specs: list[dict], processor: Any) -> None:
+    def __init__(self, specs: list[dict], processor: Any, device: str) -> None:
         from pebr_lightning.rewards.combine import load_rewards
         from pebr_lightning.rewards.registry import RewardSpec
 
         self.rewards = load_rewards([RewardSpec.from_dict(s) for s in specs])
         self.processor = processor
+        self.device = device
 
     def __call__(self, prompts, completions, record, image, trainer_state=None, **_) -> list:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -77,7 +86,7 @@ class TrlRewardSet:
             tokenizer=self.processor.tokenizer,
             processor=self.processor,
             global_step=trainer_state.global_step if trainer_state else 0,
-            device="cpu",
+            device=self.device,
         )
         return list(result.total)  # None (no score) is what TRL expects too
 
@@ -131,7 +140,7 @@ def build_trl(args, folder: Path, records: list[dict], out: Path, turn: Turn):
         max_grad_norm=1.0,
         max_steps=args.steps,
         shuffle_dataset=False,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         bf16=False,
         seed=0,
         logging_steps=1,
@@ -163,6 +172,7 @@ def build_trl(args, folder: Path, records: list[dict], out: Path, turn: Turn):
             self.started = time.perf_counter()
 
         def on_step_end(self, *_, **__):
+            sync(args.device)
             steps.append(
                 {
                     "seconds": time.perf_counter() - self.started,
@@ -178,7 +188,7 @@ def build_trl(args, folder: Path, records: list[dict], out: Path, turn: Turn):
 
     trainer = TimedGRPOTrainer(
         model=str(folder),
-        reward_funcs=TrlRewardSet(REWARDS, processor),
+        reward_funcs=TrlRewardSet(REWARDS, processor, args.device),
         args=config,
         train_dataset=dataset,
         processing_class=processor,
@@ -219,7 +229,7 @@ def build_ours(args, folder: Path, manifest: Path, scratch: Path, turn: Turn):
         log_samples_every_n_steps=0,
     )
     # Times only, like TRL: no per-phase memory probe inside the measured step.
-    module.phase_meter = PhaseMeter("cpu", memory=False)
+    module.phase_meter = PhaseMeter(args.device, memory=False)
     steps: list[dict] = []
 
     class Clock(L.Callback):
@@ -230,6 +240,7 @@ def build_ours(args, folder: Path, manifest: Path, scratch: Path, turn: Turn):
             self.started = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            sync(args.device)
             seconds = time.perf_counter() - self.started
             logged = trainer.callback_metrics
             phases = {k: v["seconds"] for k, v in pl_module.phase_meter.results.items()}
@@ -248,7 +259,7 @@ def build_ours(args, folder: Path, manifest: Path, scratch: Path, turn: Turn):
             self.started = time.perf_counter()
 
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=args.device,
         devices=1,
         precision="32-true",
         max_steps=args.steps,

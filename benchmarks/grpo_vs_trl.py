@@ -26,6 +26,7 @@ left out as warm-up.
 
     python benchmarks/grpo_vs_trl.py                      # embedded tiny model, G = 8
     python benchmarks/grpo_vs_trl.py --model medium       # the larger random-init config
+    python benchmarks/grpo_vs_trl.py --model medium --device cuda   # both sides on one GPU
     python benchmarks/grpo_vs_trl.py --steps 3 --group-size 2 --max-new-tokens 4 --prompts 1
 
 Results and notes: docs/BENCHMARKS.md.
@@ -94,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="ours without the shared-prompt loss forward (for the log in docs/BENCHMARKS.md)",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where both sides run (cuda: the same GPU, one side stepping at a time)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", help="also write figures and per-step records to this JSON")
     args = parser.parse_args(argv)
@@ -101,6 +108,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--steps must be >= 2 (the first step is warm-up)")
     if args.group_size < 2:
         parser.error("--group-size must be >= 2 (GRPO needs a group)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
     return args
 
 
@@ -114,7 +126,7 @@ def describe_run(command: str, args: argparse.Namespace) -> dict[str, str]:
     return {
         "command": command,
         "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "machine": describe_machine("cpu"),
+        "machine": describe_machine(args.device),
         "versions": (
             f"trl {trl.__version__}, transformers {transformers.__version__}, "
             f"torch {torch.__version__}, lightning {lightning.__version__}"
@@ -123,7 +135,8 @@ def describe_run(command: str, args: argparse.Namespace) -> dict[str, str]:
             f"model {args.model} ({MODELS[args.model]}), {args.prompts} prompts x "
             f"G={args.group_size} = {args.prompts * args.group_size} completions of exactly "
             f"{args.max_new_tokens} tokens per step, temperature {args.temperature}, top-p "
-            f"{args.top_p}, beta {args.beta}, mu 1, loss dapo, AdamW lr {args.lr}, float32, "
+            f"{args.top_p}, beta {args.beta}, mu 1, loss dapo, AdamW lr {args.lr}, float32 "
+            f"on {args.device}, "
             f"{args.steps} steps per side alternating (first left out)"
         ),
     }

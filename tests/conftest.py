@@ -46,3 +46,20 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "train": write_dataset(root / "train", n=48, seed=0),
         "val": write_dataset(root / "val", n=16, seed=1),
     }
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu`-marked tests where they would run on a CUDA device that is absent."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked or os.environ.get("PEBR_TEST_DEVICE", "cuda") != "cuda":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason="needs a CUDA device (none here): benchmarks/gpu_check.sh runs it on a GPU, "
+        "and PEBR_TEST_DEVICE=cpu runs it on the CPU"
+    )
+    for item in marked:
+        item.add_marker(skip)
