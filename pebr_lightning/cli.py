@@ -12,11 +12,15 @@ print one `error:` message and exit with code 2, without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 EXTRA_COMMANDS = {
     "data": ("pebr_lightning.data.commands", "make and check manifests: synth, validate"),
@@ -84,6 +88,7 @@ def cli(args: list[str] | None, run: bool = True):
             root = trainer.get("default_root_dir") or os.getcwd()
             if trainer.get("logger") in (None, True):  # the user left the default
                 trainer["logger"] = default_loggers(root)
+            trainer["plugins"] = with_atomic_checkpoints(trainer.get("plugins"))
             if "weights_only" in config and config["weights_only"] is None:
                 # checkpoints are data: no pickled code runs on load (torch's own
                 # default today, stated so that a change upstream cannot undo it)
@@ -106,6 +111,15 @@ def cli(args: list[str] | None, run: bool = True):
                 if ckpt_path is None:
                     return
             recorded = check_checkpoint(ckpt_path)
+            if os.path.isdir(ckpt_path) and not shards_checkpoints(config["trainer"]):
+                from pebr_lightning.errors import PebrError
+
+                raise PebrError(
+                    f"{ckpt_path}: a sharded checkpoint folder (written by FSDP2Strategy); "
+                    "resume it with the same strategy (trainer.strategy: "
+                    "pebr_lightning.parallel.FSDP2Strategy), or turn it into weights with "
+                    "`pebr export`"
+                )
             wanted = config["model"].get("class_path") if config.get("model") else None
             if recorded and wanted and recorded != wanted:
                 from pebr_lightning.errors import PebrError
@@ -115,33 +129,81 @@ def cli(args: list[str] | None, run: bool = True):
                     "resume a checkpoint of the same stage"
                 )
 
-    return PebrCLI(
-        model_class=None,
-        datamodule_class=None,
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION},
-    )
+    with sigterm_deadline():
+        return PebrCLI(
+            model_class=None,
+            datamodule_class=None,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
+        )
+
+
+SIGTERM_GRACE_S = 30.0
+"""Seconds a run may take to stop after SIGTERM (PEBR_SIGTERM_GRACE_S overrides)."""
+
+
+@contextlib.contextmanager
+def sigterm_deadline():
+    """Stop the process for sure once SIGTERM has gone unanswered for the grace period.
+
+    Lightning answers SIGTERM by stopping at the next batch boundary; a call that never
+    returns (a hung reward without `timeout_s`, a stuck data read) never reaches one,
+    so a scheduler's SIGTERM was ignored. This handler (Lightning calls it beside its
+    own) starts a timer; if the process is still running when it fires, it says so and
+    exits with 128 + SIGTERM. Checkpoints and outputs are written to a temporary name
+    and renamed when complete, so stopping there leaves nothing half-written.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    grace = float(os.environ.get("PEBR_SIGTERM_GRACE_S", SIGTERM_GRACE_S))
+
+    def on_sigterm(signum, frame) -> None:
+        def stop() -> None:
+            print(
+                f"error: still running {grace:.0f} s after SIGTERM (a reward or data read "
+                "that does not return?); stopping now: checkpoints written before are "
+                "complete, resume with --ckpt_path last",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(128 + signum)
+
+        timer = threading.Timer(grace, stop)
+        timer.daemon = True
+        timer.start()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_last(root: str | os.PathLike) -> str | None:
-    """`--ckpt_path last`: the newest run version's `last.ckpt` under the root folder.
+    """`--ckpt_path last`: the newest readable checkpoint under the root folder.
 
     Lightning's own "last" looks only in the new run's folder, which each run gets
     afresh (`lightning_logs/version_N`), so it would never find the interrupted one.
-    None (start afresh, said on stderr) when there is none yet.
+    Newest: the highest run version's `last.ckpt`, then its other checkpoints by step,
+    then older versions; one that does not read (cut short by a full disk, say) is
+    skipped with a message. None (start afresh, said on stderr) when none reads.
     """
     from pathlib import Path
 
-    from pebr_lightning.schedule.runner import latest_last_checkpoint
+    from pebr_lightning.schedule.runner import newest_readable_checkpoint
 
-    found = latest_last_checkpoint(Path(root))
+    def say(line: str) -> None:
+        print(f"--ckpt_path last: {line}", file=sys.stderr)
+
+    found = newest_readable_checkpoint(Path(root), say)
     if found is None:
-        print(f"--ckpt_path last: no last.ckpt under {root} yet; starting afresh", file=sys.stderr)
+        say(f"no readable checkpoint under {root} yet; starting afresh")
         return None
-    print(f"--ckpt_path last: resuming from {found}", file=sys.stderr)
+    say(f"resuming from {found}")
     return str(found)
 
 
@@ -153,7 +215,7 @@ def check_checkpoint(path: str | os.PathLike) -> str | None:
 
     import torch
 
-    from pebr_lightning.errors import PebrError
+    from pebr_lightning.errors import PebrError, load_failure_reason
 
     path = Path(path)
     hint = "pass another --ckpt_path, or `last` for the newest complete one"
@@ -163,17 +225,59 @@ def check_checkpoint(path: str | os.PathLike) -> str | None:
             raise PebrError(
                 f"{path}: incomplete sharded checkpoint (no {', '.join(missing)}); {hint}"
             )
+        from pebr_lightning.parallel.dcp_metadata import read_dcp_metadata
+
+        read_dcp_metadata(path)  # DCP reads .metadata with pickle: refuse a crafted one first
         path = path / "meta.pt"  # hyper-parameters and loop state; weights in shards
     elif not path.is_file():
         raise PebrError(f"{path}: no such checkpoint; {hint}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # pickle, zip and torch errors alike: the file is unusable
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PebrError(f"{path}: not a readable checkpoint ({first}); {hint}") from None
+        reason = load_failure_reason(err)
+        raise PebrError(f"{path}: not a readable checkpoint ({reason}); {hint}") from None
     hparams = data.get("hyper_parameters") if isinstance(data, dict) else None
     recorded = hparams.get("_class_path") if isinstance(hparams, dict) else None
     return recorded if isinstance(recorded, str) else None
+
+
+def shards_checkpoints(trainer: Any) -> bool:
+    """Whether the trainer config's strategy reads sharded checkpoint folders (FSDP2)."""
+    import importlib
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, str):
+        return False  # "auto", "ddp", ...: single-file checkpoints
+    cls = type(strategy)
+    path = strategy.get("class_path") if hasattr(strategy, "get") else None
+    if path:
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None)
+    return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
+
+
+def with_atomic_checkpoints(plugins: Any) -> list:
+    """The trainer's plugins plus AtomicCheckpointIO, unless they name a CheckpointIO.
+
+    Entries stay `class_path` namespaces, so the saved config.yaml records the plugin.
+    """
+    import importlib
+
+    from jsonargparse import Namespace
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    items = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+    for item in items:
+        cls = item if isinstance(item, type) else type(item)
+        if isinstance(item, (Namespace, dict)) and item.get("class_path"):
+            module, _, name = item["class_path"].rpartition(".")
+            cls = getattr(importlib.import_module(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, CheckpointIO):
+            return items  # the user's choice of checkpoint writer stands
+    atomic = "pebr_lightning.callbacks.checkpoint_io.AtomicCheckpointIO"
+    return [*items, Namespace(class_path=atomic, init_args=Namespace())]
 
 
 def positive_int(text: str) -> int:

@@ -15,3 +15,31 @@ class PebrError(Exception):
 
 class ManifestError(PebrError):
     """A manifest (or an image it points to) is unusable."""
+
+
+# torch's own advice in a weights_only refusal: never shown to a user, since following
+# it ("re-run with weights_only=False") is how a crafted checkpoint runs its code.
+_TORCH_ADVICE = (
+    "weights only load failed",
+    "re-running `torch.load`",
+    "weights_only",
+    "check the documentation of torch.load",
+    "do it only if you got the file",
+)
+
+
+def load_failure_reason(err: BaseException) -> str:
+    """Why torch.load refused or failed, in one line, without torch's unsafe advice.
+
+    For a refused pickle, that is the object it asked for ("unsupported GLOBAL
+    posix.system whose module posix is blocked", "Unsupported global: GLOBAL x.Y");
+    otherwise the first line of the error that is not advice.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "unsupported global" in line.lower():
+            return line.rstrip(".").split(" was not an allowed global", 1)[0]
+    for line in lines:
+        if not any(advice in line.lower() for advice in _TORCH_ADVICE):
+            return line
+    return type(err).__name__

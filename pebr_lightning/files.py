@@ -1,9 +1,14 @@
-"""Writing output files so that a crash never leaves half of one."""
+"""Writing output files so that a crash or a full disk never leaves half of one."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
+
+LOCK_FILE = ".pebr.lock"
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -13,21 +18,101 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     The temporary name carries the process id, so ranks writing the same file do not
     collide; plain open() keeps the user's umask for the file mode.
     """
+    raw = data if isinstance(data, bytes) else data.encode("utf-8")
+    return write_atomic_with(path, lambda f: f.write(raw))
+
+
+def write_atomic_with(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """`write(file)` into a temporary file in `path`'s folder, fsync, rename over `path`.
+
+    The temporary file is in the destination folder, so the final rename is a rename
+    on one filesystem (atomic), never a copy that a full disk can cut short; on any
+    failure it is removed and `path` keeps its previous content. The folder is
+    synced after the rename, so the new name survives a power cut too.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        if isinstance(data, bytes):
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    sync_folder(path.parent)
     return path
+
+
+def sync_folder(folder: str | Path) -> None:
+    """fsync a folder (its entries: renames, new files); a no-op where not supported."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+@contextmanager
+def exclusive_lock(
+    folder: str | Path, purpose: str, echo: Callable[[str], None] = print
+) -> Iterator[None]:
+    """Hold `folder`/.pebr.lock exclusively while the block runs, or fail at once.
+
+    A second run on the same output folder would read the first one's half-made
+    outputs and write beside them; it stops instead with an error naming the process
+    that holds the lock. The lock is the kernel's (flock), so it ends with its
+    process, however that ends; the file keeps the holder's id, and a run that finds
+    the id of a process that is gone says it takes the folder over.
+    """
+    import fcntl
+
+    from pebr_lightning.errors import PebrError
+
+    path = Path(folder) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            raise PebrError(
+                f"{folder} is in use by another {purpose} (process {holder or 'unknown'}); "
+                "wait for it to finish, or give this run another output folder"
+            ) from None
+        previous = _holder(fd)
+        if previous and previous != os.getpid() and not process_alive(previous):
+            echo(
+                f"{folder}: taking over from process {previous}, which stopped without "
+                "finishing (its finished stages are kept; an interrupted one resumes)"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # a clean end leaves no holder behind
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _holder(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None

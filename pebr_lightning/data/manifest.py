@@ -143,13 +143,81 @@ def load_manifest(
     return LoadedManifest(path=path, records=records, problems=problems)
 
 
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+"""Largest image decoded (width x height): 120 MB as RGB. PEBR_MAX_IMAGE_PIXELS changes
+it; PEBR_RESIZE_LARGE_IMAGES=1 shrinks larger ones to it instead of refusing them."""
+
+
+def max_image_pixels() -> int:
+    value = os.environ.get("PEBR_MAX_IMAGE_PIXELS", "")
+    return int(value) if value.strip().isdigit() else DEFAULT_MAX_IMAGE_PIXELS
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; an unreadable file raises ManifestError naming it."""
+    """Open an image as RGB; an unreadable or oversized file raises ManifestError naming it.
+
+    The size is read from the header before any pixel is decoded: a 10000 x 10000 PNG
+    would take 0.9 GB per load. Over `max_image_pixels()` it is refused, or shrunk to
+    it (aspect kept) with PEBR_RESIZE_LARGE_IMAGES=1; JPEGs shrink while decoding.
+    """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            limit = max_image_pixels()
+            if image.width * image.height > limit:
+                if os.environ.get("PEBR_RESIZE_LARGE_IMAGES", "") not in ("1", "true", "yes"):
+                    raise ManifestError(oversized(path, image, limit))
+                scale = math.sqrt(limit / (image.width * image.height))
+                size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+                image.draft("RGB", size)  # JPEG: decode at a reduced scale already
+                rgb = to_rgb(image)
+                rgb.thumbnail(size)
+                return rgb
+            return to_rgb(image)
     except _IMAGE_ERRORS as err:
         raise ManifestError(f"cannot read image {path}: {err}") from None
+
+
+def oversized(path: str | Path, image: Image.Image, limit: int) -> str:
+    return (
+        f"image {path} is {image.width} x {image.height} = {image.width * image.height:,} "
+        f"pixels, over the limit of {limit:,}: resize it, raise PEBR_MAX_IMAGE_PIXELS, or "
+        "set PEBR_RESIZE_LARGE_IMAGES=1 to shrink such images when they are read"
+    )
+
+
+# 16-bit and 32-bit single-channel modes; PIL's convert("RGB") clips them to 0..255,
+# which turns a 16-bit picture almost entirely white.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as a person sees the file: transparency over white, 16-bit scaled.
+
+    - Transparency (an alpha channel, or a palette / colour-key `transparency`) is
+      composited onto white, as viewers show diagrams and screenshots; a plain
+      convert("RGB") drops alpha and shows the (usually black) hidden colour.
+    - 16-bit pixels (0..65535) are scaled to 0..255; 32-bit integer pixels too when
+      they exceed 255; float pixels within 0..1 are taken as 0..1.
+    """
+    if image.mode in _WIDE_MODES:
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        top = float(values.max()) if values.size else 0.0
+        if image.mode.startswith("I;16") or (image.mode == "I" and top > 255):
+            scale = 255.0 / 65535.0
+        elif image.mode == "F" and top <= 1.0:
+            scale = 255.0
+        else:
+            scale = 1.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 @dataclass
@@ -341,6 +409,11 @@ def _image_problem(path: str) -> str | None:
         return f"image file not found: {path}"
     try:
         with Image.open(path) as image:
+            limit = max_image_pixels()
+            if image.width * image.height > limit and os.environ.get(
+                "PEBR_RESIZE_LARGE_IMAGES", ""
+            ) not in ("1", "true", "yes"):
+                return oversized(path, image, limit)  # found from the header: nothing decoded
             image.load()
     except _IMAGE_ERRORS as err:
         return f"image unreadable or truncated: {path}: {err}"

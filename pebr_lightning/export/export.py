@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pebr_lightning.errors import PebrError
+from pebr_lightning.errors import PebrError, load_failure_reason
 
 # Module classes export rebuilds, by the class path LightningCLI records (`_class_path`).
 ALLOWED_MODULES = {
@@ -275,23 +275,24 @@ def _torch_load(path: Path) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as err:
-            detail = _unsupported_global(str(err))
-            if detail is None:
-                raise PebrError(f"{path}: cannot read the checkpoint: {_first_line(err)}") from None
+            reason = load_failure_reason(err)
+            if "global" not in reason.lower():
+                raise PebrError(f"{path}: cannot read the checkpoint: {reason}") from None
             raise PebrError(
-                f"{path}: holds an object export does not load ({detail}); only tensors, "
+                f"{path}: holds an object export does not load ({reason}); only tensors, "
                 "plain data and pebr's config classes are read from a checkpoint"
             ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as err:
             raise PebrError(
                 f"{path}: cannot read the checkpoint (truncated, or not written by "
-                f"torch.save?): {_first_line(err)}"
+                f"torch.save?): {load_failure_reason(err)}"
             ) from None
 
 
 def _read_sharded(path: Path) -> Checkpoint:
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from pebr_lightning.parallel.dcp_metadata import read_dcp_metadata
 
     if not (path / META_FILE).is_file() or not (path / DCP_METADATA).is_file():
         raise PebrError(
@@ -301,10 +302,7 @@ def _read_sharded(path: Path) -> Checkpoint:
     meta = _torch_load(path / META_FILE)
     if not isinstance(meta, dict):
         raise PebrError(f"{path / META_FILE}: not a Lightning checkpoint's metadata")
-    try:
-        metadata = FileSystemReader(path).read_metadata()
-    except Exception as err:  # a corrupt .metadata fails in many ways
-        raise PebrError(f"{path / DCP_METADATA}: cannot read: {_first_line(err)}") from None
+    metadata = read_dcp_metadata(path)  # never unpickles anything but DCP's own classes
     shapes: dict[str, tuple[int, ...] | None] = {}
     for key, item in metadata.state_dict_metadata.items():
         fqn = (metadata.planner_data or {}).get(key)
@@ -323,13 +321,15 @@ def _load_sharded(path: Path, module: Any, expected: dict[str, tuple[int, ...]])
     """Read the shards straight into the module's tensors (DCP copies, casting dtype)."""
     from torch.distributed.checkpoint import load
 
+    from pebr_lightning.parallel.dcp_metadata import SafeFileSystemReader
+
     own = module.state_dict()
     state = {"state_dict": {k: own[k] for k in expected}}
     with warnings.catch_warnings():
         # One process without a process group is exactly the intent here.
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         try:
-            load(state, checkpoint_id=path)
+            load(state, storage_reader=SafeFileSystemReader(path))
         except Exception as err:  # CheckpointException wraps the reader's errors
             raise PebrError(f"{path}: cannot read the shards: {_first_line(err)}") from None
 
@@ -416,13 +416,6 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _unsupported_global(message: str) -> str | None:
-    for line in message.splitlines():
-        if "Unsupported global" in line:
-            return line.strip().split(" was not", 1)[0]
-    return None
 
 
 def _first_line(err: BaseException) -> str:

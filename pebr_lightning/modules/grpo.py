@@ -39,7 +39,9 @@ from pebr_lightning.metrics.step import StepMetrics
 from pebr_lightning.models.policy import (
     LoraConfig,
     QuantizationConfig,
+    adapter_base,
     load_processor,
+    resolve_model_path,
     unwrap,
 )
 from pebr_lightning.models.rollout import (
@@ -127,6 +129,7 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: int = 8,
         prompts_per_update: int | None = None,
         max_grad_norm: float = 1.0,
+        max_nonfinite_steps: int = 3,
         dynamic_sampling_tries: int = 0,
         share_image_features: bool = True,
         share_prompt: bool = True,
@@ -156,6 +159,9 @@ class GRPOModule(L.LightningModule):
             prompts_per_update: prompts (x G sequences) per optimizer step; null = all the
                 batch's prompts in one step. The paper uses 560 per rollout, 112 per update.
             max_grad_norm: clip the gradient norm to this before each optimizer step.
+            max_nonfinite_steps: a step whose loss or gradient norm is NaN/inf skips its
+                optimizer step (train/nonfinite_steps); this many such steps in a row
+                stop the run with an error naming the step and the rewards.
             dynamic_sampling_tries: DAPO's dynamic sampling: replace groups whose rewards
                 are all equal with fresh prompts from the training set, up to this many
                 extra rollouts per step (0 = off). Counts are logged.
@@ -172,7 +178,8 @@ class GRPOModule(L.LightningModule):
                 by (seed, step, sample id, group member), so the same sample draws the
                 same completion on 1 or N processes and after a resume.
             max_prompt_tokens: a prompt longer than this (image tokens included) stops
-                training with an error naming the sample; null = no limit.
+                training with an error naming the sample; null = the model's
+                max_position_embeddings less sampling.max_new_tokens.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -200,6 +207,10 @@ class GRPOModule(L.LightningModule):
         self.micro_batch_size = micro_batch_size
         self.prompts_per_update = prompts_per_update
         self.max_grad_norm = max_grad_norm
+        if max_nonfinite_steps < 1:
+            raise PebrError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._nonfinite_streak = 0
         self.dynamic_sampling_tries = dynamic_sampling_tries
         self.share_image_features = share_image_features
         self.share_prompt = share_prompt
@@ -246,9 +257,36 @@ class GRPOModule(L.LightningModule):
         return configure_adamw(params, self.optim, int(self.trainer.estimated_stepping_batches))
 
     def collator(self, split: str) -> PromptCollator:
-        return PromptCollator(
-            self.processor, self.prompt, self.max_prompt_tokens, "model.max_prompt_tokens"
-        )
+        limit, setting = self.max_prompt_tokens, "model.max_prompt_tokens"
+        if limit is None:
+            # Unset, the model's own position limit (less the completion's room) holds:
+            # past it a prompt would train on positions the model never had.
+            positions = self._position_limit()
+            if positions is not None:
+                new = self.sampling.max_new_tokens
+                limit = positions - new
+                setting = (
+                    f"the model's max_position_embeddings {positions} - "
+                    f"model.sampling.max_new_tokens {new} (model.max_prompt_tokens unset)"
+                )
+        return PromptCollator(self.processor, self.prompt, limit, setting)
+
+    def _position_limit(self) -> int | None:
+        """The text model's max_position_embeddings, or None when it cannot be read."""
+        try:
+            if self.policy is not None:
+                config = unwrap(self.policy).config
+            else:
+                from transformers import AutoConfig
+
+                path = resolve_model_path(self.model_name)
+                config = AutoConfig.from_pretrained(
+                    adapter_base(path) or path, trust_remote_code=self.trust_remote_code
+                )
+            value = getattr(config.get_text_config(), "max_position_embeddings", None)
+        except (OSError, ValueError, AttributeError):
+            return None
+        return int(value) if isinstance(value, int) and value > 0 else None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self._stats.device != self.device:
@@ -268,6 +306,39 @@ class GRPOModule(L.LightningModule):
         ref = self.reference_logprobs(prompt, rollout, features)
         metrics = self.update(prompt, rollout, features, advantages, keep, ref)
         self.log_step(rollout, scored, advantages, metrics, part.records)
+        self.check_finite(metrics, scored)
+
+    def check_finite(self, metrics: dict[str, float], scored: dict[str, Any]) -> None:
+        """Stop after `max_nonfinite_steps` steps in a row whose update was not finite.
+
+        A single NaN/inf loss or gradient norm only skips that optimizer step (counted
+        in train/nonfinite_steps); several in a row mean the run would only skip from
+        then on, so it stops, naming the step and the rewards that went in.
+        """
+        if not metrics.get("nonfinite_steps"):
+            self._nonfinite_streak = 0
+            return
+        self._nonfinite_streak += 1
+        if self._nonfinite_streak < self.max_nonfinite_steps:
+            return
+        totals = scored["rewards"].double()
+        finite = totals[torch.isfinite(totals)]
+        figures = (
+            f"min {finite.min().item():.4g}, max {finite.max().item():.4g}"
+            if finite.numel()
+            else "none finite"
+        )
+        largest = {
+            name: max((abs(v) for v in values if v is not None), default=None)
+            for name, values in scored["result"].per_reward.items()
+        }
+        raise PebrError(
+            f"step {self.global_step}: the loss or its gradient was not finite in "
+            f"{self._nonfinite_streak} steps in a row (each skipped, weights unchanged); this "
+            f"batch's total rewards: {figures}; largest |score| per reward: {largest}. Check "
+            "the rewards' scale and weights, or lower model.optim.lr; "
+            "model.max_nonfinite_steps sets how many are tolerated"
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_trainable_state(self, checkpoint)

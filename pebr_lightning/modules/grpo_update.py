@@ -60,7 +60,7 @@ def policy_update(
         return skip_update(optimizer, scheduler, steps)
     sums: dict[str, float] = {}
     norms: list[float] = []
-    count = 0
+    count = nonfinite = 0
     for _ in range(cfg.mu):
         for mini in rows.split(per_update):
             mask = loss_mask[mini]  # [m, T]
@@ -97,14 +97,22 @@ def policy_update(
                 count += 1
             with module._phase("optimizer"):
                 params = [p for p in module.policy.parameters() if p.requires_grad]
-                norms.append(float(clip_grad_norm(params, module.max_grad_norm)))
-                optimizer.step()
+                # the norm is global (all processes' gradients), so every process
+                # takes the same branch
+                norm = float(clip_grad_norm(params, module.max_grad_norm))
+                if math.isfinite(norm):
+                    norms.append(norm)
+                else:  # NaN/inf loss or gradient: never step on it
+                    nonfinite += 1
+                    optimizer.zero_grad(set_to_none=True)
+                optimizer.step()  # without gradients: weights and AdamW state untouched
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
     means = {k: v / max(count, 1) for k, v in sums.items()}
     means["grad_norm"] = sum(norms) / max(len(norms), 1)
-    means["optimizer_steps"] = float(len(norms))
+    means["optimizer_steps"] = float(len(norms) + nonfinite)
     means["skipped_steps"] = 0.0
+    means["nonfinite_steps"] = float(nonfinite)
     return means
 
 
@@ -121,7 +129,12 @@ def skip_update(optimizer: Any, scheduler: Any, steps: int) -> dict[str, float]:
     for _ in range(steps):
         optimizer.step()
         scheduler.step()
-    return {"skipped_steps": 1.0, "grad_norm": 0.0, "optimizer_steps": float(steps)}
+    return {
+        "skipped_steps": 1.0,
+        "grad_norm": 0.0,
+        "optimizer_steps": float(steps),
+        "nonfinite_steps": 0.0,
+    }
 
 
 def micro_share(loss_type: str, cmask: Tensor, tokens: int, seqs: int) -> float:

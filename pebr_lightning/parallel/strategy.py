@@ -64,6 +64,51 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Sharded saves go to `X.partial/` and are swapped in once every shard is written.
+
+        Lightning writes a sharded checkpoint into its final folder, over the previous
+        one of that name: a full disk or a kill half-way left a folder mixing old and
+        new shards. Here `last.ckpt` is the previous complete folder until the new
+        one is. (A single-file save goes through the trainer's CheckpointIO, which
+        `pebr fit` makes atomic.)
+        """
+        import shutil
+        from pathlib import Path
+
+        if not self._save_distributed_checkpoint or storage_options is not None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        target = Path(self.broadcast(filepath))
+        partial = target.with_name(target.name + ".partial")
+        if self.global_rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.barrier("pebr_checkpoint_partial")
+        super().save_checkpoint(checkpoint, partial)
+        self.barrier("pebr_checkpoint_written")
+        if self.global_rank == 0:
+            old = target.with_name(target.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            if target.is_dir():
+                target.rename(old)
+            elif target.exists():
+                target.unlink()
+            partial.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier("pebr_checkpoint_swapped")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+        """Lightning's loader, after checking a sharded folder's `.metadata`: DCP reads
+        that file with plain pickle, so a crafted one would run code during the load."""
+        from pathlib import Path
+
+        from pebr_lightning.parallel.dcp_metadata import read_dcp_metadata
+
+        if Path(checkpoint_path).is_dir():
+            read_dcp_metadata(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     def shard_settings(self) -> dict[str, Any]:
         """Keyword arguments of `parallel.sharding.shard_policy` (dtypes as torch dtypes)."""
         import torch

@@ -254,7 +254,9 @@ class _FgClipScorer:
         import torch.nn.functional as F
 
         side = self.image_size
-        resized = [image.convert("RGB").resize((side, side)) for image in images]
+        from pebr_lightning.data.manifest import to_rgb
+
+        resized = [to_rgb(image).resize((side, side)) for image in images]
         pixels = self.image_processor(images=resized, return_tensors="pt")["pixel_values"]
         dtype = next(self.model.parameters()).dtype
         pixels = pixels.to(self.device, dtype=dtype)  # [n, 3, side, side]

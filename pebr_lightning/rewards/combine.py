@@ -17,6 +17,7 @@ module turns the totals into tensors.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import threading
@@ -29,6 +30,8 @@ from pebr_lightning.rewards.protocol import Reward, RewardOutput
 from pebr_lightning.rewards.registry import RewardSpec, build_reward
 
 MAX_LISTED_IDS = 5
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest |score| accepted: totals and advantages are computed in float32."""
 
 
 class RewardError(PebrError):
@@ -142,7 +145,10 @@ class RewardSet:
         ids = [_sample_id(s, i) for i, s in enumerate(samples)]
         result = RewardResult(total=[], per_reward={}, components={}, faults={})
         for item in self.rewards:
-            scores, components, faults = _run_one(item, completions, samples, context, ids)
+            # Each reward reads its own copy: one that edits a sample (an answer
+            # normalised in place, say) cannot change what the rewards after it grade.
+            own = copy.deepcopy(samples)
+            scores, components, faults = _run_one(item, completions, own, context, ids)
             name = item.reward.name
             result.per_reward[name] = scores
             result.faults[name] = faults
@@ -209,6 +215,9 @@ def value_problem(value: Any) -> str | None:
         return f"{value!r} cannot be converted to float ({err})"
     if not math.isfinite(number):
         return f"{number} is not finite"
+    if abs(number) > FLOAT32_MAX:
+        # finite here, but inf in the float32 tensors rewards become: NaN advantages
+        return f"{number:g} is outside the float32 range (|score| <= {FLOAT32_MAX:.4g})"
     return None
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pebr_lightning.errors import PebrError
-from pebr_lightning.files import write_atomic
+from pebr_lightning.files import exclusive_lock, write_atomic
 from pebr_lightning.schedule.config import ORDER, FitStage, Schedule
 
 Echo = Callable[[str], None]
@@ -41,6 +41,11 @@ def run_schedule(
             )
     out = Path(schedule.out)
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out, "pebr schedule", lambda line: echo(f"[schedule] {line}")):
+        return _run_stages(schedule, chosen, out, echo)
+
+
+def _run_stages(schedule: Schedule, chosen: list[str], out: Path, echo: Echo) -> dict[str, dict]:
     if schedule.synth:
         _ensure_data(schedule, echo)
     records: dict[str, dict] = {}
@@ -87,6 +92,42 @@ def latest_last_checkpoint(stage_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def checkpoint_candidates(root: Path) -> list[Path]:
+    """Every complete-named checkpoint under `root`'s run versions, newest first.
+
+    Newest = highest `version_N`, then `last.ckpt` before the others, then the higher
+    `step=N` in the name. Temporary names (`.X.partial`, `X.partial`, `X.old`) are
+    never candidates.
+    """
+
+    def key(ckpt: Path) -> tuple[int, int, int]:
+        version = int(ckpt.parent.parent.name.removeprefix("version_"))
+        step = re.search(r"step=(\d+)", ckpt.name)
+        return (version, ckpt.name == "last.ckpt", int(step.group(1)) if step else -1)
+
+    found = [
+        ckpt
+        for ckpt in root.glob("lightning_logs/version_*/checkpoints/*.ckpt")
+        if re.fullmatch(r"version_\d+", ckpt.parent.parent.name) and not ckpt.name.startswith(".")
+    ]
+    return sorted(found, key=key, reverse=True)
+
+
+def newest_readable_checkpoint(root: Path, echo: Echo = print) -> Path | None:
+    """The newest of `checkpoint_candidates` that reads as a checkpoint; each one
+    skipped (truncated, empty, an incomplete sharded folder) is said through `echo`."""
+    from pebr_lightning.cli import check_checkpoint
+
+    for ckpt in checkpoint_candidates(root):
+        try:
+            check_checkpoint(ckpt)
+        except PebrError as err:
+            echo(f"skipping an unreadable checkpoint: {err}")
+            continue
+        return ckpt
+    return None
+
+
 def _start_weights(
     schedule: Schedule, stage: FitStage | None, records: dict[str, dict], before: str
 ) -> str:
@@ -129,7 +170,7 @@ def _run_fit(
     val = schedule.data.get("val") if stage.name == "sft" else None
     args += ["--data.init_args.val_manifest", val or "null"]
     args += list(stage.args)
-    resume = latest_last_checkpoint(stage_dir)
+    resume = newest_readable_checkpoint(stage_dir, echo)
     if resume is not None:
         echo(f"[schedule] {stage.name}: resuming from {resume}")
         args += ["--ckpt_path", str(resume)]
@@ -147,6 +188,7 @@ def _run_fit(
             f"stage {stage.name!r} wrote no last.hf under {stage_dir}: its config must keep"
             " an HFCheckpoint callback with save_last: true"
         )
+    _check_same_step(last, weights)
     record: dict[str, Any] = {
         "stage": stage.name,
         "weights": os.path.abspath(weights),
@@ -156,6 +198,19 @@ def _run_fit(
     if schedule.data.get("test"):
         record["eval"] = _evaluate(schedule, record["weights"], stage_dir / "eval", echo)
     return record
+
+
+def _check_same_step(ckpt: Path, weights: Path) -> None:
+    """Refuse a stage result whose `.hf` holds another step than its checkpoint."""
+    from pebr_lightning.callbacks.checkpoint import checkpoint_step, hf_step
+
+    step = checkpoint_step(ckpt)
+    found = hf_step(weights)
+    if found != step:
+        raise PebrError(
+            f"{weights} holds the weights of step {found}, but {ckpt} is step {step}: "
+            "rerun the stage (it resumes and writes last.hf again)"
+        )
 
 
 def _split_manifest(schedule: Schedule, stage: FitStage, records: dict[str, dict]) -> str:

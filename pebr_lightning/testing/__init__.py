@@ -1,6 +1,6 @@
 """Helpers for tests of pebr_lightning and of plugins built on it."""
 
-from pebr_lightning.testing.faults import KillAtStep
+from pebr_lightning.testing.faults import HangingReward, KillAtStep, KillBeforeHFSwap
 from pebr_lightning.testing.rewards import (
     RewardCheckReport,
     check_context_keys,
@@ -18,7 +18,9 @@ from pebr_lightning.testing.rewards import (
 from pebr_lightning.testing.snapshot import ParameterSnapshot
 
 __all__ = [
+    "HangingReward",
     "KillAtStep",
+    "KillBeforeHFSwap",
     "ParameterSnapshot",
     "RewardCheckReport",
     "check_context_keys",

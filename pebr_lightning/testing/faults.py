@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 import lightning as L
+
+from pebr_lightning.callbacks.checkpoint import HFCheckpoint, hf_step
 
 
 class KillAtStep(L.Callback):
@@ -25,3 +29,44 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillBeforeHFSwap(HFCheckpoint):
+    """HFCheckpoint that SIGKILLs its process when `last.hf` of step `step` is written
+    but not yet swapped in: `last.ckpt` holds step `step`, `last.hf` the step before,
+    and `last.hf.partial` is left, as a job pre-empted at that moment leaves them."""
+
+    def __init__(self, step: int, **kwargs) -> None:
+        """
+        Args:
+            step: the step whose `last.hf` swap is cut; 0 never kills.
+            kwargs: HFCheckpoint's (save_last, every_n_train_steps, ...).
+        """
+        super().__init__(**kwargs)
+        self.step = step
+
+    def _swap_in(self, partial: Path, target: Path) -> None:
+        if self.step and target.name == "last.hf" and hf_step(partial) == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super()._swap_in(partial, target)
+
+
+class HangingReward:
+    """A reward whose call never returns (from step `step` on): the hung-plugin fault.
+
+    It touches `marker` (when given) on entering the hang, so a test knows when to act.
+    """
+
+    name = "hanging"
+
+    def __init__(self, step: int = 0, marker: str | None = None) -> None:
+        self.step = step
+        self.marker = marker
+
+    def __call__(self, *, completions, samples, **context):
+        if context.get("global_step", 0) >= self.step:
+            if self.marker:
+                Path(self.marker).touch()
+            while True:
+                time.sleep(3600)
+        return [0.5] * len(completions)

@@ -248,3 +248,81 @@ def test_ten_thousand_records_load(write_lines, tmp_path: Path) -> None:
     manifest = write_lines(tmp_path / "big.jsonl", lines)
     loaded = load_manifest(manifest)
     assert len(loaded.records) == 10_000
+
+
+# -- images as a person sees them: transparency over white, 16-bit scaled ---------------
+
+
+def test_a_transparent_diagram_loads_on_white_not_black(tmp_path: Path) -> None:
+    """A diagram drawn on a transparent background (alpha 0, hidden colour black): a
+    plain convert("RGB") made 98 % of it black."""
+    image = Image.new("RGBA", (50, 50), (0, 0, 0, 0))
+    for x in range(20, 27):
+        for y in range(20, 27):
+            image.putpixel((x, y), (200, 30, 30, 255))
+    image.putpixel((0, 0), (0, 0, 255, 128))  # half-transparent blue over white
+    image.save(tmp_path / "diagram.png")
+    rgb = load_image(tmp_path / "diagram.png")
+    assert rgb.mode == "RGB"
+    colours = rgb.getcolors()
+    assert dict((c, n) for n, c in colours)[(255, 255, 255)] == 50 * 50 - 49 - 1
+    assert rgb.getpixel((22, 22)) == (200, 30, 30)
+    assert rgb.getpixel((0, 0)) == (127, 127, 255)  # 0.5 blue + 0.5 white, rounded
+
+
+def test_a_palette_image_with_a_transparent_index_loads_on_white(tmp_path: Path) -> None:
+    image = Image.new("P", (10, 10), 0)
+    image.putpalette([0, 0, 0, 0, 128, 0] + [0] * 762)  # index 0 black, index 1 green
+    image.putpixel((5, 5), 1)
+    image.save(tmp_path / "palette.png", transparency=0)
+    rgb = load_image(tmp_path / "palette.png")
+    assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((5, 5)) == (0, 128, 0)
+
+
+def test_a_16_bit_png_is_scaled_not_clipped_to_white(tmp_path: Path) -> None:
+    """16-bit grayscale 0..65535: a plain convert("RGB") clipped 99.6 % of it to 255."""
+    import numpy as np
+
+    ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16)  # 0, 257, ..., 65535
+    pixels = np.tile(ramp, (4, 1))
+    Image.fromarray(pixels).save(tmp_path / "ramp16.png")
+    with Image.open(tmp_path / "ramp16.png") as raw:
+        assert raw.mode.startswith("I")  # really a wide-mode image as PIL reads it
+    rgb = np.asarray(load_image(tmp_path / "ramp16.png"))
+    assert rgb.shape == (4, 256, 3)
+    assert (rgb[0, :, 0] == np.arange(256)).all()  # v * 257 -> v
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_an_ordinary_rgb_image_is_unchanged(tmp_path: Path) -> None:
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    image.putpixel((3, 3), (250, 0, 5))
+    image.save(tmp_path / "plain.png")
+    assert list(load_image(tmp_path / "plain.png").getdata()) == list(image.getdata())
+
+
+def test_an_oversized_image_is_refused_from_its_header_or_shrunk(tmp_path, monkeypatch) -> None:
+    """A 10000 x 10000 PNG decoded at up to 0.9 GB per load; the size is now checked
+    from the header first (here with a 10,000-pixel limit and a 200 x 100 image)."""
+    Image.new("RGB", (200, 100), (0, 128, 255)).save(tmp_path / "big.png")
+    monkeypatch.setenv("PEBR_MAX_IMAGE_PIXELS", "10000")
+    with pytest.raises(ManifestError) as info:
+        load_image(tmp_path / "big.png")
+    message = str(info.value)
+    assert message.startswith(f"image {tmp_path / 'big.png'} is 200 x 100 = 20,000 pixels")
+    assert "over the limit of 10,000" in message
+    assert "PEBR_RESIZE_LARGE_IMAGES=1" in message
+    monkeypatch.setenv("PEBR_RESIZE_LARGE_IMAGES", "1")
+    small = load_image(tmp_path / "big.png")
+    assert small.size == (140, 70) and small.getpixel((5, 5)) == (0, 128, 255)  # aspect 2:1
+
+
+def test_validation_reports_an_oversized_image_without_decoding_it(tmp_path, monkeypatch) -> None:
+    import json
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "big.png")
+    record = {"id": "a", "image": "big.png", "question": "q", "answer": "1"}
+    (tmp_path / "m.jsonl").write_text(json.dumps(record) + "\n")
+    monkeypatch.setenv("PEBR_MAX_IMAGE_PIXELS", "10000")
+    with pytest.raises(ManifestError, match=r"m\.jsonl:1: field 'image': .* = 20,000 pixels"):
+        load_manifest(tmp_path / "m.jsonl")

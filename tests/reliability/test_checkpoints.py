@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -121,12 +122,12 @@ def test_killed_inside_a_checkpoint_write_leaves_no_truncated_one(tmp_path, shap
         timeout=600,
     )
     assert done.returncode == -signal.SIGXFSZ, done.stderr[-2000:]  # killed, not an error
-    # SIGXFSZ comes only from a write crossing the limit. Lightning writes into a
-    # temporary file (fsspec: in the system temp folder) and moves it when complete:
-    # nothing under the run folder was cut, and there is no last.ckpt at all.
-    for path in root.rglob("*"):
-        assert not path.is_file() or path.stat().st_size < 4 * 2**20, path
-    assert not list(root.rglob("last.ckpt"))
+    # SIGXFSZ comes only from a write crossing the limit. The checkpoint is written
+    # into a temporary `.NAME.PID.partial` beside it and renamed when complete: the
+    # cut file is that temporary one, and there is no checkpoint at all.
+    cut = [p for p in root.rglob("*") if p.is_file() and p.stat().st_size >= 4 * 2**20]
+    assert cut and all(p.name.startswith(".") and p.name.endswith(".partial") for p in cut)
+    assert not list(root.rglob("*.ckpt"))
     assert main([*sft_args(shapes_data["train"], root), "--ckpt_path", "last"]) == 0
     (ckpt,) = root.rglob("last.ckpt")
     assert torch.load(ckpt, weights_only=True)["global_step"] == 2
@@ -194,3 +195,170 @@ def test_image_unreadable_mid_run_names_sample_and_keeps_checkpoints(tmp_path, c
     assert "--ckpt_path last" in line and "Traceback" not in err
     (ckpt,) = run.rglob("last.ckpt")  # the step before the failure is kept
     assert torch.load(ckpt, weights_only=True)["global_step"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 24 MB tmpfs: one step's checkpoints (~20 MB) fit, a second set does not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_whole(small_disk, shapes_data):
+    """Step 1's checkpoints fill most of a real 24 MB tmpfs; step 2's first one runs out
+    of space half-way (ENOSPC). Before, Lightning wrote into the system temp folder and
+    copied onto the run folder, leaving a cut file where a good one had been. Now the
+    temporary file is beside the target and removed on failure: every checkpoint left
+    reads whole, step 1's last.ckpt is intact, and `--ckpt_path last` resumes from it
+    once there is room."""
+    root = small_disk / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "pebr_lightning.cli", *sft_args(shapes_data["train"], root)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: cannot write") and "No space left" in last_line
+    assert "files written before are intact" in last_line
+    for ckpt in root.rglob("*.ckpt"):
+        assert torch.load(ckpt, weights_only=True)["global_step"] == 1, ckpt
+    assert not [p for p in root.rglob("*partial*")]  # the cut temporary file was removed
+    (last, *_) = sorted(root.rglob("last.ckpt"))
+
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+    assert main([*sft_args(shapes_data["train"], root), "--ckpt_path", "last"]) == 0
+    newest = max(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    assert newest != last and torch.load(newest, weights_only=True)["global_step"] == 2
+
+
+def test_last_skips_an_unreadable_newest_checkpoint(tmp_path, shapes_data, capsys):
+    """A cut `last.ckpt` in the newest run version (written by another tool, or before
+    this fix) is skipped with a message; the previous readable one is resumed."""
+    from pebr_lightning.cli import resolve_last
+
+    root = tmp_path / "run"
+    assert main(sft_args(shapes_data["train"], root, steps=1)) == 0
+    (good,) = root.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    newer = root / "lightning_logs" / "version_1" / "checkpoints"
+    newer.mkdir(parents=True)
+    data = good.read_bytes()
+    (newer / "last.ckpt").write_bytes(data[: len(data) // 3])
+    (newer / ".last.ckpt.4242.partial").write_bytes(data)  # a temporary name: never used
+    capsys.readouterr()
+    assert resolve_last(root) == str(good)
+    err = capsys.readouterr().err
+    assert f"skipping an unreadable checkpoint: {newer / 'last.ckpt'}: not a readable" in err
+    assert f"resuming from {good}" in err
+
+
+def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    from pebr_lightning.callbacks.checkpoint_io import remove_stale_partials
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    target = tmp_path / "last.ckpt"
+    stale = tmp_path / f".last.ckpt.{int(dead.stdout)}.partial"
+    live = tmp_path / f".last.ckpt.{os.getpid()}.partial"
+    other = tmp_path / f".epoch=0-step=1.ckpt.{int(dead.stdout)}.partial"
+    for path in (stale, live, other):
+        path.write_bytes(b"x")
+    assert remove_stale_partials(target) == [stale]
+    assert live.exists() and other.exists() and not stale.exists()
+
+
+def test_killed_between_checkpoint_and_its_hf_folder(tmp_path, shapes_data):
+    """Killed after writing step 2's last.ckpt, before swapping in its last.hf (real
+    SIGKILL at that point): the re-run resumes at max_steps, takes no step, and writes
+    last.hf again from the checkpoint's weights instead of keeping step 1's."""
+    from safetensors.torch import load_file
+
+    from pebr_lightning.callbacks.checkpoint import hf_step
+
+    root = tmp_path / "run"
+
+    def args(kill_at: int) -> list[str]:
+        kill = {
+            "class_path": "pebr_lightning.testing.KillBeforeHFSwap",
+            "init_args": {"step": kill_at, "every_n_train_steps": 1, "save_last": True},
+        }
+        # the only checkpoint callback (the config's own would write a second last.ckpt)
+        return [
+            *sft_args(shapes_data["train"], root)[:-3],
+            "--trainer.callbacks",
+            json.dumps([kill]),
+        ]
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pebr_lightning.cli", *args(2)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    (ckpt,) = root.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    hf = ckpt.with_name("last.hf")
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2
+    assert hf_step(hf) == 1 and ckpt.with_name("last.hf.partial").is_dir()  # the stale state
+
+    assert main([*args(0), "--ckpt_path", "last"]) == 0
+    assert hf_step(hf) == 2 and not ckpt.with_name("last.hf.partial").exists()
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    saved = load_file(hf / "model.safetensors")
+    ours = next(v for k, v in state.items() if k.endswith("embed_tokens.weight"))
+    torch.testing.assert_close(saved["model.embed_tokens.weight"], ours, rtol=0, atol=0)
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_payload_is_refused_naming_it_without_torchs_unsafe_advice(
+    tmp_path, shapes_data, capsys
+):
+    """torch's refusal begins with "Re-running torch.load with weights_only set to
+    False will likely succeed": advice that must never reach a user. The reason shown is
+    the object the file asked for."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload(marker)}}, evil)
+    assert main([*sft_args(shapes_data["train"], tmp_path / "run"), "--ckpt_path", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {evil}: not a readable checkpoint (" in err
+    assert "GLOBAL posix.system" in err
+    assert "weights_only" not in err and "Re-running" not in err
+    assert not marker.exists()
+
+
+def test_a_sharded_folder_given_to_a_single_process_fit_is_a_clear_error(
+    tmp_path, shapes_data, capsys
+):
+    """Before: IsADirectoryError with a traceback from deep in Lightning."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"state_dict": {"w": torch.zeros(2)}}, checkpoint_id=folder)
+    torch.save({"global_step": 1, "hyper_parameters": {}}, folder / "meta.pt")
+    code = main([*sft_args(shapes_data["train"], tmp_path / "run"), "--ckpt_path", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {folder}: a sharded checkpoint folder (written by FSDP2Strategy)" in err
+    assert "Traceback" not in err and "IsADirectoryError" not in err

@@ -204,3 +204,73 @@ def test_out_of_memory_in_backward_says_what_to_lower(tiny_path, shapes_data, tm
     assert "out of memory in the backward" in message
     for setting in ("micro_batch_size", "gradient_checkpointing", "sampling.max_new_tokens"):
         assert setting in message
+
+
+# -- rewards so large that the update is not finite --------------------------------------
+
+
+class Explosive:
+    """3e38 and 2e38 alternately (finite, within float32) while global_step < `until`,
+    then the vowel share: a group's sum overflows float32, so its advantages and the
+    loss are NaN."""
+
+    name = "explosive"
+
+    def __init__(self, until: int = 1_000_000) -> None:
+        self.until = until
+
+    def __call__(self, *, completions, samples, **context):
+        if context["global_step"] < self.until:
+            return [3e38 if i % 2 else 2e38 for i in range(len(completions))]
+        from pebr_lightning.testing.spread_reward import VowelShareReward
+
+        return VowelShareReward()(completions=completions, samples=samples, **context)
+
+
+def explosive(until: int) -> list[dict]:
+    return [{"class_path": f"{__name__}.Explosive", "init_args": {"until": until}}]
+
+
+def test_non_finite_updates_are_skipped_then_the_run_stops_naming_the_step(
+    tiny_path, shapes_data, tmp_path
+):
+    """Before: the optimizer stepped on NaN gradients, every trainable value became NaN
+    and the run ended with exit 0, saving them. Now each such step is skipped (weights
+    and AdamW state untouched, counted) and the 2nd in a row stops the run."""
+    module = make_module(tiny_path, rewards=explosive(10**6), lora=None, max_nonfinite_steps=2)
+    before = trainable(module)
+    with pytest.raises(PebrError) as info:
+        fit(module, shapes_data, tmp_path, steps=5)
+    message = str(info.value)
+    assert message.startswith("step 2: the loss or its gradient was not finite in 2 steps")
+    assert "largest |score| per reward: {'explosive': 3e+38}" in message
+    after = trainable(module)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not module.trainer.optimizers[0].state  # AdamW never stepped on a gradient
+
+
+def test_one_non_finite_step_is_skipped_and_training_goes_on(tiny_path, shapes_data, tmp_path):
+    module = make_module(tiny_path, rewards=explosive(1), lora=None)
+    before = trainable(module)
+    trainer = fit(module, shapes_data, tmp_path, steps=3)
+    after = trainable(module)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # steps 2-3 trained
+    rows = [r for r in logged(trainer) if "train/nonfinite_steps" in r]
+    assert [r["train/nonfinite_steps"] for r in rows] == [1.0, 0.0, 0.0]
+
+
+def test_without_max_prompt_tokens_the_models_position_limit_holds(tiny_path, shapes_data):
+    """Before: with max_prompt_tokens null a prompt past the model's 4096 positions
+    trained silently. Now the limit defaults to them less the completion's room."""
+    module = make_module(tiny_path)  # max_prompt_tokens unset; max_new_tokens 8
+    records = load_manifest(shapes_data["train"]).records
+    items = [RecordDataset(records)[i] for i in range(2)]
+    items[1]["record"] = {**items[1]["record"], "question": "How many? " * 2500}
+    with pytest.raises(PebrError) as info:
+        module.collator("train")(items)
+    message = str(info.value)
+    assert f"sample {records[1]['id']}: the prompt is " in message
+    assert "the model's max_position_embeddings 4096 - model.sampling.max_new_tokens 8" in message
+    assert message.split("(model.max_prompt_tokens unset)=")[1].startswith("4088;")
+    module.collator("train")(items[:1])  # an ordinary prompt passes

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,3 +96,54 @@ def test_timeout_s_is_checked_and_round_trips() -> None:
     assert RewardSpec.from_dict(data) == RewardSpec(name="format", timeout_s=2.5)
     assert "timeout_s" not in RewardSpec(name="format").to_dict()
     assert load_rewards([{"name": "format", "timeout_s": 3}]).rewards[0].timeout_s == 3.0
+
+
+def test_sigterm_stops_a_run_whose_reward_hangs_without_a_timeout(tmp_path, shapes_data) -> None:
+    """Before: Lightning's SIGTERM handler only sets a flag checked between batches, and
+    a reward hung inside a batch never got there: the run ignored SIGTERM for good. Now
+    the run stops PEBR_SIGTERM_GRACE_S after it (here 3 s), exit 143, and the checkpoint
+    of step 1 is whole."""
+    import torch
+
+    repo = Path(__file__).resolve().parents[2]
+    marker = tmp_path / "hanging"
+    hang = {"class_path": "pebr_lightning.testing.HangingReward",
+            "init_args": {"step": 1, "marker": str(marker)}}  # fmt: skip
+    spread = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward"}
+    root = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pebr_lightning.cli", "fit",
+         "--config", str(repo / "configs/demo/reasoning.yaml"),
+         "--model.init_args.rewards", json.dumps([spread, hang]),
+         "--model.init_args.sampling.group_size", "2",
+         "--model.init_args.sampling.max_new_tokens", "8",
+         "--data.init_args.train_manifest", str(shapes_data["train"]),
+         "--data.init_args.batch_size", "2",
+         "--trainer.max_steps", "5",
+         "--trainer.default_root_dir", str(root),
+         "--trainer.callbacks+=pebr_lightning.callbacks.HFCheckpoint",
+         "--trainer.callbacks.every_n_train_steps=1",
+         "--trainer.callbacks.save_last=true"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+             "PEBR_SIGTERM_GRACE_S": "3"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():  # step 1 trained and checkpointed; step 2's reward hangs
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the reward never started hanging"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
+    assert "error: still running 3 s after SIGTERM" in err
+    assert not [p for p in root.rglob("*partial*")]
+    checkpoints = list(root.rglob("*.ckpt"))
+    assert checkpoints
+    for ckpt in checkpoints:
+        assert torch.load(ckpt, weights_only=True)["global_step"] == 1

@@ -168,6 +168,8 @@ FAULTS = {
     "dict": (Returning("bad", {"s0": 1.0}), [0, 1, 2], "returned a dict"),
     "nan": (Returning("bad", [1.0, math.nan, 0.0]), [1], "id s1: nan is not finite"),
     "inf": (Returning("bad", [1.0, -math.inf, 0.0]), [1], "id s1: -inf is not finite"),
+    # finite in float64, inf in the float32 totals: NaN advantages, NaN weights (before)
+    "huge": (Returning("bad", [1.0, 1e39, 0.0]), [1], "id s1: 1e+39 is outside the float32"),
     "str": (Returning("bad", [1.0, "0.5", 0.0]), [1], "id s1: str '0.5' is not a number"),
     "bool": (Returning("bad", [1.0, True, 0.0]), [1], "id s1: bool True is not a number"),
     "list value": (Returning("bad", [1.0, [0.5], 0.0]), [1], "id s1: list [0.5] is not a number"),
@@ -295,3 +297,27 @@ def test_load_rewards_builds_a_set_from_specs(tmp_path: Path, monkeypatch) -> No
         "init_args": {"name": "fmt", "value": 0},
         "on_error": "none",
     }
+
+
+class Meddling:
+    """Scores 1 and, as a careless plugin might, rewrites every sample's answer."""
+
+    name = "meddling"
+
+    def __call__(self, *, completions, samples, **context):
+        for sample in samples:
+            sample["answer"] = "changed"
+        return [1.0] * len(completions)
+
+
+def test_a_reward_that_edits_samples_changes_nothing_for_the_rewards_after_it() -> None:
+    """Before, a reward editing `samples` in place changed what the next reward graded
+    (and the trainer's own records). Each reward now reads its own copy."""
+    from pebr_lightning.rewards.accuracy import AccuracyReward
+
+    records = [{"id": "s0", "answer": "3"}, {"id": "s1", "answer": "4"}]
+    completions = ["### The final answer is: 3", "### The final answer is: 4"]
+    reward_set = rewards((Meddling(), 0.5), (AccuracyReward(), 0.5))
+    result = reward_set(completions, records)
+    assert result.per_reward["accuracy"] == [1.0, 1.0]
+    assert records == [{"id": "s0", "answer": "3"}, {"id": "s1", "answer": "4"}]

@@ -119,7 +119,9 @@ def test_stages_chain_then_a_second_run_skips_them(tiny_path, shapes_data, tmp_p
 
 def test_killed_stage_resumes_from_its_last_checkpoint(tiny_path, shapes_data, tmp_path, capsys):
     """kill -9 while SFT trains (after its first `last.ckpt`); the rerun resumes from
-    that checkpoint: the new run's first logged step is past 0, and the stage ends."""
+    that checkpoint: the new run's first logged step is past 0, and the stage ends.
+    Meanwhile a second run on the same folder is refused (its lock is held), and the
+    rerun after the kill takes the folder over, saying from which process."""
     config = write_schedule(tmp_path, shapes_data, sft_steps=60)
     stage_dir = tmp_path / "out" / "sft"
     pebr = str(Path(sys.executable).with_name("pebr"))
@@ -136,13 +138,27 @@ def test_killed_stage_resumes_from_its_last_checkpoint(tiny_path, shapes_data, t
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.2)
         time.sleep(1.0)
+        # a second run on the same folder while the first trains: refused at once
+        second = subprocess.run(
+            [pebr, "schedule", "--config", str(config), "--stages", "sft"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        assert proc.poll() is None  # the first one is still training
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"in use by another pebr schedule (process {proc.pid})" in second.stderr
+    assert "[schedule] sft:" not in second.stdout  # it started nothing
     assert not (stage_dir / "DONE.json").exists()
 
     assert main(["schedule", "--config", str(config), "--stages", "sft"]) == 0
-    assert "[schedule] sft: resuming from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"taking over from process {proc.pid}, which stopped without finishing" in out
+    assert "[schedule] sft: resuming from" in out
     assert (stage_dir / "DONE.json").exists()
     rows = list(csv.DictReader((stage_dir / "lightning_logs/version_1/metrics.csv").open()))
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
