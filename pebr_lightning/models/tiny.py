@@ -112,7 +112,8 @@ SEED = 0
 
 def cache_dir() -> Path:
     """Where embedded models are kept: `$PEBR_CACHE` or `~/.cache/pebr_lightning`."""
-    return Path(os.environ.get("PEBR_CACHE", Path.home() / ".cache" / "pebr_lightning"))
+    # An empty value counts as unset: Path("") would be the working directory.
+    return Path(os.environ.get("PEBR_CACHE") or Path.home() / ".cache" / "pebr_lightning")
 
 
 def is_tiny_name(name: str) -> bool:

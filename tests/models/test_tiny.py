@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from PIL import Image
 from transformers import (
@@ -74,3 +76,13 @@ def test_generates_and_stops_on_im_end(tiny_path):
     assert out.shape == (2, batch["input_ids"].shape[1] + 8)
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in model.generation_config.eos_token_id
+
+
+def test_an_empty_pebr_cache_means_the_default_folder(monkeypatch):
+    """PEBR_CACHE= (set but empty) once made the cache the working directory."""
+    from pebr_lightning.models.tiny import cache_dir
+
+    monkeypatch.setenv("PEBR_CACHE", "")
+    assert cache_dir() == Path.home() / ".cache" / "pebr_lightning"
+    monkeypatch.setenv("PEBR_CACHE", "/somewhere/else")
+    assert cache_dir() == Path("/somewhere/else")
