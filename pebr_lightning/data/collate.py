@@ -130,6 +130,24 @@ PROMPT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values
 """The model inputs of a PromptCollator batch (the rest are records and images)."""
 
 
+def prompt_limit(
+    max_prompt_tokens: int | None, positions: int | None, max_new_tokens: int
+) -> tuple[int | None, str]:
+    """GRPO's prompt-length limit and the setting its error names.
+
+    `max_prompt_tokens` when set; unset, the model's `positions` less the completion's
+    room (past them a prompt would train on positions the model never had); None when
+    neither is known.
+    """
+    if max_prompt_tokens is not None or positions is None:
+        return max_prompt_tokens, "model.max_prompt_tokens"
+    setting = (
+        f"the model's max_position_embeddings {positions} - "
+        f"model.sampling.max_new_tokens {max_new_tokens} (model.max_prompt_tokens unset)"
+    )
+    return positions - max_new_tokens, setting
+
+
 class PromptCollator:
     """Prompts only, left-padded for generation, with the records and images kept.
 

@@ -225,3 +225,24 @@ def _load_kwargs(path: str, trust_remote_code: bool) -> dict[str, Any]:
     if os.path.isdir(path) or Path(path).is_absolute():
         kwargs["local_files_only"] = True
     return kwargs
+
+
+def position_limit(
+    name_or_path: str, trust_remote_code: bool = False, model: nn.Module | None = None
+) -> int | None:
+    """The text model's max_position_embeddings (from `model` if loaded, else its config);
+    None when it cannot be read."""
+    try:
+        if model is not None:
+            config = model.config
+        else:
+            from transformers import AutoConfig
+
+            path = resolve_model_path(name_or_path)
+            config = AutoConfig.from_pretrained(
+                adapter_base(path) or path, trust_remote_code=trust_remote_code
+            )
+        value = getattr(config.get_text_config(), "max_position_embeddings", None)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None

@@ -26,12 +26,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from pebr_lightning.algorithms.advantages import group_advantages, zero_variance_groups
 from pebr_lightning.algorithms.reward_stats import fill_missing
-from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator
+from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, prompt_limit
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
 from pebr_lightning.metrics.phases import PhaseMeter
@@ -39,9 +38,8 @@ from pebr_lightning.metrics.step import StepMetrics
 from pebr_lightning.models.policy import (
     LoraConfig,
     QuantizationConfig,
-    adapter_base,
     load_processor,
-    resolve_model_path,
+    position_limit,
     unwrap,
 )
 from pebr_lightning.models.rollout import (
@@ -57,14 +55,18 @@ from pebr_lightning.models.rollout import (
     supports_shared_features,
 )
 from pebr_lightning.modules.grpo_logs import (
-    markdown_table,
+    publish_samples,
     record_step,
     sample_rows,
     step_logs,
-    write_samples,
 )
 from pebr_lightning.modules.grpo_parts import Part, merge_parts, signal_groups
-from pebr_lightning.modules.grpo_update import is_out_of_memory, out_of_memory_error, policy_update
+from pebr_lightning.modules.grpo_update import (
+    NonFiniteGuard,
+    is_out_of_memory,
+    out_of_memory_error,
+    policy_update,
+)
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import (
     check_trainable_state,
@@ -207,10 +209,7 @@ class GRPOModule(L.LightningModule):
         self.micro_batch_size = micro_batch_size
         self.prompts_per_update = prompts_per_update
         self.max_grad_norm = max_grad_norm
-        if max_nonfinite_steps < 1:
-            raise PebrError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self._nonfinite_streak = 0
+        self._nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.dynamic_sampling_tries = dynamic_sampling_tries
         self.share_image_features = share_image_features
         self.share_prompt = share_prompt
@@ -257,36 +256,15 @@ class GRPOModule(L.LightningModule):
         return configure_adamw(params, self.optim, int(self.trainer.estimated_stepping_batches))
 
     def collator(self, split: str) -> PromptCollator:
-        limit, setting = self.max_prompt_tokens, "model.max_prompt_tokens"
-        if limit is None:
-            # Unset, the model's own position limit (less the completion's room) holds:
-            # past it a prompt would train on positions the model never had.
-            positions = self._position_limit()
-            if positions is not None:
-                new = self.sampling.max_new_tokens
-                limit = positions - new
-                setting = (
-                    f"the model's max_position_embeddings {positions} - "
-                    f"model.sampling.max_new_tokens {new} (model.max_prompt_tokens unset)"
-                )
+        # Unset, the model's own position limit (less the completion's room) holds.
+        positions = None
+        if self.max_prompt_tokens is None:
+            policy = None if self.policy is None else unwrap(self.policy)
+            positions = position_limit(self.model_name, self.trust_remote_code, policy)
+        limit, setting = prompt_limit(
+            self.max_prompt_tokens, positions, self.sampling.max_new_tokens
+        )
         return PromptCollator(self.processor, self.prompt, limit, setting)
-
-    def _position_limit(self) -> int | None:
-        """The text model's max_position_embeddings, or None when it cannot be read."""
-        try:
-            if self.policy is not None:
-                config = unwrap(self.policy).config
-            else:
-                from transformers import AutoConfig
-
-                path = resolve_model_path(self.model_name)
-                config = AutoConfig.from_pretrained(
-                    adapter_base(path) or path, trust_remote_code=self.trust_remote_code
-                )
-            value = getattr(config.get_text_config(), "max_position_embeddings", None)
-        except (OSError, ValueError, AttributeError):
-            return None
-        return int(value) if isinstance(value, int) and value > 0 else None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self._stats.device != self.device:
@@ -304,41 +282,10 @@ class GRPOModule(L.LightningModule):
         prompt, rollout, features, scored = part.prompt, part.rollout, part.features, part.scored
         advantages, keep = self.advantages(scored["rewards"])
         ref = self.reference_logprobs(prompt, rollout, features)
-        metrics = self.update(prompt, rollout, features, advantages, keep, ref)
+        # mu passes of clipped policy-gradient steps over the rollout (grpo_update.py)
+        metrics = policy_update(self, prompt, rollout, features, advantages, keep, ref)
         self.log_step(rollout, scored, advantages, metrics, part.records)
-        self.check_finite(metrics, scored)
-
-    def check_finite(self, metrics: dict[str, float], scored: dict[str, Any]) -> None:
-        """Stop after `max_nonfinite_steps` steps in a row whose update was not finite.
-
-        A single NaN/inf loss or gradient norm only skips that optimizer step (counted
-        in train/nonfinite_steps); several in a row mean the run would only skip from
-        then on, so it stops, naming the step and the rewards that went in.
-        """
-        if not metrics.get("nonfinite_steps"):
-            self._nonfinite_streak = 0
-            return
-        self._nonfinite_streak += 1
-        if self._nonfinite_streak < self.max_nonfinite_steps:
-            return
-        totals = scored["rewards"].double()
-        finite = totals[torch.isfinite(totals)]
-        figures = (
-            f"min {finite.min().item():.4g}, max {finite.max().item():.4g}"
-            if finite.numel()
-            else "none finite"
-        )
-        largest = {
-            name: max((abs(v) for v in values if v is not None), default=None)
-            for name, values in scored["result"].per_reward.items()
-        }
-        raise PebrError(
-            f"step {self.global_step}: the loss or its gradient was not finite in "
-            f"{self._nonfinite_streak} steps in a row (each skipped, weights unchanged); this "
-            f"batch's total rewards: {figures}; largest |score| per reward: {largest}. Check "
-            "the rewards' scale and weights, or lower model.optim.lr; "
-            "model.max_nonfinite_steps sets how many are tolerated"
-        )
+        self._nonfinite.check(metrics, scored, self.global_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_trainable_state(self, checkpoint)
@@ -475,18 +422,6 @@ class GRPOModule(L.LightningModule):
                     pieces.append(self._logprobs(self.ref_model, prompt, rollout, micro, None))
         return torch.cat(pieces)
 
-    def update(
-        self,
-        prompt: dict[str, Tensor],
-        rollout: Rollout,
-        features: list[Tensor] | None,
-        advantages: Tensor,
-        keep: Tensor,
-        ref: Tensor | None,
-    ) -> dict[str, float]:
-        """mu passes of clipped policy-gradient steps over the rollout (grpo_update.py)."""
-        return policy_update(self, prompt, rollout, features, advantages, keep, ref)
-
     # -- helpers --------------------------------------------------------------------------
 
     def _phase(self, name: str) -> contextlib.AbstractContextManager:
@@ -536,11 +471,8 @@ class GRPOModule(L.LightningModule):
         return not any("lora_" in n for n, _ in visual.named_parameters())
 
     def log_step(self, rollout, scored, advantages, metrics, records) -> None:
-        record_step(self._stats, rollout, scored, advantages, metrics)
-        for name, figures in (self.phase_meter.results if self.phase_meter else {}).items():
-            self._stats.max(f"time/{name}_s", figures["seconds"])
-            if figures["peak_bytes"] is not None:
-                self._stats.max(f"memory/{name}_peak_gib", figures["peak_bytes"] / 2**30)
+        phases = self.phase_meter.results if self.phase_meter else {}
+        record_step(self._stats, rollout, scored, advantages, metrics, phases)
         # Already reduced over processes by torchmetrics: no sync_dist averaging on top.
         for key, value in step_logs(self._stats).items():
             self.log(key, value, batch_size=len(records))
@@ -556,10 +488,7 @@ class GRPOModule(L.LightningModule):
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
             rows = sample_rows(self.global_step, rollout, scored, records)
-            write_samples(folder / "samples.jsonl", rows)
-            for logger in self.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("samples", markdown_table(rows), self.global_step)
+            publish_samples(rows, folder, self.loggers, self.global_step)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the adapter (LoRA, PEFT format) or the full model, plus the processor."""

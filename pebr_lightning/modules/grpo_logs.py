@@ -14,7 +14,12 @@ from pebr_lightning.metrics.step import StepMetrics
 
 
 def record_step(
-    stats: StepMetrics, rollout: Any, scored: dict[str, Any], advantages: Tensor, metrics: dict
+    stats: StepMetrics,
+    rollout: Any,
+    scored: dict[str, Any],
+    advantages: Tensor,
+    metrics: dict,
+    phases: dict[str, dict] | None = None,
 ) -> None:
     """Add one step's figures on this process to `stats` (reduced globally later).
 
@@ -41,6 +46,10 @@ def record_step(
     stats.max("rollout/seconds", rollout.seconds)
     for key, value in metrics.items():
         stats.mean(f"train/{key}", value, n)
+    for name, figures in (phases or {}).items():  # PhaseMeter.results: time and peak memory
+        stats.max(f"time/{name}_s", figures["seconds"])
+        if figures["peak_bytes"] is not None:
+            stats.max(f"memory/{name}_peak_gib", figures["peak_bytes"] / 2**30)
 
 
 def step_logs(stats: StepMetrics) -> dict[str, float]:
@@ -93,3 +102,13 @@ def write_samples(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("a", encoding="utf-8") as f:
         for line in rows:
             f.write(json.dumps(line) + "\n")
+
+
+def publish_samples(rows: list[dict[str, Any]], folder: Path, loggers: list, step: int) -> None:
+    """Append a step's sample rows to `folder`/samples.jsonl and to TensorBoard's text tab."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    write_samples(folder / "samples.jsonl", rows)
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text("samples", markdown_table(rows), step)

@@ -186,3 +186,44 @@ def out_of_memory_error(
         f"out of memory in the {phase} (step {step}{ids}): lower {lower}"
         f" ({type(err).__name__}: {str(err)[:200]})"
     )
+
+
+class NonFiniteGuard:
+    """Stops a run after `limit` steps in a row whose update was not finite.
+
+    A single NaN/inf loss or gradient norm only skips that optimizer step (counted in
+    train/nonfinite_steps); several in a row mean the run would only skip from then
+    on, so it stops, naming the step and the rewards that went in.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise PebrError(f"max_nonfinite_steps must be >= 1, got {limit}")
+        self.limit = limit
+        self.streak = 0
+
+    def check(self, metrics: dict[str, float], scored: dict[str, Any], step: int) -> None:
+        self.streak = self.streak + 1 if metrics.get("nonfinite_steps") else 0
+        if self.streak >= self.limit:
+            raise nonfinite_error(step, self.streak, scored)
+
+
+def nonfinite_error(step: int, streak: int, scored: dict[str, Any]) -> PebrError:
+    """The error that stops a run after `streak` non-finite updates in a row."""
+    totals = scored["rewards"].double()
+    finite = totals[torch.isfinite(totals)]
+    figures = (
+        f"min {finite.min().item():.4g}, max {finite.max().item():.4g}"
+        if finite.numel()
+        else "none finite"
+    )
+    largest = {
+        name: max((abs(v) for v in values if v is not None), default=None)
+        for name, values in scored["result"].per_reward.items()
+    }
+    return PebrError(
+        f"step {step}: the loss or its gradient was not finite in {streak} steps in a row "
+        f"(each skipped, weights unchanged); this batch's total rewards: {figures}; largest "
+        f"|score| per reward: {largest}. Check the rewards' scale and weights, or lower "
+        "model.optim.lr; model.max_nonfinite_steps sets how many are tolerated"
+    )
