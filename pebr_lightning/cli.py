@@ -1,10 +1,16 @@
 """The `pebr` command.
 
-`pebr fit|validate|test|predict --config FILE.yaml` is a LightningCLI: a YAML key
-is an `__init__` parameter of the model, data module or Trainer, and parameter
-docstrings are the `--help` text (`pebr fit --model.help SFTModule`). Commands that
-train nothing live beside it in EXTRA_COMMANDS (`pebr data synth|validate`), each a
-`main(argv) -> int` imported only when called.
+`pebr fit|validate|test --config FILE.yaml` is a LightningCLI: a YAML key is an
+`__init__` parameter of the model, data module or Trainer, and parameter docstrings
+are the `--help` text (`pebr fit --model.help SFTModule`). Commands that train
+nothing live beside it in EXTRA_COMMANDS (`pebr data synth|validate`, ...), each a
+`main(argv) -> int` imported only when called. `pebr` alone or `pebr --help` lists
+every command with one line each; a mistyped command names the nearest one.
+
+Left at their defaults, a run gets what a Lightning user expects to see: CSV and
+TensorBoard loggers in one fresh `lightning_logs/version_N` (a saved config.yaml
+run again writes a new version, never over the old one), a LearningRateMonitor, and
+a progress bar with the training figures on it where a terminal is attached.
 
 Errors caused by input (`PebrError`: a bad manifest line, a missing model folder)
 print one `error:` message and exit with code 2, without a traceback.
@@ -13,6 +19,7 @@ print one `error:` message and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import importlib
 import os
@@ -21,6 +28,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+LIGHTNING_COMMANDS = {
+    "fit": "train one stage from a config: SFT or GRPO, by model.class_path",
+    "validate": "one pass over data.init_args.val_manifest: SFT loss, GRPO greedy accuracy",
+    "test": "greedy accuracy on data.init_args.test_manifest, graded as `pebr eval` does",
+}
 
 EXTRA_COMMANDS = {
     "data": ("pebr_lightning.data.commands", "make and check manifests: synth, validate"),
@@ -31,30 +44,96 @@ EXTRA_COMMANDS = {
     "export": ("pebr_lightning.export.commands", "checkpoint -> PEFT adapter + merged HF model"),
 }
 
+# The modules a config's class_path may name, imported before parsing so that short
+# class names resolve (`--model.help SFTModule`, `class_path: GRPOModule`).
+CONFIG_CLASSES = (
+    "pebr_lightning.modules.sft",
+    "pebr_lightning.modules.grpo",
+    "pebr_lightning.data.datamodule",
+    "pebr_lightning.callbacks",
+)
+
 # errno values of a write that ran out of room: disk full, file too large, quota
 FULL_DISK = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
-DESCRIPTION = "PeBR-R1 two-stage RL for vision-language models.\n\nOther commands:\n" + "\n".join(
-    f"  pebr {name:<10} {summary}" for name, (_, summary) in EXTRA_COMMANDS.items()
-)
+DESCRIPTION = "PeBR-R1 two-stage RL for vision-language models (arXiv 2509.13031)."
+
+
+def version() -> str:
+    """The installed distribution's version (the package's own when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("pebr-lightning")
+    except PackageNotFoundError:
+        from pebr_lightning import __version__
+
+        return __version__
+
+
+def overview() -> str:
+    """`pebr --help`: every command with one line each."""
+    lines = [
+        "usage: pebr COMMAND [options]      (pebr COMMAND --help: that command's options)",
+        "",
+        DESCRIPTION,
+        "",
+        "Training (LightningCLI; --config FILE.yaml, every key an __init__ parameter):",
+        *(f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()),
+        "",
+        "Other commands:",
+        *(f"  {name:<10} {text}" for name, (_, text) in EXTRA_COMMANDS.items()),
+        "",
+        "Options:",
+        "  -h, --help  this list",
+        "  --version   the installed version",
+        "",
+        "Start: README.md, 'Using it'; pebr fit --model.help SFTModule lists a module's options.",
+    ]
+    return "\n".join(lines)
+
+
+def unknown_command(word: str) -> str:
+    """The error for a command that does not exist, with the nearest one when close."""
+    names = [*LIGHTNING_COMMANDS, *EXTRA_COMMANDS]
+    near = difflib.get_close_matches(word, names, n=1, cutoff=0.5)
+    hint = f"; did you mean `pebr {near[0]}`?" if near else ""
+    return f"unknown command {word!r}{hint} (commands: {', '.join(names)}; see pebr --help)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pebr` console script."""
-    from pebr_lightning.errors import PebrError
+    from pebr_lightning.errors import PebrError, wrapped_user_error
 
     args = list(sys.argv[1:] if argv is None else argv)
     # Transformers' load/save progress bars only clutter the logs of a run.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not args or args[0] in ("-h", "--help"):
+        print(overview())
+        return 0 if args else 2
+    if args[0] == "--version":
+        print(f"pebr {version()}")
+        return 0
     try:
-        if args and args[0] in EXTRA_COMMANDS:
+        if args[0] in EXTRA_COMMANDS:
             module = importlib.import_module(EXTRA_COMMANDS[args[0]][0])
             return int(module.main(args[1:]) or 0)
+        if not args[0].startswith("-") and args[0] not in LIGHTNING_COMMANDS:
+            raise PebrError(unknown_command(args[0]))
         # LightningCLI reads sys.argv itself when given None (and warns when given both).
         cli(None if argv is None else args)
     except PebrError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except ValueError as err:
+        # jsonargparse re-raises what a config class's __init__ raised (an unknown
+        # reward name in GRPOModule) as a ValueError about union types
+        cause = wrapped_user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return cause.exit_code
     except OSError as err:
         if err.errno not in FULL_DISK:
             raise
@@ -76,23 +155,60 @@ def cli(args: list[str] | None, run: bool = True):
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
+    from pebr_lightning.trainer_defaults import fill_trainer_defaults
+
     # Docstrings under dataclass fields become --help text (LoraConfig.r, OptimConfig.lr...).
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    for name in CONFIG_CLASSES:
+        importlib.import_module(name)
 
     class PebrCLI(LightningCLI):
         """LightningCLI whose model and data are chosen by `class_path` in the config."""
 
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # `predict` is left out: `pebr eval` writes every completion with its grade.
+            commands = LightningCLI.subcommands()
+            return {name: commands[name] for name in LIGHTNING_COMMANDS}
+
+        def parse_arguments(self, parser, args) -> None:
+            argv = list(sys.argv[1:] if args is None else args)
+            check_config_files(argv)
+            # jsonargparse prints --print_config before our defaults are filled in;
+            # print it after, so that it shows the loggers and callbacks a run will use.
+            printing, argv = take_print_config(argv)
+            if printing is None:
+                super().parse_arguments(parser, args)
+                return
+            with contextlib.ExitStack() as stack:
+                if args is None:  # LightningCLI warns when given args beside sys.argv
+                    saved = sys.argv
+                    sys.argv = saved[:1]
+                    stack.callback(setattr, sys, "argv", saved)
+                super().parse_arguments(parser, argv)
+            config = self.config[self.config.subcommand] if "subcommand" in self.config else None
+            if config is None:
+                return
+            fill_trainer_defaults(config["trainer"], assign_versions=False)
+            sub = self._subcommand_parsers[self.config.subcommand]
+            print(sub.dump(config, skip_none="skip_null" in printing), end="")
+            raise SystemExit(0)
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
-            trainer = config["trainer"]
-            root = trainer.get("default_root_dir") or os.getcwd()
-            if trainer.get("logger") in (None, True):  # the user left the default
-                trainer["logger"] = default_loggers(root)
-            trainer["plugins"] = with_atomic_checkpoints(trainer.get("plugins"))
+            self._versioned = fill_trainer_defaults(config["trainer"])
             if "weights_only" in config and config["weights_only"] is None:
                 # checkpoints are data: no pickled code runs on load (torch's own
                 # default today, stated so that a change upstream cannot undo it)
                 config["weights_only"] = True
+
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            # The loggers were built with this run's version; the saved config.yaml
+            # keeps it unset, so that running that file again writes a new version
+            # instead of deleting this one's logs.
+            for entry in self._versioned:
+                entry["init_args"]["version"] = None
 
         def _parse_ckpt_path(self) -> None:
             # Replaces LightningCLI's: it reads the checkpoint's hyper-parameters over the
@@ -139,6 +255,50 @@ def cli(args: list[str] | None, run: bool = True):
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": DESCRIPTION},
         )
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Fail with the file's name (and the line, for a YAML error) on a `--config` that
+    is missing or not YAML; jsonargparse names neither ("in '<unicode string>'")."""
+    import yaml
+
+    from pebr_lightning.errors import PebrError
+
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    for path in paths:
+        if path.lstrip().startswith("{") or "\n" in path:
+            continue  # an inline config string, parsed by jsonargparse itself
+        if not os.path.isfile(path):
+            raise PebrError(f"--config {path}: no such file")
+        try:
+            with open(path, encoding="utf-8") as file:
+                yaml.safe_load(file)
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            raise PebrError(f"{path}{where}: not valid YAML: {err.problem}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise PebrError(f"{path}: not valid YAML: {err}") from None
+
+
+def take_print_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the --print_config flags or None, argv without it)."""
+    rest, flags = [], None
+    for arg in argv:
+        if arg == "--print_config":
+            flags = ""
+        elif arg.startswith("--print_config="):
+            flags = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if flags is not None and "skip_default" in flags:
+        return None, list(argv)  # jsonargparse's own: it needs the unfilled defaults
+    return flags, rest
 
 
 SIGTERM_GRACE_S = 30.0
@@ -258,28 +418,6 @@ def shards_checkpoints(trainer: Any) -> bool:
     return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
 
 
-def with_atomic_checkpoints(plugins: Any) -> list:
-    """The trainer's plugins plus AtomicCheckpointIO, unless they name a CheckpointIO.
-
-    Entries stay `class_path` namespaces, so the saved config.yaml records the plugin.
-    """
-    import importlib
-
-    from jsonargparse import Namespace
-    from lightning.pytorch.plugins.io import CheckpointIO
-
-    items = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
-    for item in items:
-        cls = item if isinstance(item, type) else type(item)
-        if isinstance(item, (Namespace, dict)) and item.get("class_path"):
-            module, _, name = item["class_path"].rpartition(".")
-            cls = getattr(importlib.import_module(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, CheckpointIO):
-            return items  # the user's choice of checkpoint writer stands
-    atomic = "pebr_lightning.callbacks.checkpoint_io.AtomicCheckpointIO"
-    return [*items, Namespace(class_path=atomic, init_args=Namespace())]
-
-
 def positive_int(text: str) -> int:
     """argparse type of the extra commands: a whole number >= 1, with a clear message."""
     import argparse
@@ -291,28 +429,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def default_loggers(root: str | os.PathLike) -> list:
-    """Config entries for CSV and TensorBoard loggers sharing `lightning_logs/version_N`.
-
-    Lightning's own default is TensorBoard alone once tensorboard is installed; the
-    CSV file beside it is what scripts and tests read without extra packages. Both
-    get one version number, so checkpoints keep the single-logger layout
-    `lightning_logs/version_N/checkpoints`. Entries stay `class_path` namespaces (not
-    objects) so the saved `config.yaml` records them.
-    """
-    from jsonargparse import Namespace
-    from lightning.pytorch.loggers import CSVLogger
-
-    version = CSVLogger(root).version  # the next free version_N under root/lightning_logs
-    return [
-        Namespace(
-            class_path=f"lightning.pytorch.loggers.{name}",
-            init_args=Namespace(save_dir=str(root), version=version, **extra),
-        )
-        for name, extra in (("CSVLogger", {}), ("TensorBoardLogger", {"default_hp_metric": False}))
-    ]
 
 
 if __name__ == "__main__":

@@ -43,3 +43,20 @@ def load_failure_reason(err: BaseException) -> str:
         if not any(advice in line.lower() for advice in _TORCH_ADVICE):
             return line
     return type(err).__name__
+
+
+def wrapped_user_error(err: BaseException) -> PebrError | None:
+    """The PebrError that caused `err`, if one did.
+
+    jsonargparse re-raises whatever a config class's `__init__` raises (GRPOModule's
+    unknown reward, a bad setting) as a ValueError listing union subtypes, with the
+    original error as its cause: the CLI prints that original as its one line.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, PebrError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

@@ -16,7 +16,8 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 
     Readers (and a resumed run) see the old file or the new one, never part of one.
     The temporary name carries the process id, so ranks writing the same file do not
-    collide; plain open() keeps the user's umask for the file mode.
+    collide; plain open() (not tempfile.mkstemp, which makes 0o600 files) keeps the
+    user's umask for the file mode.
     """
     raw = data if isinstance(data, bytes) else data.encode("utf-8")
     return write_atomic_with(path, lambda f: f.write(raw))
@@ -43,6 +44,37 @@ def write_atomic_with(path: str | Path, write: Callable[[BinaryIO], object]) -> 
         raise
     sync_folder(path.parent)
     return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no other way to read it: set and put back at once
+    os.umask(mask)
+    return mask
+
+
+def use_default_modes(root: str | Path) -> None:
+    """Give `root` (a file, or a folder and all under it) the modes open() and mkdir()
+    would: 0o666 / 0o777 less the umask.
+
+    safetensors creates its files 0o600 and tempfile.mkdtemp its folders 0o700, so
+    without this a model folder written for others to read (an export, the embedded
+    model cache) is readable by its owner only.
+    """
+    mask = current_umask()
+    root = Path(root)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def sync_folder(folder: str | Path) -> None:

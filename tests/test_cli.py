@@ -16,13 +16,82 @@ from pebr_lightning.data.synth import write_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_top_level_help_lists_fit_and_extra_commands(capsys):
+def test_top_level_help_lists_every_command_one_line_each(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    for name in ("fit", "validate", "test", "data", "rewards", "sample", "eval", "schedule"):
+        assert name in lines, out
+        assert len(lines[name].split()) > 3, f"{name} has no summary: {lines[name]!r}"
+    assert "export" in lines
+    assert "predict" not in lines  # taken out: `pebr eval` writes completions
+    assert main([]) == 2  # no command: the same list, but an error status
+    assert "Other commands:" in capsys.readouterr().out
+
+
+def test_version_and_typo_suggestion(capsys):
+    from pebr_lightning import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"pebr {__version__}"
+    assert main(["evl", "--model", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'evl'; did you mean `pebr eval`?" in err
+    assert main(["predict", "--config", "x.yaml"]) == 2
+    assert "unknown command 'predict'" in capsys.readouterr().err
+
+
+def test_model_help_accepts_the_short_class_name(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["--help"])
+        main(["fit", "--model.help", "SFTModule"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for word in ("fit", "validate", "test", "predict", "pebr data"):
-        assert word in out
+    assert "--model.lora" in out and "--model.max_length" in out
+
+
+def test_print_config_shows_the_loggers_and_callbacks_a_run_uses(tmp_path, capsys):
+    import yaml
+
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs" / "demo" / "sft.yaml"),
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--print_config",
+            ]
+        )
+    assert info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    trainer = config["trainer"]
+    assert [lg["class_path"].rsplit(".", 1)[1] for lg in trainer["logger"]] == [
+        "CSVLogger",
+        "TensorBoardLogger",
+    ]
+    assert {lg["init_args"]["save_dir"] for lg in trainer["logger"]} == {str(tmp_path)}
+    callbacks = [c["class_path"] for c in trainer["callbacks"]]
+    assert "lightning.pytorch.callbacks.LearningRateMonitor" in callbacks
+    assert "pebr_lightning.callbacks.ProgressBar" in callbacks
+    assert not (tmp_path / "lightning_logs").exists()  # printing builds and writes nothing
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("model:\n  init_args: {model: tiny\ntrainer: [\n", ":3:8: not valid YAML"),
+        ("model:\n\tclass_path: x\n", ":2:1: not valid YAML"),
+    ],
+)
+def test_bad_yaml_names_the_file_and_line(text, where, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert main(["fit", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}{where}" in err, err
+    assert main(["fit", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert f"--config {tmp_path / 'none.yaml'}: no such file" in capsys.readouterr().err
 
 
 def _break(manifest: Path, case: str) -> tuple[int, str | None]:
@@ -188,3 +257,127 @@ def test_default_loggers_are_csv_and_tensorboard_in_one_version(extra, expected,
     assert [type(lg).__name__ for lg in loggers] == expected
     if len(loggers) == 2:
         assert {Path(lg.log_dir) for lg in loggers} == {tmp_path / "lightning_logs" / "version_1"}
+
+
+def _pebr(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The real console script, offline, in `cwd`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("pebr")), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_fit_from_a_model_folder_that_is_not_there_says_so(tmp_path, shapes_data):
+    """Not transformers' "Repo id must be in the form..." advice: one line, exit 2."""
+    (tmp_path / "runs").mkdir()
+    result = _pebr(
+        "fit",
+        "--config",
+        str(REPO / "configs" / "demo" / "sft.yaml"),
+        "--model.init_args.model",
+        "runs/nope/last.hf",
+        "--data.init_args.train_manifest",
+        str(shapes_data["train"]),
+        "--data.init_args.val_manifest",
+        "null",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: model folder runs/nope/last.hf does not exist (relative to {tmp_path})" in (
+        result.stderr
+    )
+    assert "Repo id" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_eval_and_sample_from_a_model_folder_that_is_not_there_say_so(
+    command, tmp_path, shapes_data, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    argv = [command, "--model", "runs/nope/last.hf", "--manifest", str(shapes_data["val"])]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model folder runs/nope/last.hf does not exist")
+    assert "Repo id" not in err
+
+
+def test_rerunning_a_saved_config_writes_a_new_version(tmp_path, shapes_data, capsys):
+    """The saved config.yaml leaves the loggers' version unset: run again, it writes
+    version_1 and leaves version_0's logs and checkpoints as they were."""
+    common = [
+        "--data.init_args.train_manifest",
+        str(shapes_data["train"]),
+        "--data.init_args.val_manifest",
+        "null",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    assert main(["fit", "--config", str(REPO / "configs" / "demo" / "sft.yaml"), *common]) == 0
+    first = tmp_path / "lightning_logs" / "version_0"
+    out = capsys.readouterr().out
+    assert f"weights:    {first / 'checkpoints' / 'last.hf'}" in out  # fit says where
+    saved = (first / "config.yaml").read_text()
+    assert saved.count("version: null") == 2, saved
+    metrics = (first / "metrics.csv").read_text()
+    ckpt = (first / "checkpoints" / "last.ckpt").read_bytes()
+
+    assert main(["fit", "--config", str(first / "config.yaml")]) == 0
+    second = tmp_path / "lightning_logs" / "version_1"
+    assert (second / "metrics.csv").is_file() and (second / "checkpoints" / "last.ckpt").is_file()
+    assert (first / "metrics.csv").read_text() == metrics
+    assert (first / "checkpoints" / "last.ckpt").read_bytes() == ckpt
+    assert not (first / "checkpoints" / "last-v1.ckpt").exists()
+    # the LR monitor is on by default: the learning rate is in the logs
+    assert "lr-AdamW" in (second / "metrics.csv").read_text().splitlines()[0]
+
+
+def _misspelt_reward_args(root: Path, shapes_data) -> list[str]:
+    rewards = [{"name": "format", "weight": 0.5}, {"name": "acuracy", "weight": 0.5}]
+    return [
+        "--config",
+        str(REPO / "configs" / "demo" / "reasoning.yaml"),
+        "--model.init_args.rewards",
+        json.dumps(rewards),
+        "--data.init_args.train_manifest",
+        str(shapes_data["train"]),
+        "--trainer.default_root_dir",
+        str(root),
+    ]
+
+
+def test_a_misspelt_reward_stops_before_the_trainer_is_built(tmp_path, shapes_data):
+    """GRPOModule's __init__ looks the names up; LightningCLI builds it before the
+    Trainer, so nothing is written (jsonargparse wraps the error; its cause is ours)."""
+    from pebr_lightning.cli import cli
+    from pebr_lightning.errors import wrapped_user_error
+    from pebr_lightning.rewards.registry import RewardLookupError
+
+    with pytest.raises(Exception) as info:
+        cli(_misspelt_reward_args(tmp_path, shapes_data), run=False)
+    cause = wrapped_user_error(info.value)
+    assert isinstance(cause, RewardLookupError)
+    assert str(cause).startswith("unknown reward 'acuracy'; did you mean 'accuracy'? installed:")
+    assert list(tmp_path.iterdir()) == []  # no lightning_logs
+
+
+def test_a_misspelt_reward_is_one_error_line_from_pebr_fit(tmp_path, shapes_data):
+    """The real console script: exit 2, one `error:` line, no traceback, no run folder."""
+    result = _pebr("fit", *_misspelt_reward_args(tmp_path / "run", shapes_data), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: unknown reward 'acuracy'; did you mean 'accuracy'? installed: accuracy, "
+        "clip_score, format, keyword, length, scene (entry-point group "
+        "'pebr_lightning.rewards'; `pebr rewards list` shows where each comes from)"
+    ]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "lightning_logs").exists()

@@ -54,6 +54,30 @@ def pebr(python: Path, *args: str) -> subprocess.CompletedProcess:
     return run([python, "-m", "pebr_lightning.cli", *args], cwd=REPO)
 
 
+def test_the_example_pins_the_range_the_guide_recommends():
+    """A range that admits this release and stops before the next series, written as
+    docs/plugins.md ("Build and publish") tells plugin authors to write it."""
+    import re
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    ours = Version(version("pebr-lightning"))
+    assert f'\nversion = "{ours}"\n' in (REPO / "pyproject.toml").read_text()
+    text = (PLUGIN / "pyproject.toml").read_text()
+    (dependencies,) = re.findall(r"^dependencies = \[(.*)\]$", text, flags=re.MULTILINE)
+    (pin,) = [Requirement(d) for d in re.findall(r'"([^"]+)"', dependencies)]
+    assert pin.name == "pebr-lightning"
+    series = f"{ours.major}.{ours.minor}"
+    upper = f"{ours.major}.{ours.minor + 1}" if ours.major == 0 else f"{ours.major + 1}"
+    assert str(pin.specifier) == f"<{upper},>={series}"
+    assert ours in pin.specifier and Version(upper) not in pin.specifier
+    guide = (REPO / "docs" / "plugins.md").read_text()
+    assert f'dependencies = ["pebr-lightning>={series},<{upper}"]' in guide
+    assert "python -m build" in guide and "twine upload dist/*" in guide
+
+
 def test_not_installed_at_first(child):
     listed = pebr(child, "rewards", "list")
     assert listed.returncode == 0, listed.stderr

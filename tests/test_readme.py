@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -71,3 +72,113 @@ def test_make_demo_runs_the_schedule_in_a_short_mode(tmp_path):
     assert "writing 8 synthetic train records" in result.stdout
     assert re.search(r"\| sft \| train/loss \| \d+\.\d+ \| \d+\.\d+ \| \d\.\d+ \|", result.stdout)
     assert (tmp_path / "out" / "sft" / "DONE.json").exists()
+
+
+def using_it_blocks() -> list[list[list[str]]]:
+    """The commands of each ```sh block under "Using it", as argument lists
+    (continuation lines joined, comments dropped)."""
+    import shlex
+
+    section = README.split("## Using it", 1)[1].split("\n## ", 1)[0]
+    blocks = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+        lines = [re.sub(r"\s+#\s.*$", "", line).rstrip() for line in block.splitlines()]
+        text = "\n".join(line for line in lines if line).replace("\\\n", " ")
+        blocks.append([shlex.split(command) for command in text.splitlines()])
+    return blocks
+
+
+# What makes each README command tiny: appended arguments (the last value wins).
+# The 2-step SFT model answers nothing right, so the splits `pebr sample` writes
+# are empty; the RL stages then train on the demo's train split instead.
+TINY_GRPO = [
+    "--trainer.max_steps=2",
+    "--model.init_args.sampling.group_size=2",
+    "--model.init_args.sampling.max_new_tokens=8",
+    "--data.init_args.train_manifest=data/demo/train/manifest.jsonl",
+    "--data.init_args.batch_size=2",
+]
+TINY = {
+    ("data", "synth"): ["--n", "8"],
+    ("fit", "configs/demo/sft.yaml"): [
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=null",
+        "--trainer.limit_val_batches=1",
+        "--data.init_args.batch_size=4",
+    ],
+    ("fit", "configs/demo/perception.yaml"): TINY_GRPO,
+    ("fit", "configs/demo/reasoning.yaml"): TINY_GRPO,
+    ("test", "configs/demo/reasoning.yaml"): [
+        "--trainer.limit_test_batches=1",
+        "--data.init_args.eval_batch_size=2",
+        "--model.init_args.sampling.max_new_tokens=8",
+    ],
+    ("eval",): ["--limit", "2", "--samples", "2", "--max-new-tokens", "8"],
+    ("sample",): ["--limit", "2", "--k", "2", "--easy-min", "2", "--max-new-tokens", "8"],
+}
+
+
+def tiny(args: list[str]) -> list[str]:
+    for key, extra in TINY.items():
+        if all(word in args[1:] for word in key):
+            return [*args, *extra]
+    return args
+
+
+def test_using_it_runs_as_written_in_order_on_a_fresh_copy(tmp_path):
+    """Every command of the first block, in order, in a copy of the tracked files:
+    each exits 0, and each writes what the next one reads."""
+    (embedded, real) = using_it_blocks()
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    copy = tmp_path / "clone"
+    for name in tracked:
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            (copy / name).write_bytes((REPO / name).read_bytes())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    pebr = str(Path(os.sys.executable).with_name("pebr"))
+    assert [args[0] for args in embedded] == ["pebr"] * len(embedded)
+    outputs = {}
+    for args in embedded:
+        result = subprocess.run(
+            [pebr, *tiny(args)[1:]], cwd=copy, capture_output=True, text=True, env=env, timeout=600
+        )
+        assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-2000:])
+        outputs[" ".join(args[1:4])] = result.stdout
+    sft = "runs/demo/sft/lightning_logs/version_0/checkpoints"
+    assert f"weights:    {sft}/last.hf" in outputs["fit --config configs/demo/sft.yaml"]
+    assert (copy / "data/demo/test/manifest.jsonl").is_file()
+    assert json.loads((copy / "runs/demo/eval-sft/metrics.json").read_text())["n"] == 2
+    assert {p.name for p in (copy / "runs/demo/sample").glob("*.jsonl")} >= {
+        "easy.jsonl",
+        "medium.jsonl",
+        "hard.jsonl",
+    }
+    assert (copy / "runs/demo/reasoning/lightning_logs/version_0/checkpoints/last.hf").is_dir()
+    assert "test/accuracy" in outputs["test --config configs/demo/reasoning.yaml"]
+    assert (copy / "runs/demo/export").is_dir() and list(
+        (copy / "runs/demo/export").rglob("*.safetensors")
+    )
+    assert "rewards" in outputs["--help"] and "schedule" in outputs["--help"]
+
+    # The real-model block needs a hub and a GPU: its configs must parse as written.
+    for args in real:
+        if args[0] == "torchrun":
+            args = ["pebr", *args[args.index("fit") :]]
+        if args[1] == "fit":
+            result = subprocess.run(
+                [pebr, *args[1:], "--print_config"],
+                cwd=copy,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=300,
+            )
+            assert result.returncode == 0, (args, result.stderr[-2000:])
+        else:
+            from pebr_lightning.schedule.config import load_schedule
+
+            assert args[1:3] == ["schedule", "--config"]
+            load_schedule(copy / args[3])

@@ -97,6 +97,8 @@ class HFCheckpoint(ModelCheckpoint):
         The last checkpoint is the one this run saved, or, when a resumed run had no
         step left to take, the one it resumed from. (One saved before the final step,
         when the save interval does not divide max_steps, keeps its own `.hf`.)
+        Then it prints both paths: the `.hf` folder is what `--model.init_args.model`,
+        `pebr eval --model` and `pebr sample --model` take.
         """
         last = self.last_model_path
         if not last and trainer.ckpt_path and Path(trainer.ckpt_path).name == "last.ckpt":
@@ -117,6 +119,9 @@ class HFCheckpoint(ModelCheckpoint):
                     file=sys.stderr,
                 )
             self._save_hf(trainer, target)
+        if trainer.is_global_zero and target.is_dir():
+            # Where the run's weights are is the first thing the next command needs.
+            print(f"checkpoint: {last}\nweights:    {target}", flush=True)
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

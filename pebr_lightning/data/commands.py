@@ -11,15 +11,20 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pebr_lightning.cli import positive_int
 from pebr_lightning.data.manifest import load_manifest
-from pebr_lightning.data.synth import write_dataset
+from pebr_lightning.data.synth import DEMO_SPLITS, write_dataset
+from pebr_lightning.data.tables import DEMO_DATA
 
 
 def main(argv: list[str]) -> int:
     """Run `pebr data <argv>` and return the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.run is _synth and not (args.out or args.demo):
+        parser.error("synth: give --out DIR (or --demo for the demo's data)")
     return args.run(args)
 
 
@@ -35,9 +40,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Write DIR/images/*.png and DIR/manifest.jsonl; the same seed "
         "gives byte-identical files.",
     )
-    synth.add_argument("--out", required=True, metavar="DIR", help="output folder")
     synth.add_argument(
-        "--n", type=positive_int, default=2000, help="number of records (default: %(default)s)"
+        "--out", metavar="DIR", help="output folder (with --demo: default data/demo)"
+    )
+    synth.add_argument(
+        "--demo",
+        action="store_true",
+        help="write the demo configs' data: DIR/train (2000), DIR/val (200), DIR/test (400), "
+        "as `pebr schedule --config configs/demo/schedule.yaml` does",
+    )
+    synth.add_argument(
+        "--n",
+        type=positive_int,
+        help="number of records (default: 2000); with --demo, per split (default: 2000 train, "
+        "200 val, 400 test)",
     )
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     synth.set_defaults(run=_synth)
@@ -83,8 +99,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    manifest = write_dataset(args.out, n=args.n, seed=args.seed)
-    print(f"wrote {args.n} records to {manifest}")
+    if args.demo:
+        out = Path(args.out or DEMO_DATA)
+        for offset, (split, n) in enumerate(DEMO_SPLITS.items()):
+            n = args.n or n
+            manifest = write_dataset(out / split, n=n, seed=args.seed + offset)
+            print(f"wrote {n} records to {manifest}")
+        return 0
+    n = args.n or 2000
+    manifest = write_dataset(args.out, n=n, seed=args.seed)
+    print(f"wrote {n} records to {manifest}")
     return 0
 
 

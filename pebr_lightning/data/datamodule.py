@@ -90,7 +90,7 @@ class ManifestDataModule(L.LightningDataModule):
             if path is None:
                 if split in ("val",):
                     continue
-                raise PebrError(f"`pebr {stage}` needs data.{split}_manifest")
+                raise PebrError(f"`pebr {stage}` needs data.init_args.{split}_manifest")
             if split in self.datasets:
                 continue
             loaded = load_manifest(

@@ -135,8 +135,9 @@ def load_manifest(
     if problems and not skip_invalid:
         raise ManifestError(
             f"{path} has invalid records; {_summary(problems)}\n"
-            f"Fix these {unit}s, or skip the invalid records with `data.skip_invalid: true`"
-            " (training) or `--skip-invalid` (pebr data validate)."
+            f"Fix these {unit}s, or skip the invalid records with "
+            "`data.init_args.skip_invalid: true` (training) or `--skip-invalid` "
+            "(pebr data validate)."
         )
     if not records:
         raise ManifestError(f"{path} has no valid records; {_summary(problems)}")
@@ -244,7 +245,7 @@ def _jsonl_records(path: Path, field_map: dict[str, str]) -> _Rows:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {path}") from None
+        raise tables.manifest_not_found(path) from None
     except OSError as err:
         raise ManifestError(f"cannot read manifest {path}: {err}") from None
     for number, raw in enumerate(data.splitlines(), start=1):

@@ -60,6 +60,10 @@ _RARE_ABSENT_COLOUR = 0.2  # share of count_colour questions that may ask for an
 _Question = tuple[str, str, list[str] | None, str, list[str]]
 
 
+DEMO_SPLITS = {"train": 2000, "val": 200, "test": 400}
+"""The demo's splits and sizes (configs/demo/schedule.yaml); split i has seed + i."""
+
+
 def synth_records(n: int, seed: int, start: int = 0) -> Iterator[tuple[dict, Image.Image]]:
     """Yield `(record, image)` for samples `start .. n-1` of the dataset with this seed."""
     for index in range(start, n):

@@ -70,6 +70,22 @@ def iter_table_rows(path: str | Path) -> Iterator[dict]:
         yield from batch.to_pylist()
 
 
+DEMO_DATA = "data/demo"
+"""Where the demo configs read the embedded synthetic data (`pebr data synth --demo`)."""
+
+
+def manifest_not_found(path: str | Path) -> ManifestError:
+    """The error for a manifest that is not there; under the demo's data folder it
+    says how to make it, since that data is written on first use, not shipped."""
+    hint = ""
+    if DEMO_DATA in Path(path).as_posix():
+        hint = (
+            "; the demo data is made by `pebr data synth --demo` (or on first use by "
+            "`pebr schedule --config configs/demo/schedule.yaml`)"
+        )
+    return ManifestError(f"manifest not found: {path}{hint}")
+
+
 def table_schema(path: str | Path) -> pa.Schema:
     """The schema of a table source (column names and types), read without its rows."""
     path = Path(path)
@@ -79,7 +95,7 @@ def table_schema(path: str | Path) -> pa.Schema:
     try:
         return pq.read_schema(path)
     except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {path}") from None
+        raise manifest_not_found(path) from None
     except (OSError, pa.ArrowException) as err:
         raise ManifestError(f"cannot read Parquet file {path}: {err}") from None
 
@@ -212,7 +228,7 @@ def _batches(path: Path) -> Iterator[pa.RecordBatch]:
         parquet = pq.ParquetFile(path)
         yield from parquet.iter_batches(batch_size=_BATCH_ROWS)
     except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {path}") from None
+        raise manifest_not_found(path) from None
     except (OSError, pa.ArrowException) as err:
         raise ManifestError(f"cannot read Parquet file {path}: {err}") from None
 

@@ -2,8 +2,11 @@
 
     pebr sample --model runs/sft/.../last.hf --manifest data/train/manifest.jsonl \
         --out runs/sample [--k 8 --temperature 1.2 --top-p 0.99 --easy-min 8 --hard-max 0]
+        [--device auto --dtype auto]
 
-Re-running the same command after a crash continues where it stopped.
+Runs on the GPU in bfloat16 when there is one, else on the CPU in float32
+(evaluation/devices.py), with a progress bar on stderr. Re-running the same command
+after a crash continues where it stopped.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import os
 from pebr_lightning.cli import positive_int
 from pebr_lightning.difficulty.sampler import SampleSettings, sample_difficulty
 from pebr_lightning.difficulty.split import SPLITS
+from pebr_lightning.evaluation import devices
 
 
 def main(argv: list[str]) -> int:
     """Run `pebr sample <argv>` and return the exit code."""
     args = _parser().parse_args(argv)
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
     settings = SampleSettings(
         model=args.model,
         manifest=os.path.abspath(args.manifest),
@@ -31,8 +37,14 @@ def main(argv: list[str]) -> int:
         seed=args.seed,
         limit=args.limit,
     )
+    print(f"running on {device} in {dtype}", flush=True)
     summary = sample_difficulty(
-        settings, args.out, batch_size=args.batch_size, progress=not args.no_progress
+        settings,
+        args.out,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        device=device,
+        dtype=dtype,
     )
     print(format_summary(summary))
     return 0
@@ -79,5 +91,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--limit", type=positive_int, default=None, help="only the first N questions"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
+    devices.add_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser

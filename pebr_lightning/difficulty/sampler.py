@@ -5,7 +5,9 @@ after every batch and flushed to disk. A killed run leaves at most one partial
 last line, which the next run cuts off before continuing with the questions not
 yet graded; the split manifests and the summary are written (atomically) only
 once every question is graded. The settings are kept in `OUT/settings.json`: a
-run with other settings refuses to continue someone else's progress.
+run with other settings refuses to continue someone else's progress. Where the
+model runs (device, dtype) is not a setting: a run cut on one machine may finish
+on another; `OUT/summary.json` records where the last run ran.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.difficulty.split import SPLITS, check_thresholds, difficulty, histogram
 from pebr_lightning.errors import PebrError
+from pebr_lightning.evaluation.devices import resolve_device, resolve_dtype
 from pebr_lightning.evaluation.greedy import batched_completions
 from pebr_lightning.files import write_atomic
 from pebr_lightning.models.policy import build_policy
@@ -58,13 +60,19 @@ def sample_difficulty(
     batch_size: int = 8,
     prompt: PromptConfig = PromptConfig(),
     progress: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     """Sort `settings.manifest` into OUT/{easy,medium,hard}.jsonl; returns the summary.
 
     Resumes a run killed part-way (same settings). `batch_size` is in questions: one
-    batch decodes batch_size x k sequences.
+    batch decodes batch_size x k sequences. `progress` shows a bar with rate and ETA
+    on stderr. `device` and `dtype` say where the model runs (evaluation/devices.py:
+    `auto` is the GPU in bfloat16 when there is one, else the CPU in float32).
     """
     check_thresholds(settings.k, settings.easy_min, settings.hard_max)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _claim(out / "settings.json", settings)
@@ -73,9 +81,9 @@ def sample_difficulty(
     done = _read_progress(log)
     todo = [r for r in records if r["id"] not in done]
     if todo:
-        _roll(settings, records, todo, log, batch_size, prompt, progress)
+        _roll(settings, records, todo, log, batch_size, prompt, progress, device, dtype)
         done = _read_progress(log)
-    return _write_splits(settings, records, done, out)
+    return _write_splits(settings, records, done, out, {"device": device, "dtype": dtype})
 
 
 def _roll(
@@ -86,8 +94,13 @@ def _roll(
     batch_size: int,
     prompt: PromptConfig,
     progress: bool,
+    device: str,
+    dtype: str,
 ) -> None:
-    built = build_policy(settings.model)
+    from tqdm import tqdm
+
+    built = build_policy(settings.model, dtype=dtype)
+    policy = built.model.to(device).eval().requires_grad_(False)
     sampling = SamplingConfig(
         group_size=settings.k,
         temperature=settings.temperature,
@@ -95,11 +108,11 @@ def _roll(
         max_new_tokens=settings.max_new_tokens,
     )
     grader = AccuracyReward()
-    start, first = time.perf_counter(), len(records) - len(todo)
+    first = len(records) - len(todo)
     # Progress lines are a prefix of `records`, so `todo` starts at record `first`:
     # seeding by record position makes a resumed run draw the numbers it would have.
     batches = batched_completions(
-        built.model,
+        policy,
         built.processor,
         todo,
         sampling,
@@ -107,19 +120,21 @@ def _roll(
         prompt=prompt,
         seed=settings.seed * 1_000_003 + first,
     )
-    graded = 0
-    for chunk, texts in batches:
-        lines = tally(chunk, texts, settings.k, grader)
-        _append(log, lines)
-        graded += len(chunk)
-        if progress:
-            n = first + graded
-            rate = graded / max(time.perf_counter() - start, 1e-9)
-            print(
-                f"sample: {n}/{len(records)} questions graded ({rate:.1f}/s)",
-                file=sys.stderr,
-                flush=True,
-            )
+    # Rate and ETA count this run's questions only (`initial`: graded before a resume).
+    bar = tqdm(
+        total=len(records),
+        initial=first,
+        desc=f"sample x{settings.k}",
+        unit="q",
+        file=sys.stderr,
+        disable=not progress,
+    )
+    try:
+        for chunk, texts in batches:
+            _append(log, tally(chunk, texts, settings.k, grader))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
 
 
 def tally(records: list[dict], texts: list[str], k: int, grader: Any) -> list[dict]:
@@ -187,7 +202,11 @@ def _append(log: Path, lines: list[dict]) -> None:
 
 
 def _write_splits(
-    settings: SampleSettings, records: list[dict], done: dict[str, dict], out: Path
+    settings: SampleSettings,
+    records: list[dict],
+    done: dict[str, dict],
+    out: Path,
+    placement: dict[str, str],
 ) -> dict[str, Any]:
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
     for record in records:
@@ -205,6 +224,7 @@ def _write_splits(
         "easy_min": check_thresholds(settings.k, settings.easy_min, settings.hard_max),
         "hard_max": settings.hard_max,
         "k": settings.k,
+        **placement,
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -2,7 +2,9 @@
 
     pebr eval --model tiny-qwen2.5-vl --manifest data/shapes-val/manifest.jsonl --out eval/
 
-Writes OUT/predictions.jsonl and OUT/metrics.json and prints a table. `main` lets
+Runs on the GPU in bfloat16 when there is one, else on the CPU in float32
+(`--device`, `--dtype`; evaluation/devices.py). Writes OUT/predictions.jsonl and
+OUT/metrics.json (which records the device and dtype) and prints a table. `main` lets
 `PebrError` propagate: the top-level `pebr` command prints it as `error: <message>`
 and exits with its exit code.
 """
@@ -13,12 +15,16 @@ import argparse
 from pathlib import Path
 
 from pebr_lightning.cli import positive_int
+from pebr_lightning.evaluation import devices
 from pebr_lightning.evaluation.greedy import evaluate
 
 
 def main(argv: list[str]) -> int:
     """Run `pebr eval <argv>` and return the exit code."""
     args = _parser().parse_args(argv)
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
+    print(f"running on {device} in {dtype}", flush=True)
     values = evaluate(
         args.model,
         args.manifest,
@@ -27,7 +33,8 @@ def main(argv: list[str]) -> int:
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
         progress=not args.no_progress,
-        device=args.device,
+        device=device,
+        dtype=dtype,
         samples=args.samples,
         temperature=args.temperature,
     )
@@ -96,6 +103,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--temperature", type=float, default=1.0, help="temperature of those answers (default: 1.0)"
     )
-    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda (default: cpu)")
+    devices.add_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser

@@ -60,6 +60,7 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     device: str = "cpu",
+    dtype: str | None = None,
     samples: int = 0,
     temperature: float = 1.0,
     seed: int = 0,
@@ -78,6 +79,8 @@ def evaluate(
         limit: evaluate only the first `limit` records.
         progress: show a progress bar (or a line per batch without tqdm) on stderr.
         device: where the model runs, e.g. "cpu", "cuda".
+        dtype: weight dtype name ("float32", "bfloat16", "float16"); None keeps the
+            checkpoint's own.
         samples: also draw this many sampled answers per question (at `temperature`)
             and report their mean accuracy and pass@samples; 0 draws none.
         temperature: sampling temperature of those answers.
@@ -104,8 +107,9 @@ def evaluate(
     records = load_manifest(manifest).records[:limit]  # fail on a bad manifest before loading
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    built = build_policy(model)
+    built = build_policy(model, dtype=dtype)
     policy = built.model.to(device).eval().requires_grad_(False)
+    weights = next(policy.parameters())
 
     bar = _Progress(len(records), progress)
     try:
@@ -142,7 +146,13 @@ def evaluate(
             )
         )
     values["seconds"] = time.perf_counter() - start
-    summary = {**values, "model": model, "manifest": str(manifest)}
+    summary = {
+        **values,
+        "model": model,
+        "manifest": str(manifest),
+        "device": str(weights.device),
+        "dtype": str(weights.dtype).removeprefix("torch."),
+    }
     write_atomic(
         out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     )
@@ -160,12 +170,14 @@ def greedy_answers(
     prompt: PromptConfig = PromptConfig(),
     share_image_features: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    synced: bool = False,
 ) -> list[str]:
     """One greedy completion per record, in record order, from a model already loaded.
 
     `policy` may be PEFT-wrapped (its adapter stays active) and in training mode: it is
     put in eval mode for the loop and back in its previous mode afterwards. Inputs go
     to the device of its parameters. `on_batch(n)` is called after each batch of n.
+    `synced`: the weights are sharded, so every process decodes until all are done.
     """
     sampling = SamplingConfig(group_size=1, temperature=0.0, max_new_tokens=max_new_tokens)
     texts: list[str] = []
@@ -177,6 +189,7 @@ def greedy_answers(
         batch_size=batch_size,
         prompt=prompt,
         share_image_features=share_image_features,
+        synced=synced,
     ):
         texts += chunk_texts
         if on_batch is not None:
@@ -194,6 +207,7 @@ def batched_completions(
     prompt: PromptConfig = PromptConfig(),
     share_image_features: bool = True,
     seed: int | None = None,
+    synced: bool = False,
 ) -> Iterator[tuple[list[dict[str, Any]], list[str]]]:
     """Yield (records of the batch, their G completions each, group members contiguous).
 
@@ -215,7 +229,8 @@ def batched_completions(
         for first in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
             inputs = {k: v.to(device) for k, v in collate(items).items() if k in PROMPT_KEYS}
-            generator = None if seed is None else torch.Generator().manual_seed(seed + first)
+            # torch.multinomial wants a generator on the device of the probabilities.
+            generator = None if seed is None else torch.Generator(device).manual_seed(seed + first)
             with torch.no_grad():
                 features = (
                     image_features(base, inputs["pixel_values"], inputs["image_grid_thw"])
@@ -223,7 +238,15 @@ def batched_completions(
                     else None
                 )
                 rollout = sample_group(
-                    policy, base, inputs, sampling, eos, tokenizer.pad_token_id, features, generator
+                    policy,
+                    base,
+                    inputs,
+                    sampling,
+                    eos,
+                    tokenizer.pad_token_id,
+                    features,
+                    generator,
+                    synced=synced,
                 )
             yield [item["record"] for item in items], decode_completions(tokenizer, rollout)
     finally:

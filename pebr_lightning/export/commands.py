@@ -29,7 +29,8 @@ def main(argv: list[str]) -> int:
     if result.adapter is not None:
         print(f"wrote {result.adapter} (LoRA adapter, PEFT format, with the processor)")
     if result.merged is not None:
-        print(f"wrote {result.merged} ({result.kind} policy, adapter merged, {result.dtype})")
+        what = "LoRA adapter merged into its base" if result.lora else "full fine-tuned weights"
+        print(f"wrote {result.merged} ({result.kind} policy, {what}, {result.dtype})")
     return 0
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from pebr_lightning.errors import PebrError, load_failure_reason
+from pebr_lightning.files import use_default_modes
 
 # Module classes export rebuilds, by the class path LightningCLI records (`_class_path`).
 ALLOWED_MODULES = {
@@ -70,6 +71,9 @@ class ExportResult:
     """dtype of the merged weights."""
     adapter: Path | None
     merged: Path | None
+    lora: bool = False
+    """The run trained a LoRA adapter (written, and merged into OUT/merged); False for a
+    full fine-tune, whose OUT/merged holds the trained weights themselves."""
 
 
 def export_checkpoint(
@@ -123,11 +127,14 @@ def export_checkpoint(
         if merge:
             merged = out / "merged"
             _save_merged(lit, tmp / "merged")
+        use_default_modes(tmp)  # safetensors writes 0o600: others could not load the export
         _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(kind=kind, dtype=name, adapter=adapter, merged=merged)
+    return ExportResult(
+        kind=kind, dtype=name, adapter=adapter, merged=merged, lora=lit.lora is not None
+    )
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -183,8 +190,12 @@ def build_module(kind: str, ckpt: Checkpoint) -> Any:
             f"{ckpt.path}: hyper-parameter(s) {', '.join(unknown)} are not arguments of "
             f"{cls.__name__}" + ("" if "_class_path" in ckpt.hyper_parameters else "; --module?")
         )
+    from pebr_lightning.rewards.registry import names_not_looked_up
+
     try:
-        return cls(**{k: _as_config(hints[k], v) for k, v in hparams.items()})
+        # Export runs no reward, so a run's reward plugins need not be installed here.
+        with names_not_looked_up():
+            return cls(**{k: _as_config(hints[k], v) for k, v in hparams.items()})
     except PebrError as err:
         raise PebrError(f"{ckpt.path}: {err}") from None
     except (TypeError, ValueError) as err:

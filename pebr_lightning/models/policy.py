@@ -78,10 +78,33 @@ class Policy:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A local folder for embedded names and existing paths, otherwise the hub id unchanged."""
+    """A local folder for embedded names and existing paths, otherwise the hub id unchanged.
+
+    Every loader goes through here, so a path that is not there fails with one plain
+    message instead of transformers' advice on the form of hub ids.
+    """
     if is_tiny_name(name_or_path):
         return str(ensure_tiny_model(name_or_path))
-    return name_or_path
+    check_model_folder(name_or_path)
+    return os.path.expanduser(name_or_path)  # transformers does not expand `~`
+
+
+def check_model_folder(name_or_path: str, what: str = "model") -> None:
+    """Raise PebrError when `name_or_path` means a local folder that is not there.
+
+    What counts as meant to be local: it starts with `.`, `/` or `~`, has more than one
+    `/` (or any other path separator), ends in `.hf` or `.ckpt`, or its first part is a
+    local folder (`runs/x` from a folder holding `runs/`). Anything else, a plain
+    `org/name`, is left to the hub.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or not _looks_local(name_or_path):
+        return
+    if path.exists():
+        hint = " (`pebr export` turns a .ckpt into one)" if path.suffix == ".ckpt" else ""
+        raise PebrError(f"{what} {name_or_path}: is a file, not a model folder{hint}")
+    where = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
+    raise PebrError(f"{what} folder {name_or_path} does not exist{where}")
 
 
 def load_processor(name_or_path: str, trust_remote_code: bool = False):
@@ -212,6 +235,15 @@ def adapter_base(path: str) -> str | None:
     except (OSError, ValueError, KeyError) as err:
         raise PebrError(f"{config}: cannot read field 'base_model_name_or_path': {err}") from None
     return resolve_model_path(base)
+
+
+def _looks_local(name: str) -> bool:
+    if name.startswith((".", "/", "~")) or name.endswith((".hf", ".ckpt")):
+        return True
+    if os.sep != "/" and os.sep in name:
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
 
 
 def _is_vision(param_name: str) -> bool:

@@ -21,6 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pebr_lightning.files import use_default_modes
+
 # Qwen2-VL / Qwen2.5-VL special tokens, in Qwen's order, so ids line up the same way.
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -135,6 +137,7 @@ def ensure_tiny_model(name: str = "tiny-qwen2.5-vl") -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         build_tiny_model(scratch, spec)
+        use_default_modes(scratch)  # mkdtemp gives 0o700, safetensors 0o600
         try:
             os.replace(scratch, target)
         except OSError:

@@ -18,23 +18,28 @@ instead of the ~0.6 an untreated model gave it: more than a wrong description.
 
 It is trained once into `$PEBR_CACHE/tiny-clip-r<version>/` as an open_clip
 "local-dir" folder (`open_clip_config.json` + `open_clip_model.safetensors`) and
-loaded from there with open_clip's own factory, the path any local checkpoint takes:
+loaded from there with open_clip's own factory, the path any local checkpoint takes.
+That first build (about a minute) says so on stderr, with a progress bar over its
+training steps; later loads print nothing.
 
     open_clip.create_model_and_transforms(f"local-dir:{ensure_tiny_clip()}")
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pebr_lightning.files import use_default_modes
 from pebr_lightning.models.tiny import cache_dir
 
 TINY_CLIP = "tiny-clip"
@@ -78,19 +83,30 @@ class TinyClipRecipe:
     """The empty caption's cosines above this are penalised: saying nothing scores ~0."""
 
 
-def ensure_tiny_clip() -> Path:
+def ensure_tiny_clip(recipe: TinyClipRecipe = TinyClipRecipe()) -> Path:
     """Folder of the trained embedded CLIP, training it on first use (~1 minute on CPU).
 
-    Built under a temporary name and renamed into place, so a crash mid-build never
-    leaves a half folder, and concurrent first uses end with the same complete folder.
+    The first use prints one line to stderr (what is built, where, for how long) and a
+    progress bar over the training steps. Built under a temporary name and renamed
+    into place, so a crash mid-build never leaves a half folder, and concurrent first
+    uses end with the same complete folder. Another `recipe` (a smaller one in tests)
+    is kept in a folder of its own, never in the default one.
     """
-    target = cache_dir() / f"{TINY_CLIP}-r{RECIPE_VERSION}"
+    target = cache_dir() / folder_name(recipe)
     if (target / CONFIG_FILE).is_file():
         return target
+    print(
+        f"{TINY_CLIP}: building the embedded CLIP once into {target}"
+        f" ({recipe.steps} training steps on one CPU thread, {_estimate(recipe)};"
+        " later runs load it)",
+        file=sys.stderr,
+        flush=True,
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{TINY_CLIP}-", dir=target.parent))
     try:
-        build_tiny_clip(scratch)
+        build_tiny_clip(scratch, recipe, progress=True)
+        use_default_modes(scratch)  # mkdtemp gives 0o700, safetensors 0o600
         try:
             os.replace(scratch, target)
         except OSError:
@@ -99,6 +115,15 @@ def ensure_tiny_clip() -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def folder_name(recipe: TinyClipRecipe) -> str:
+    """`tiny-clip-r<version>` for the default recipe; another one adds a hash of itself."""
+    name = f"{TINY_CLIP}-r{RECIPE_VERSION}"
+    if recipe == TinyClipRecipe():
+        return name
+    text = json.dumps(asdict(recipe), sort_keys=True)
+    return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 def open_clip_config(recipe: TinyClipRecipe) -> dict:
@@ -131,13 +156,16 @@ def open_clip_config(recipe: TinyClipRecipe) -> dict:
     }
 
 
-def build_tiny_clip(out_dir: Path, recipe: TinyClipRecipe = TinyClipRecipe()) -> dict:
+def build_tiny_clip(
+    out_dir: Path, recipe: TinyClipRecipe = TinyClipRecipe(), progress: bool = False
+) -> dict:
     """Train the toy CLIP and save it to `out_dir`; return the training record.
 
-    Runs on one CPU thread, whatever the machine: the weights then do not depend on
-    the core count, and at width 64 the matrices are too small to split well. On a
-    2-core machine two threads were 1.5x faster per step when idle but 3-4x slower
-    with another process running (as when tests or other jobs share the machine).
+    `progress` shows a bar over the training steps on stderr. Runs on one CPU thread,
+    whatever the machine: the weights then do not depend on the core count, and at
+    width 64 the matrices are too small to split well. On a 2-core machine two threads
+    were 1.5x faster per step when idle but 3-4x slower with another process running
+    (as when tests or other jobs share the machine).
     """
     import torch
     from safetensors.torch import save_file
@@ -148,7 +176,7 @@ def build_tiny_clip(out_dir: Path, recipe: TinyClipRecipe = TinyClipRecipe()) ->
     try:
         with torch.random.fork_rng():  # leave the caller's random state alone
             torch.manual_seed(SEED)
-            model, record = _train(config, recipe)
+            model, record = _train(config, recipe, progress)
     finally:
         torch.set_num_threads(threads)
     out_dir = Path(out_dir)
@@ -208,10 +236,20 @@ def encode_text_prefix(model, tokens, token_embedding=None):
     return pooled @ model.text_projection  # [B, E]
 
 
-def _train(config: dict, recipe: TinyClipRecipe):
+def _estimate(recipe: TinyClipRecipe) -> str:
+    """Rough build time on one CPU thread, from the measured ~2 ms per image prepared
+    and ~0.15 s per step of 64 (docs/BENCHMARKS.md), plus start-up."""
+    seconds = 5 + 0.002 * recipe.train_images + 0.15 * recipe.steps * recipe.batch_size / 64
+    if seconds < 100:
+        return f"about {max(10, round(seconds, -1)):.0f} s"
+    return f"about {seconds / 60:.0f} min"
+
+
+def _train(config: dict, recipe: TinyClipRecipe, progress: bool):
     import open_clip
     import torch
     import torch.nn.functional as F
+    from tqdm import tqdm
 
     from pebr_lightning.data.synth import synth_records
 
@@ -254,7 +292,10 @@ def _train(config: dict, recipe: TinyClipRecipe):
     labels = torch.arange(b)
     prepared = time.perf_counter()
     model.train()
-    for _ in range(recipe.steps):
+    steps = tqdm(
+        range(recipe.steps), desc=TINY_CLIP, unit="step", file=sys.stderr, disable=not progress
+    )
+    for _ in steps:
         idx = torch.randint(0, n, (b,), generator=generator)  # [b]
         # Descriptions, their hard negatives, then the empty caption: [2b + 1, 77].
         text = tokens[torch.cat([idx, idx + n, torch.tensor([2 * n])])]

@@ -33,6 +33,7 @@ from pebr_lightning.algorithms.reward_stats import fill_missing
 from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, prompt_limit
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
+from pebr_lightning.evaluation.held_out import GreedyTestLoop, GreedyValidationLoop
 from pebr_lightning.metrics.phases import PhaseMeter
 from pebr_lightning.metrics.step import StepMetrics
 from pebr_lightning.models.policy import (
@@ -113,7 +114,7 @@ class GRPOLossConfig:
             raise PebrError(f"loss.beta must be >= 0, got {self.beta}")
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
     def __init__(
         self,
         model: str = "tiny-qwen2.5-vl",
@@ -254,6 +255,10 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [(n, p) for n, p in self.named_parameters() if not n.startswith("ref_model.")]
         return configure_adamw(params, self.optim, int(self.trainer.estimated_stepping_batches))
+
+    @property
+    def held_out_max_new_tokens(self) -> int:
+        return self.sampling.max_new_tokens  # validation and `pebr test` answer as rollouts
 
     def collator(self, split: str) -> PromptCollator:
         # Unset, the model's own position limit (less the completion's room) holds.

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from pebr_lightning.algorithms.logprobs import shifted_targets, token_logprobs
-from pebr_lightning.data.collate import SFTCollator
+from pebr_lightning.data.collate import PromptCollator, SFTCollator
 from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.evaluation.held_out import GreedyTestLoop
 from pebr_lightning.models.policy import (
     LoraConfig,
     QuantizationConfig,
@@ -50,7 +51,7 @@ MODEL_INPUTS = (
 )
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(GreedyTestLoop, L.LightningModule):
     def __init__(
         self,
         model: str = "tiny-qwen2.5-vl",
@@ -120,8 +121,11 @@ class SFTModule(L.LightningModule):
             list(self.named_parameters()), self.optim, int(self.trainer.estimated_stepping_batches)
         )
 
-    def collator(self, split: str) -> SFTCollator:
-        """Builds batches for every split: validation loss uses the same targets."""
+    def collator(self, split: str) -> SFTCollator | PromptCollator:
+        """Builds batches for every split: validation loss uses the same targets;
+        `pebr test` answers the prompts greedily (GreedyTestLoop)."""
+        if split == "test":
+            return PromptCollator(self.processor, self.prompt)
         return SFTCollator(self.processor, self.prompt, self.max_length)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -101,12 +101,14 @@ def save_pretrained(policy: Any, processor: Any, path: str | Path) -> None:
     With sharded weights every process must call this (gathering the full weights
     is a collective); only rank 0 writes.
     """
+    from pebr_lightning.files import use_default_modes
     from pebr_lightning.parallel.sharding import full_state_dict, is_rank_zero, is_sharded
 
     if not is_sharded(policy):
         if is_rank_zero():
             policy.save_pretrained(str(path))
             processor.save_pretrained(str(path))
+            use_default_modes(path)  # safetensors writes 0600: readable as the umask allows
         return
     # A LoRA adapter needs only its own weights: don't gather the frozen base.
     state = full_state_dict(policy, trainable_only=hasattr(policy, "peft_config"))
@@ -119,3 +121,4 @@ def save_pretrained(policy: Any, processor: Any, path: str | Path) -> None:
             state.pop("lm_head.weight", None)
         policy.save_pretrained(str(path), state_dict=state)
         processor.save_pretrained(str(path))
+        use_default_modes(path)

@@ -28,6 +28,7 @@ Try it on real samples: `pebr rewards check clip_score`.
 
 from __future__ import annotations
 
+import os
 from os import PathLike
 from typing import Any, Literal
 
@@ -241,6 +242,10 @@ class _FgClipScorer:
     ) -> _FgClipScorer:
         from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
+        from pebr_lightning.models.policy import check_model_folder
+
+        check_model_folder(path, "clip_score: fgclip model")
+        path = os.path.expanduser(path)
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)

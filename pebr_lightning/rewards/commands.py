@@ -5,7 +5,8 @@
     pebr rewards check my_pkg.rewards.MyReward --class-path
 
 `list` imports every registered class to show its docstring (a class that fails to
-import is listed with the error). `check` loads one reward the way training does,
+import is listed with the error), and warns on stderr about each plugin registered
+under a built-in reward's name. `check` loads one reward the way training does,
 runs the contract checks of pebr_lightning.testing on a batch of reference
 responses plus edge cases, prints PASS/FAIL per check and the scores, and exits 0
 only when every check passes. A name that is not installed or malformed
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from typing import Any
 
@@ -77,6 +79,13 @@ def _list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no rewards installed (entry-point group {registry.GROUP!r})")
         return 0
+    for entry in registry.shadowing():
+        print(
+            f"warning: distribution {entry.dist!r} registers {entry.name!r}, the name of a "
+            f"built-in reward: {entry.name!r} stays the built-in, and this plugin's reward "
+            f"is {entry.qualified_name!r}",
+            file=sys.stderr,
+        )
     rows = [("NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION")]
     for entry, name in zip(entries, registry.display_names(), strict=True):
         rows.append((name, entry.dist or "?", entry.version or "?", _summary(entry)))

@@ -9,10 +9,13 @@ plugin that is slow or broken to import costs nothing unless it is used.
 
 A config names a reward as `name`, or as `dist:name` when two distributions provide
 the same name (`dist` compared the way packaging normalises names), or with
-`class_path: my_pkg.rewards.MyReward` for a class that is not packaged. Every loaded
-class is checked against the contract in protocol.py and a failure is reported as a
-`PluginValidationError` naming the distribution and entry point. docs/plugins.md is
-the author's guide.
+`class_path: my_pkg.rewards.MyReward` for a class that is not packaged. The built-in
+names are reserved: plain `format` is always the built-in, and a plugin that registers
+`format` too is reachable only as `its-dist:format`. A name is looked up (not
+imported) when GRPOModule is built, so a misspelt one stops a run before training,
+naming the nearest installed one. Every loaded class is checked against the contract
+in protocol.py and a failure is reported as a `PluginValidationError` naming the
+distribution and entry point. docs/plugins.md is the author's guide.
 
     pebr rewards list
 """
@@ -20,10 +23,14 @@ the author's guide.
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib
 import inspect
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Literal
@@ -33,10 +40,15 @@ from jsonargparse.typing import register_type
 from pebr_lightning.errors import PebrError
 
 GROUP = "pebr_lightning.rewards"
+# This project's own distribution: the names it registers (pyproject.toml) are reserved,
+# so that a plugin registering one cannot make a shipped config ambiguous.
+BUILTIN_DIST = "pebr-lightning"
 ON_ERROR_CHOICES = ("raise", "none")
 SPEC_KEYS = ("name", "class_path", "weight", "init_args", "on_error", "timeout_s")
 
 _entries: list[RewardEntry] | None = None
+# Off inside `names_not_looked_up()`: export rebuilds modules whose rewards it never runs.
+_look_up_names: ContextVar[bool] = ContextVar("pebr_look_up_reward_names", default=True)
 
 
 class PluginValidationError(PebrError):
@@ -63,6 +75,11 @@ class RewardEntry:
     """The distribution's version."""
     entry_point: metadata.EntryPoint
     """The entry point itself (`name = module:Class`)."""
+
+    @property
+    def builtin(self) -> bool:
+        """Registered by this project itself (BUILTIN_DIST)."""
+        return self.dist is not None and canonical_dist(self.dist) == BUILTIN_DIST
 
     @property
     def qualified_name(self) -> str:
@@ -179,6 +196,16 @@ class RewardSpec:
 
     @classmethod
     def from_dict(cls, data: Any) -> RewardSpec:
+        """A config's reward entry, checked: `parse`, then a registered name is looked up
+        (not imported). GRPOModule's `__init__` calls this, so a misspelt or missing
+        reward stops `pebr fit` before the Trainer is built."""
+        spec = cls.parse(data)
+        if spec.name is not None and _look_up_names.get():
+            resolve(spec.name)
+        return spec
+
+    @classmethod
+    def parse(cls, data: Any) -> RewardSpec:
         """The inverse of `to_dict`; unknown keys are an error naming the accepted ones."""
         if isinstance(data, RewardSpec):
             return data
@@ -197,11 +224,13 @@ class RewardSpec:
 
 # A reward spec has fields called `class_path` and `init_args`, which jsonargparse
 # would otherwise read as a subclass specification; as a registered type, a YAML
-# mapping goes straight to `RewardSpec.from_dict`.
+# mapping goes straight to `RewardSpec.parse`. Not `from_dict`: jsonargparse would turn a
+# lookup error into a parser error with usage text; raised from GRPOModule's `__init__`
+# (which calls `from_dict`), it reaches the CLI as one `error:` line.
 register_type(
     RewardSpec,
     serializer=RewardSpec.to_dict,
-    deserializer=RewardSpec.from_dict,
+    deserializer=RewardSpec.parse,
     deserializer_exceptions=(RewardConfigError, TypeError),
 )
 
@@ -230,6 +259,17 @@ def available() -> list[RewardEntry]:
     return list(_entries)
 
 
+@contextmanager
+def names_not_looked_up() -> Iterator[None]:
+    """Build reward specs without checking that their names are installed: for code
+    that rebuilds a module to read its weights (`pebr export`) and runs no reward."""
+    token = _look_up_names.set(False)
+    try:
+        yield
+    finally:
+        _look_up_names.reset(token)
+
+
 def clear_cache() -> None:
     """Forget the entry-point table, so that the next lookup reads it again (for tests)."""
     global _entries
@@ -237,16 +277,27 @@ def clear_cache() -> None:
 
 
 def display_names() -> list[str]:
-    """The names a config can use: plain where unique, `dist:name` where names clash."""
+    """The names a config can use: plain where unique and for built-ins, `dist:name`
+    where names clash (a plugin using a built-in's name is reachable only that way)."""
     entries = available()
     counts: dict[str, int] = {}
     for entry in entries:
         counts[entry.name] = counts.get(entry.name, 0) + 1
-    return [e.qualified_name if counts[e.name] > 1 else e.name for e in entries]
+    return [e.name if e.builtin or counts[e.name] == 1 else e.qualified_name for e in entries]
+
+
+def shadowing() -> list[RewardEntry]:
+    """Plugin entries registered under a built-in reward's name (reachable as dist:name)."""
+    entries = available()
+    reserved = {e.name for e in entries if e.builtin}
+    return [e for e in entries if e.name in reserved and not e.builtin]
 
 
 def resolve(name: str) -> RewardEntry:
-    """The entry registered as `name` or `dist:name`, without importing it."""
+    """The entry registered as `name` or `dist:name`, without importing it.
+
+    A plain built-in name always means the built-in, whatever plugins register.
+    """
     entries = available()
     if ":" in name:
         dist, _, short = name.partition(":")
@@ -257,6 +308,7 @@ def resolve(name: str) -> RewardEntry:
         ]
     else:
         matches = [e for e in entries if e.name == name]
+        matches = [e for e in matches if e.builtin] or matches
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
@@ -265,10 +317,13 @@ def resolve(name: str) -> RewardEntry:
             f"reward name {name!r} is provided by {len(matches)} distributions; "
             f"name one of them as dist:name: {choices}"
         )
-    known = ", ".join(display_names()) or "(none installed)"
+    names = display_names()
+    candidates = [e.qualified_name for e in entries] if ":" in name else names
+    close = difflib.get_close_matches(name, candidates, n=1)
+    hint = f" did you mean {close[0]!r}?" if close else ""
     raise RewardLookupError(
-        f"no reward named {name!r} is installed (entry-point group {GROUP!r}); "
-        f"available: {known}. `pebr rewards list` shows where each comes from."
+        f"unknown reward {name!r};{hint} installed: {', '.join(names) or '(none)'} "
+        f"(entry-point group {GROUP!r}; `pebr rewards list` shows where each comes from)"
     )
 
 

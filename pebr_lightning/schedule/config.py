@@ -3,6 +3,8 @@
     out: runs/schedule                 # every stage writes into out/<stage>/
     model: Qwen/Qwen2.5-VL-7B-Instruct # what the first stage starts from
     data: {train: ..., val: ..., test: ...}
+    device: auto                       # where sampling and evaluation run
+    dtype: auto                        # their weight dtype
     eval: {batch_size: 16, max_new_tokens: 1024, limit: null}
     stages:
       sft:        {config: configs/sft.yaml, args: []}
@@ -14,6 +16,15 @@ Stages run in that order; a stage left out is not run, and the next one starts
 from the latest earlier stage's weights. `start_from` (a weights folder, or a
 stage folder of another schedule) and `manifest` override where a training stage
 starts and what it trains on.
+
+`device` and `dtype` apply to the sample stage and every held-out evaluation (the
+training stages run where their own configs say). `device: auto` (the default) is
+cuda when there is one, else cpu; any torch device string (cuda:1, cpu) is checked
+before the first stage starts. `dtype: auto` (the default) is float32 on the CPU;
+on CUDA it is the dtype of the `trainer.precision` the weights were trained in
+(bf16-mixed / bf16-true -> bfloat16, 16-mixed -> float16, otherwise float32; read
+from the producing stage's config and args), or bfloat16 for weights no stage of
+the file produced. float32, bfloat16 or float16 forces one dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from typing import Any
 import yaml
 
 from pebr_lightning.errors import PebrError
+from pebr_lightning.evaluation.devices import DTYPES
 
 ORDER = ("sft", "sample", "perception", "reasoning")
 FIT_STAGES = ("sft", "perception", "reasoning")
@@ -67,6 +79,10 @@ class Schedule:
     sample: dict[str, Any] | None
     synth: dict[str, int] | None = None
     stage_names: tuple[str, ...] = field(default=())
+    device: str = "auto"
+    """Where sampling and evaluation run: auto (cuda when available) or a torch device."""
+    dtype: str = "auto"
+    """Their weight dtype: auto (the producing stage's precision on CUDA) or a dtype name."""
 
 
 def load_schedule(path: str | Path) -> Schedule:
@@ -84,13 +100,19 @@ def load_schedule(path: str | Path) -> Schedule:
     def fail(key: str, message: str) -> PebrError:
         return PebrError(f"{path}: field '{key}': {message}")
 
-    known = {"out", "model", "data", "eval", "stages", "synth"}
+    known = {"out", "model", "data", "eval", "stages", "synth", "device", "dtype"}
     for key in raw:
         if key not in known:
             raise fail(key, f"unknown field (expected one of {', '.join(sorted(known))})")
     for key in ("out", "model"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise fail(key, "required, a non-empty string")
+    device = raw.get("device", "auto")
+    if not _device_name(device):
+        raise fail("device", f"expected auto or a torch device (cuda, cuda:1, cpu), got {device!r}")
+    dtype = raw.get("dtype", "auto")
+    if dtype not in DTYPES:
+        raise fail("dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
     data = raw.get("data") or {}
     if not isinstance(data, dict) or not isinstance(data.get("train"), str):
         raise fail("data.train", "required: the training manifest")
@@ -136,6 +158,9 @@ def load_schedule(path: str | Path) -> Schedule:
     evaluation = raw.get("eval") or {}
     if not isinstance(evaluation, dict):
         raise fail("eval", "expected a mapping")
+    for key in ("device", "dtype"):
+        if key in evaluation:
+            raise fail(f"eval.{key}", f"set `{key}` at the top level, where sampling uses it too")
     synth = raw.get("synth")
     if synth is not None and not isinstance(synth, dict):
         raise fail("synth", "expected a mapping like {train: 2000, val: 200, test: 400, seed: 0}")
@@ -149,4 +174,22 @@ def load_schedule(path: str | Path) -> Schedule:
         sample=sample,
         synth=synth,
         stage_names=tuple(n for n in ORDER if n in stages),
+        device=device,
+        dtype=dtype,
     )
+
+
+def _device_name(value: Any) -> bool:
+    """Whether `value` reads as a device: auto, or what torch.device parses (available or
+    not: whether this machine has it is checked when the schedule runs)."""
+    if value == "auto":
+        return True
+    if not isinstance(value, str):
+        return False
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return False
+    return True

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from pebr_lightning.files import write_atomic_with
 
 RL_STAGES = ("perception", "reasoning")
 TOTAL = "reward/total/mean"
@@ -166,14 +166,8 @@ def curve_figure(panels: Panels) -> Figure:
 def save_png(figure: Figure, path: Path) -> None:
     """Write `figure` to `path` as PNG; a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            figure.savefig(f, format="png")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    # write_atomic_with creates the file as open() would (umask), not mkstemp's 0600
+    write_atomic_with(path, lambda f: figure.savefig(f, format="png"))
 
 
 def plot_curves(out: Path, path: Path) -> Path | None:

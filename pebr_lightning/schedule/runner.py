@@ -8,10 +8,16 @@ interrupted resumes from the newest `last.ckpt` in its folder (`--ckpt_path`), s
 its configs should save `last` every few steps (the demo configs do); sampling
 resumes from its own progress file. Stages run in this process one after another,
 so a kill stops the whole schedule and nothing runs on unattended.
+
+Sampling and evaluation run on the schedule's `device` (auto: the GPU when there is
+one), checked before the first stage; on CUDA their dtype follows the precision
+the weights were trained in (`inference_dtype`). Their progress bars show only when
+stderr is a terminal.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,7 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pebr_lightning.errors import PebrError
+from pebr_lightning.evaluation.devices import resolve_device, resolve_dtype
 from pebr_lightning.files import exclusive_lock, write_atomic
 from pebr_lightning.schedule.config import ORDER, FitStage, Schedule
 
@@ -39,6 +48,9 @@ def run_schedule(
                 f"--stages: {name!r} is not in {schedule.path} (it has:"
                 f" {', '.join(schedule.stage_names)})"
             )
+    # Before anything runs: a schedule that asks for a missing GPU fails now, not after SFT.
+    device = resolve_device(schedule.device, f"{schedule.path}: field 'device'")
+    schedule = dataclasses.replace(schedule, device=device)
     out = Path(schedule.out)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out, "pebr schedule", lambda line: echo(f"[schedule] {line}")):
@@ -196,7 +208,7 @@ def _run_fit(
         "manifest": manifest,
     }
     if schedule.data.get("test"):
-        record["eval"] = _evaluate(schedule, record["weights"], stage_dir / "eval", echo)
+        record["eval"] = _evaluate(schedule, stage, record["weights"], stage_dir / "eval", echo)
     return record
 
 
@@ -243,21 +255,72 @@ def _run_sample(
     spec = dict(schedule.sample or {})
     batch_size = spec.pop("batch_size", 8)
     model = _start_weights(schedule, None, records, "sample")
+    producer = next(
+        (s for n, s in schedule.fit.items() if records.get(n, {}).get("weights") == model), None
+    )
+    dtype = inference_dtype(schedule, producer)
     settings = SampleSettings(model=model, manifest=os.path.abspath(schedule.data["train"]), **spec)
-    echo(f"[schedule] sample: {settings.k} rollouts per question with {model}")
-    summary = sample_difficulty(settings, stage_dir, batch_size=batch_size)
+    echo(
+        f"[schedule] sample: {settings.k} rollouts per question with {model}"
+        f" on {schedule.device} in {dtype}"
+    )
+    summary = sample_difficulty(
+        settings,
+        stage_dir,
+        batch_size=batch_size,
+        progress=sys.stderr.isatty(),
+        device=schedule.device,
+        dtype=dtype,
+    )
     echo(format_summary(summary))
     splits = {name: os.path.abspath(stage_dir / f"{name}.jsonl") for name in summary["counts"]}
     return {"stage": "sample", "summary": summary, "splits": splits}
 
 
-def _evaluate(schedule: Schedule, weights: str, out_dir: Path, echo: Echo) -> dict[str, float]:
+def _evaluate(
+    schedule: Schedule, stage: FitStage, weights: str, out_dir: Path, echo: Echo
+) -> dict[str, float]:
     from pebr_lightning.evaluation.greedy import evaluate
 
-    options = dict(schedule.eval)
-    metrics = evaluate(weights, schedule.data["test"], out_dir, **options)
-    echo(f"[schedule] held-out accuracy {metrics['accuracy']:.3f} ({out_dir})")
+    dtype = inference_dtype(schedule, stage)
+    options = {"progress": sys.stderr.isatty(), **schedule.eval}
+    metrics = evaluate(
+        weights, schedule.data["test"], out_dir, device=schedule.device, dtype=dtype, **options
+    )
+    echo(
+        f"[schedule] held-out accuracy {metrics['accuracy']:.3f}"
+        f" on {schedule.device} in {dtype} ({out_dir})"
+    )
     return metrics
+
+
+def inference_dtype(
+    schedule: Schedule, stage: FitStage | None, bf16_supported: bool | None = None
+) -> str:
+    """The dtype sampling or evaluation loads `stage`'s weights in (None: weights no
+    stage of this schedule produced), on the schedule's device: its `dtype`, where
+    `auto` on CUDA follows the precision the stage trained in (evaluation/devices.py)."""
+    precision = None if stage is None else stage_precision(stage)
+    return resolve_dtype(schedule.dtype, schedule.device, precision, bf16_supported)
+
+
+def stage_precision(stage: FitStage) -> str | None:
+    """`trainer.precision` of a fit stage: the last `--trainer.precision` in its args,
+    else its config's; None when neither sets it (or the config does not read: the
+    stage's own `pebr fit` reports that)."""
+    args = list(stage.args)
+    for i in reversed(range(len(args))):
+        if args[i].startswith("--trainer.precision="):
+            return args[i].split("=", 1)[1]
+        if args[i] == "--trainer.precision" and i + 1 < len(args):
+            return args[i + 1]
+    try:
+        config = yaml.safe_load(Path(stage.config).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    precision = trainer.get("precision") if isinstance(trainer, dict) else None
+    return None if precision is None else str(precision)
 
 
 def _ensure_data(schedule: Schedule, echo: Echo) -> None:

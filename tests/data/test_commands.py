@@ -67,3 +67,28 @@ def test_bad_arguments_exit_with_usage(argv: list[str], capsys) -> None:
         main(argv)
     assert info.value.code == 2
     assert "usage: pebr data" in capsys.readouterr().err
+
+
+def test_demo_writes_the_demo_configs_three_splits(tmp_path, capsys) -> None:
+    """`--demo` writes what configs/demo/*.yaml read, with the schedule's seeds
+    (split i: seed + i), so its files equal the ones the demo schedule writes."""
+    from pebr_lightning.data.synth import write_dataset
+
+    assert main(["synth", "--demo", "--out", str(tmp_path / "demo"), "--n", "3"]) == 0
+    for offset, split in enumerate(("train", "val", "test")):
+        written = tmp_path / "demo" / split / "manifest.jsonl"
+        assert len(written.read_text().splitlines()) == 3
+        same = write_dataset(tmp_path / "ref" / split, n=3, seed=offset)
+        assert written.read_text() == same.read_text()
+    assert "wrote 3 records to" in capsys.readouterr().out
+
+
+def test_a_missing_demo_manifest_says_how_to_make_it(tmp_path, monkeypatch, capsys) -> None:
+    from pebr_lightning.cli import main as pebr
+
+    monkeypatch.chdir(tmp_path)
+    sft = Path(__file__).resolve().parents[2] / "configs" / "demo" / "sft.yaml"
+    assert pebr(["fit", "--config", str(sft)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest not found: data/demo/train/manifest.jsonl" in err
+    assert "`pebr data synth --demo`" in err

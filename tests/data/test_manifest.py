@@ -185,6 +185,19 @@ def test_long_problem_lists_are_cut_at_20(write_lines, dataset) -> None:
     assert "skip_invalid" in lines[-1]
 
 
+def test_the_hints_name_the_config_keys_pebr_fit_reads(write_lines, dataset) -> None:
+    """The data module sits under `class_path`/`init_args` in every config, so that is
+    the key to write (`data.skip_invalid` is not one in the YAML files)."""
+    from pebr_lightning.data.datamodule import ManifestDataModule
+
+    manifest, records = dataset
+    write_lines(manifest, [records[0], "not json"])
+    hint = _error(manifest).splitlines()[-1]
+    assert "`data.init_args.skip_invalid: true` (training)" in hint
+    with pytest.raises(PebrError, match=r"^`pebr fit` needs data.init_args.train_manifest$"):
+        ManifestDataModule().setup("fit")
+
+
 def test_skip_invalid_returns_the_valid_records_and_the_problems(
     write_lines, dataset, tmp_path: Path
 ) -> None:

@@ -1,10 +1,17 @@
-"""`pebr sample` on the tiny model: splits written, a killed run resumed, settings guarded."""
+"""`pebr sample` on the tiny model: splits written, a killed run resumed, settings guarded,
+where it runs said and kept, a progress bar on stderr."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from pebr_lightning.cli import main
 from pebr_lightning.data.manifest import load_manifest
@@ -66,27 +73,67 @@ def test_other_settings_do_not_continue_a_run(tiny_path, shapes_data, tmp_path):
         sample_difficulty(settings(tiny_path, shapes_data, limit=2, k=3), out, progress=False)
 
 
+def command(tiny_path, shapes_data, out) -> list[str]:
+    return [
+        "sample",
+        "--model",
+        str(tiny_path),
+        "--manifest",
+        str(shapes_data["train"]),
+        "--out",
+        str(out),
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--limit",
+        "3",
+    ]
+
+
 def test_command_prints_the_summary(tiny_path, shapes_data, tmp_path, capsys):
-    code = main(
-        [
-            "sample",
-            "--model",
-            str(tiny_path),
-            "--manifest",
-            str(shapes_data["train"]),
-            "--out",
-            str(tmp_path / "s"),
-            "--k",
-            "2",
-            "--max-new-tokens",
-            "4",
-            "--limit",
-            "3",
-            "--no-progress",
-        ]
-    )
+    """Without --device: cpu in float32 on a machine without CUDA, said first and kept
+    in summary.json; --no-progress leaves stderr empty."""
+    code = main([*command(tiny_path, shapes_data, tmp_path / "s"), "--no-progress"])
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
-    assert printed.startswith("3 questions, k = 2")
-    assert f"hard   {summary['counts']['hard']:>6}" in printed
+    device, dtype = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = "float32"
+    first, rest = captured.out.split("\n", 1)
+    assert first == f"running on {device} in {dtype}"
+    assert (summary["device"], summary["dtype"]) == (device, dtype)
+    assert rest.startswith("3 questions, k = 2")
+    assert f"hard   {summary['counts']['hard']:>6}" in rest
+    assert captured.err == ""
+
+
+def test_command_shows_a_progress_bar_on_stderr(tiny_path, shapes_data, tmp_path):
+    """A real `pebr sample` process, one question per batch: its stderr holds a bar that
+    ends at 3/3 questions, with a rate."""
+    pebr = str(Path(sys.executable).with_name("pebr"))
+    argv = [*command(tiny_path, shapes_data, tmp_path / "s"), "--batch-size", "1"]
+    done = subprocess.run(
+        [pebr, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"sample x2: 100%\|[^\r\n]*\| 3/3 \[[^\]]*(q/s|s/q)\]", done.stderr), (
+        done.stderr
+    )
+    assert done.stdout.splitlines()[1] == "3 questions, k = 2"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_command_on_cuda_without_cuda_exits_2_with_one_line(
+    tiny_path, shapes_data, tmp_path, capsys
+):
+    out = tmp_path / "s"
+    assert main([*command(tiny_path, shapes_data, out), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device: cuda needs a CUDA device and none is available here")
+    assert err.count("\n") == 1 and not out.exists()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 import sys
 import typing
 from pathlib import Path
@@ -201,8 +203,10 @@ def test_sharded_checkpoint_folder_exports_the_same(sft_ckpt, sft_export, tmp_pa
             torch.testing.assert_close(ours[key], value, rtol=0, atol=0)
 
 
-def test_full_finetune_checkpoint_exports_its_weights(sft_ckpt, tiny_path, tmp_path):
-    """lora null: the checkpoint holds the whole policy, which becomes OUT/merged."""
+def test_full_finetune_checkpoint_exports_its_weights(sft_ckpt, tiny_path, tmp_path, capsys):
+    """lora null: the checkpoint holds the whole policy, which becomes OUT/merged, said
+    as such (no adapter was merged); the files are as readable as the umask allows
+    (safetensors alone would leave model.safetensors 0o600)."""
     checkpoint = torch.load(sft_ckpt, weights_only=True)
     checkpoint["hyper_parameters"]["lora"] = None
     policy = base_model(tiny_path).state_dict()
@@ -212,21 +216,49 @@ def test_full_finetune_checkpoint_exports_its_weights(sft_ckpt, tiny_path, tmp_p
     torch.save(checkpoint, tmp_path / "full.ckpt")
 
     out = tmp_path / "out"
-    assert (
-        main(["export", str(tmp_path / "full.ckpt"), "--out", str(out), "--dtype", "float32"]) == 0
-    )
+    old_umask = os.umask(0o022)
+    try:
+        argv = ["export", str(tmp_path / "full.ckpt"), "--out", str(out), "--dtype", "float32"]
+        assert main(argv) == 0
+    finally:
+        os.umask(old_umask)
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {out / 'merged'} (sft policy, full fine-tuned weights, float32)"
+    ]
     assert sorted(p.name for p in out.iterdir()) == ["merged"]
+    assert stat.S_IMODE((out / "merged" / "model.safetensors").stat().st_mode) == 0o644
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o644}
+    assert stat.S_IMODE((out / "merged").stat().st_mode) == 0o755
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged", local_files_only=True)
     torch.testing.assert_close(merged.state_dict()[name], policy[name], rtol=0, atol=0)
 
 
-def test_qlora_checkpoint_exports_unquantized_in_its_compute_dtype(sft_ckpt, tmp_path):
+def test_qlora_checkpoint_exports_unquantized_in_its_compute_dtype(sft_ckpt, tmp_path, capsys):
     quantization = {"bits": 4, "compute_dtype": "float16"}
     qlora = rewrite(sft_ckpt, tmp_path / "qlora.ckpt", quantization=quantization)
     out = tmp_path / "out"
     assert main(["export", str(qlora), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {out / 'adapter'} (LoRA adapter, PEFT format, with the processor)",
+        f"wrote {out / 'merged'} (sft policy, LoRA adapter merged into its base, float16)",
+    ]
     config = json.loads((out / "merged" / "config.json").read_text())
     assert config["dtype"] == "float16" and "quantization_config" not in config
+
+
+def test_a_grpo_checkpoint_exports_without_its_reward_plugins(sft_ckpt, tmp_path, capsys):
+    """Export runs no reward: a run's reward that is not installed here (a plugin left
+    on the training machine) does not stop it, though a config naming it would."""
+    checkpoint = torch.load(sft_ckpt, weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    hparams.pop("max_length")  # the one SFTModule argument GRPOModule does not take
+    hparams["_class_path"] = "pebr_lightning.modules.grpo.GRPOModule"
+    hparams["rewards"] = [{"name": "format"}, {"name": "plugin_left_behind", "weight": 0.5}]
+    torch.save(checkpoint, tmp_path / "grpo.ckpt")
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path / "grpo.ckpt"), "--out", str(out), "--no-merge"]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "error" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("class_path", ["os.system", "pebr_export_probe.EvilModule"])

@@ -9,7 +9,14 @@ from PIL import Image
 from pebr_lightning.data.collate import SFTCollator
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
-from pebr_lightning.models.policy import LoraConfig, QuantizationConfig, build_policy, unwrap
+from pebr_lightning.models.policy import (
+    LoraConfig,
+    QuantizationConfig,
+    build_policy,
+    load_processor,
+    resolve_model_path,
+    unwrap,
+)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -81,8 +88,43 @@ def test_four_bit_quantizes_language_model_only(tiny_path):
 
 
 def test_missing_local_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(PebrError, match="cannot load model"):
+    with pytest.raises(PebrError, match=f"model folder {tmp_path / 'nope'} does not exist$"):
         build_policy(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["runs/nope/last.hf", "runs/nope", "./nope", "../nope", "~/nope", "nope.hf", "nope.ckpt"],
+)
+def test_a_path_that_is_not_there_says_so_in_every_loader(name, tmp_path, monkeypatch):
+    """Not transformers' "Repo id must be in the form..." for something meant as a
+    folder: `runs/nope` counts as one because `runs/` exists here."""
+    (tmp_path / "work" / "runs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for load in (build_policy, load_processor, resolve_model_path):
+        with pytest.raises(PebrError) as info:
+            load(name)
+        assert f"model folder {name} does not exist" in str(info.value)
+        assert "Repo id" not in str(info.value)
+
+
+def test_a_checkpoint_file_as_model_is_not_a_folder(tmp_path):
+    (tmp_path / "last.ckpt").write_bytes(b"not a folder")
+    with pytest.raises(PebrError, match=r"last.ckpt: is a file, not a model folder.*pebr export"):
+        build_policy(str(tmp_path / "last.ckpt"))
+
+
+def test_hub_ids_and_existing_folders_pass_through(tiny_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert resolve_model_path("gpt2") == "gpt2"
+    assert resolve_model_path(str(tiny_path)) == str(tiny_path)
+    monkeypatch.setenv("HOME", str(tiny_path.parent))
+    assert resolve_model_path(f"~/{tiny_path.name}") == str(tiny_path)
+    # offline, a hub id fails in transformers, as a hub id (not as a missing folder)
+    with pytest.raises(PebrError, match="cannot load model 'no-such-org/no-such-model'"):
+        build_policy("no-such-org/no-such-model")
 
 
 def test_adapter_folder_loads_its_base_with_the_adapter_merged(tiny_path, tmp_path):

@@ -86,3 +86,20 @@ def test_an_empty_pebr_cache_means_the_default_folder(monkeypatch):
     assert cache_dir() == Path.home() / ".cache" / "pebr_lightning"
     monkeypatch.setenv("PEBR_CACHE", "/somewhere/else")
     assert cache_dir() == Path("/somewhere/else")
+
+
+def test_a_fresh_cache_folder_is_readable_as_the_umask_allows(tmp_path, monkeypatch):
+    """A cache may be shared (PEBR_CACHE on a team disk): not mkdtemp's 0o700 folder
+    holding safetensors' 0o600 weights."""
+    import os
+    import stat
+
+    monkeypatch.setenv("PEBR_CACHE", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        folder = ensure_tiny_model("tiny-qwen2.5-vl")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE((folder / "model.safetensors").stat().st_mode) == 0o644
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}

@@ -91,3 +91,10 @@ def test_sft_lowers_heldout_loss_and_beats_the_majority_answer(tiny_path, tmp_pa
     accuracy = sum(r["correct"] for r in grade_answers(test, texts)) / len(test)
     baseline = majority_baseline(test)
     assert accuracy >= baseline + 0.2, f"greedy {accuracy:.3f} vs majority {baseline:.3f}"
+
+    # `pebr test` is the same greedy grading inside Lightning's test loop
+    test_manifest = tmp_path / "test" / "manifest.jsonl"
+    data = ManifestDataModule(test_manifest=str(test_manifest), eval_batch_size=20)
+    (logged,) = trainer.test(module, datamodule=data, verbose=False)
+    assert logged["test/n"] == len(test)
+    assert logged["test/accuracy"] == accuracy, (logged, accuracy)

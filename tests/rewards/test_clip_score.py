@@ -356,6 +356,17 @@ def test_fgclip_needs_trust_remote_code() -> None:
     assert ClipScoreReward(backend="fgclip", trust_remote_code=True)._scorer is None
 
 
+def test_fgclip_from_a_folder_that_is_not_there_says_so(held_out, tmp_path) -> None:
+    """A local FG-CLIP folder that is missing: the real transformers loader would
+    answer with its advice on the form of hub ids."""
+    missing = tmp_path / "fg-clip-base"
+    reward = ClipScoreReward(backend="fgclip", model=str(missing), trust_remote_code=True)
+    record, image = held_out[0]
+    with pytest.raises(PebrError) as info:
+        reward(completions=["x"], samples=[record], images=[image])
+    assert str(info.value) == f"clip_score: fgclip model folder {missing} does not exist"
+
+
 class FakeFgClip(torch.nn.Module):
     """Stands in for a loaded FG-CLIP: records the feature calls, returns fixed features.
 

@@ -86,6 +86,29 @@ def test_list_shows_fake_plugins_and_survives_a_broken_one(plugin_dist, capsys) 
     assert "(import failed: ImportError: needs a GPU library)" in rows["cmd_broken"]
 
 
+def test_list_warns_about_a_plugin_using_a_built_in_name(plugin_dist, capsys) -> None:
+    """A real second distribution, `pebr-evil`, registers `format`: listed as
+    `pebr-evil:format` beside the built-in `format`, with one warning line naming it."""
+    info = plugin_dist / "pebr_evil-6.6.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pebr-evil\nVersion: 6.6\n")
+    (info / "entry_points.txt").write_text(f"[{registry.GROUP}]\nformat = cmd_plugin_mod:Unnamed\n")
+    importlib.invalidate_caches()
+    registry.clear_cache()
+
+    assert main(["rewards", "list"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "warning: distribution 'pebr-evil' registers 'format', the name of a built-in reward: "
+        "'format' stays the built-in, and this plugin's reward is 'pebr-evil:format'"
+    ]
+    rows = {line.split()[0]: line.split() for line in captured.out.splitlines()[1:]}
+    assert rows["format"][1] == "pebr-lightning"
+    assert rows["pebr-evil:format"][1:3] == ["pebr-evil", "6.6"]
+    assert main(["rewards", "check", "format", "--n", "1"]) == 0  # the built-in
+    assert "distribution 'pebr-lightning'" in capsys.readouterr().out
+
+
 def test_check_passes_a_good_reward(plugin_dist, capsys) -> None:
     code = main(["rewards", "check", "cmd_answer", "--n", "2", "--init-args", '{"bonus": 0.5}'])
     out = capsys.readouterr().out
@@ -127,7 +150,8 @@ def test_check_takes_samples_from_a_manifest_and_a_class_path(plugin_dist, capsy
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["rewards", "check", "no_such_reward"], "no reward named 'no_such_reward'"),
+        (["rewards", "check", "no_such_reward"], "unknown reward 'no_such_reward'"),
+        (["rewards", "check", "cmd_answr"], "did you mean 'cmd_answer'?"),
         (["rewards", "check", "cmd_answer", "--init-args", "{bonus: 1}"], "not valid JSON"),
         (["rewards", "check", "cmd_answer", "--init-args", "[1]"], "must be a JSON object"),
     ],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jsonargparse
 import pytest
+import yaml
 
 from pebr_lightning.rewards import registry
 from pebr_lightning.rewards.combine import load_rewards
@@ -24,6 +25,8 @@ from pebr_lightning.rewards.registry import (
     RewardLookupError,
     RewardSpec,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 GOOD = '''
 class Good:
@@ -154,10 +157,93 @@ def test_a_clashing_name_needs_the_distribution(plugins) -> None:
 
 def test_an_unknown_name_lists_the_available_ones(plugins) -> None:
     plugins("known-dist", {"known_one": "known_mod:Good"}, {"known_mod": GOOD.format(name="k")})
-    with pytest.raises(RewardLookupError, match=r"no reward named 'nope'.*known_one"):
+    with pytest.raises(RewardLookupError, match=r"^unknown reward 'nope'; installed: .*known_one"):
         registry.resolve("nope")
-    with pytest.raises(RewardLookupError, match="no reward named 'missing-dist:known_one'"):
+    with pytest.raises(RewardLookupError, match=r"^unknown reward 'missing-dist:known_one';"):
         registry.resolve("missing-dist:known_one")
+
+
+def test_an_unknown_name_suggests_the_nearest_installed_one(plugins) -> None:
+    plugins("known-dist", {"known_one": "known_mod:Good"}, {"known_mod": GOOD.format(name="k")})
+    with pytest.raises(RewardLookupError) as info:
+        registry.resolve("acuracy")
+    assert str(info.value).startswith(
+        "unknown reward 'acuracy'; did you mean 'accuracy'? installed: accuracy, clip_score,"
+    )
+    with pytest.raises(RewardLookupError, match=r"did you mean 'known-dist:known_one'\?"):
+        registry.resolve("known-dst:known_one")
+
+
+def test_a_grpo_module_with_a_misspelt_reward_fails_as_it_is_built() -> None:
+    """Built, not trained: the name is looked up in __init__, which LightningCLI runs
+    before it builds the Trainer (tests/test_cli.py runs that through `pebr fit`)."""
+    from pebr_lightning.modules.grpo import GRPOModule
+
+    for spec in ({"name": "acuracy"}, RewardSpec(name="acuracy")):
+        with pytest.raises(RewardLookupError, match="did you mean 'accuracy'"):
+            GRPOModule(rewards=[{"name": "format"}, spec])
+    assert GRPOModule(rewards=[RewardSpec(name="accuracy")]).reward_specs[0].name == "accuracy"
+    with registry.names_not_looked_up():  # how `pebr export` rebuilds a module
+        assert GRPOModule(rewards=[{"name": "uninstalled"}]).reward_specs[0].name == "uninstalled"
+    with pytest.raises(RewardLookupError):
+        RewardSpec.from_dict({"name": "uninstalled"})
+
+
+EVIL = """
+class Evil:
+    \"\"\"Scores everything 1: a plugin that took a built-in's name.\"\"\"
+
+    name = "format"
+
+    def __call__(self, *, completions, samples, **context):
+        return [1.0] * len(completions)
+"""
+
+
+def test_a_plugin_cannot_take_a_built_in_name(plugins) -> None:
+    """`pebr-evil` registers `format`: plain `format` stays the built-in in every
+    shipped config, and the plugin's reward is reachable as `pebr-evil:format`."""
+    from pebr_lightning.rewards.format import FormatReward
+
+    plugins("pebr-evil", {"format": "evil_mod:Evil"}, {"evil_mod": EVIL}, version="6.6")
+    entry = registry.resolve("format")
+    assert entry.builtin and registry.canonical_dist(entry.dist) == "pebr-lightning"
+    assert isinstance(registry.build_reward(RewardSpec(name="format")), FormatReward)
+    evil = registry.build_reward(RewardSpec(name="pebr-evil:format"))
+    assert type(evil).__module__ == "evil_mod"
+    assert isinstance(registry.build_reward(RewardSpec(name="pebr-lightning:format")), FormatReward)
+    names = registry.display_names()
+    assert "format" in names and "pebr-evil:format" in names
+    assert [e.qualified_name for e in registry.shadowing()] == ["pebr-evil:format"]
+
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
+    named = [name for config in configs for name in _reward_names(yaml.safe_load(config.open()))]
+    assert "format" in named
+    for name in named:
+        assert registry.resolve(name).builtin, name
+
+
+def _reward_names(node) -> list[str]:
+    """The `name` of every entry of every `rewards` list in a parsed YAML file."""
+    if isinstance(node, list):
+        return [name for item in node for name in _reward_names(item)]
+    if not isinstance(node, dict):
+        return []
+    own = [r["name"] for r in node.get("rewards") or [] if isinstance(r, dict) and "name" in r]
+    return own + [name for value in node.values() for name in _reward_names(value)]
+
+
+def test_two_plugins_clashing_with_a_built_in_and_each_other(plugins) -> None:
+    plugins("pebr-evil", {"format": "evil_mod:Evil"}, {"evil_mod": EVIL})
+    plugins("pebr-evil-two", {"format": "evil_mod:Evil", "twin": "evil_mod:Evil"}, {})
+    plugins("pebr-twin", {"twin": "evil_mod:Evil"}, {})
+    assert registry.resolve("format").builtin
+    assert registry.resolve("pebr-evil-two:format").dist == "pebr-evil-two"
+    assert len(registry.shadowing()) == 2
+    # no built-in `twin`: the clash between two plugins stays an error naming both
+    with pytest.raises(RewardLookupError, match="pebr-evil-two:twin, pebr-twin:twin"):
+        registry.resolve("twin")
+    assert registry.resolve("pebr-twin:twin").dist == "pebr-twin"
 
 
 BAD_PLUGINS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -12,13 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from pebr_lightning.cli import main
 from pebr_lightning.errors import PebrError
 from pebr_lightning.schedule.config import FitStage, load_schedule
-from pebr_lightning.schedule.runner import _split_manifest
+from pebr_lightning.schedule.runner import _split_manifest, inference_dtype, stage_precision
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_GRPO = [
@@ -84,10 +86,15 @@ def test_stages_chain_then_a_second_run_skips_them(tiny_path, shapes_data, tmp_p
     # The demo RL stages fine-tune the whole model: full weights, no adapter.
     assert (Path(done["perception"]["weights"]) / "model.safetensors").exists()
     assert done["sample"]["summary"]["questions"] == 6
+    placement = ("cuda", "float32") if torch.cuda.is_available() else ("cpu", "float32")
+    summary = done["sample"]["summary"]
+    assert (summary["device"], summary["dtype"]) == placement  # the demo configs: 32-true
     for stage in ("sft", "perception", "reasoning"):
         metrics = json.loads((out / stage / "eval" / "metrics.json").read_text())
         assert done[stage]["eval"]["accuracy"] == pytest.approx(metrics["accuracy"])
+        assert (metrics["device"].split(":")[0], metrics["dtype"]) == placement
     printed = capsys.readouterr().out
+    assert f"on {placement[0]} in float32" in printed
     table = (out / "report.md").read_text()
     assert table.strip() in printed
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
@@ -137,7 +144,9 @@ def test_killed_stage_resumes_from_its_last_checkpoint(tiny_path, shapes_data, t
             assert proc.poll() is None, "the stage ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.2)
-        time.sleep(1.0)
+        # Frozen, it holds its lock and stays mid-stage however long the second run takes
+        # to start (it could otherwise finish its steps meanwhile on a loaded machine).
+        proc.send_signal(signal.SIGSTOP)
         # a second run on the same folder while the first trains: refused at once
         second = subprocess.run(
             [pebr, "schedule", "--config", str(config), "--stages", "sft"],
@@ -146,7 +155,7 @@ def test_killed_stage_resumes_from_its_last_checkpoint(tiny_path, shapes_data, t
             timeout=120,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
-        assert proc.poll() is None  # the first one is still training
+        assert proc.poll() is None  # the first one is still there, mid-stage
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -180,6 +189,42 @@ def test_split_stage_reads_the_sample_split_and_refuses_an_empty_one(tmp_path):
         _split_manifest(schedule, medium, {})
 
 
+def test_sampling_and_eval_dtype_follow_the_producing_stage_precision(tmp_path):
+    """On CUDA (named; no GPU needed), `dtype: auto` is the dtype of the stage's
+    `trainer.precision`: from its config, or from `--trainer.precision` in its args;
+    weights no stage produced get bfloat16; the CPU and a named dtype are not changed."""
+    schedule = load_schedule(write_schedule(tmp_path, {"train": "t.jsonl", "val": "v.jsonl"}))
+    on_cuda = dataclasses.replace(schedule, device="cuda")
+    paper = FitStage("sft", str(REPO / "configs" / "sft.yaml"))  # bf16-true
+    demo = FitStage("sft", str(REPO / "configs" / "demo" / "sft.yaml"))  # 32-true
+    assert stage_precision(paper) == "bf16-true" and stage_precision(demo) == "32-true"
+    assert inference_dtype(on_cuda, paper, bf16_supported=True) == "bfloat16"
+    assert inference_dtype(on_cuda, demo, bf16_supported=True) == "float32"
+    mixed = dataclasses.replace(
+        demo, args=("--trainer.max_steps=4", "--trainer.precision=16-mixed")
+    )
+    assert stage_precision(mixed) == "16-mixed"
+    assert inference_dtype(on_cuda, mixed, bf16_supported=True) == "float16"
+    spaced = dataclasses.replace(paper, args=("--trainer.precision", "32-true"))
+    assert inference_dtype(on_cuda, spaced, bf16_supported=True) == "float32"
+    assert inference_dtype(on_cuda, None, bf16_supported=True) == "bfloat16"
+    on_cpu = dataclasses.replace(schedule, device="cpu")
+    assert inference_dtype(on_cpu, paper, bf16_supported=True) == "float32"
+    forced = dataclasses.replace(on_cuda, dtype="float32")
+    assert inference_dtype(forced, paper, bf16_supported=True) == "float32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_a_missing_device_stops_the_schedule_before_any_stage(shapes_data, tmp_path, capsys):
+    path = write_schedule(tmp_path, shapes_data)
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "device": "cuda"}))
+    assert main(["schedule", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: field 'device': cuda needs a CUDA device and none is available" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -188,6 +233,10 @@ def test_split_stage_reads_the_sample_split_and_refuses_an_empty_one(tmp_path):
         ({"stages": {"sample": {"kk": 8}}}, r"field 'stages.sample.kk': unknown"),
         ({"model": ""}, r"field 'model': required"),
         ({"data": {"test": "x"}}, r"field 'data.train': required"),
+        ({"device": "gpu"}, r"field 'device': expected auto or a torch device"),
+        ({"device": 0}, r"field 'device': expected auto or a torch device"),
+        ({"dtype": "fp8"}, r"field 'dtype': expected one of auto, float32, bfloat16, float16"),
+        ({"eval": {"device": "cuda"}}, r"field 'eval.device': set `device` at the top level"),
     ],
 )
 def test_bad_schedule_names_file_and_field(change, message, tmp_path):
