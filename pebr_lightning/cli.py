@@ -27,7 +27,9 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+
+# Re-exported: the checkpoint checks `pebr fit --ckpt_path` runs.
+from pebr_lightning.resume import check_checkpoint, resolve_last, shards_checkpoints
 
 LIGHTNING_COMMANDS = {
     "fit": "train one stage from a config: SFT or GRPO, by model.class_path",
@@ -341,94 +343,6 @@ def sigterm_deadline():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def resolve_last(root: str | os.PathLike) -> str | None:
-    """`--ckpt_path last`: the newest readable checkpoint under the root folder.
-
-    Lightning's own "last" looks only in the new run's folder, which each run gets
-    afresh (`lightning_logs/version_N`), so it would never find the interrupted one.
-    Newest: the highest run version's `last.ckpt`, then its other checkpoints by step,
-    then older versions; one that does not read (cut short by a full disk, say) is
-    skipped with a message. None (start afresh, said on stderr) when none reads.
-    """
-    from pathlib import Path
-
-    from pebr_lightning.schedule.runner import newest_readable_checkpoint
-
-    def say(line: str) -> None:
-        print(f"--ckpt_path last: {line}", file=sys.stderr)
-
-    found = newest_readable_checkpoint(Path(root), say)
-    if found is None:
-        say(f"no readable checkpoint under {root} yet; starting afresh")
-        return None
-    say(f"resuming from {found}")
-    return str(found)
-
-
-def check_checkpoint(path: str | os.PathLike) -> str | None:
-    """Fail with one clear line, before any model loads, when `--ckpt_path` is not a
-    readable checkpoint (missing, truncated, not a checkpoint, an incomplete sharded
-    folder). Returns the module class path the checkpoint records, as text."""
-    from pathlib import Path
-
-    import torch
-
-    from pebr_lightning.errors import PebrError, load_failure_reason
-
-    path = Path(path)
-    hint = "pass another --ckpt_path, or `last` for the newest complete one"
-    if path.is_dir():
-        missing = [n for n in (".metadata", "meta.pt") if not (path / n).is_file()]
-        if missing:
-            raise PebrError(
-                f"{path}: incomplete sharded checkpoint (no {', '.join(missing)}); {hint}"
-            )
-        from pebr_lightning.parallel.dcp_metadata import read_dcp_metadata
-
-        read_dcp_metadata(path)  # DCP reads .metadata with pickle: refuse a crafted one first
-        path = path / "meta.pt"  # hyper-parameters and loop state; weights in shards
-    elif not path.is_file():
-        raise PebrError(f"{path}: no such checkpoint; {hint}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # pickle, zip and torch errors alike: the file is unusable
-        reason = load_failure_reason(err)
-        raise PebrError(f"{path}: not a readable checkpoint ({reason}); {hint}") from None
-    hparams = data.get("hyper_parameters") if isinstance(data, dict) else None
-    recorded = hparams.get("_class_path") if isinstance(hparams, dict) else None
-    return recorded if isinstance(recorded, str) else None
-
-
-def shards_checkpoints(trainer: Any) -> bool:
-    """Whether the trainer config's strategy reads sharded checkpoint folders (FSDP2)."""
-    import importlib
-
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    strategy = trainer.get("strategy")
-    if isinstance(strategy, str):
-        return False  # "auto", "ddp", ...: single-file checkpoints
-    cls = type(strategy)
-    path = strategy.get("class_path") if hasattr(strategy, "get") else None
-    if path:
-        module, _, name = path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name, None)
-    return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
-
-
-def positive_int(text: str) -> int:
-    """argparse type of the extra commands: a whole number >= 1, with a clear message."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 if __name__ == "__main__":

@@ -148,3 +148,9 @@ def exclusive_lock(
 def _holder(fd: int) -> int | None:
     text = os.pread(fd, 32, 0).decode(errors="replace").strip()
     return int(text) if text.isdigit() else None
+
+
+def cache_dir() -> Path:
+    """Where embedded models are kept: `$PEBR_CACHE` or `~/.cache/pebr_lightning`."""
+    # An empty value counts as unset: Path("") would be the working directory.
+    return Path(os.environ.get("PEBR_CACHE") or Path.home() / ".cache" / "pebr_lightning")

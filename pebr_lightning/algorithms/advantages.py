@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pebr_lightning.algorithms.reward_stats import fill_missing
+
 SCALES = ("group", "batch", "none")
 
 
@@ -70,3 +72,20 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
     if not rewards.is_floating_point():
         rewards = rewards.float()
     return rewards.view(-1, group_size)  # [B, G]
+
+
+def step_advantages(
+    rewards: Tensor, group_size: int, scale: str = "group", drop_zero_variance: bool = False
+) -> tuple[Tensor, Tensor]:
+    """A GRPO step's advantages [B*G] and the rows that enter the loss [B*G] bool.
+
+    rewards [B*G] may hold NaN (no reward applied): such a row is filled with its
+    group's mean (advantage 0) and left out of the loss; with `drop_zero_variance`,
+    so are the groups whose rewards are all equal.
+    """
+    filled, missing = fill_missing(rewards, group_size)  # [B*G], [B*G] bool
+    advantages = group_advantages(filled, group_size, scale=scale)  # [B*G]
+    keep = ~missing
+    if drop_zero_variance:
+        keep &= ~zero_variance_groups(filled, group_size).repeat_interleave(group_size)
+    return advantages, keep

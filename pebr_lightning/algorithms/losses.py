@@ -26,6 +26,16 @@ Reductions of L [B*G, T] to a scalar (padding never counts):
     dr_grpo  sum over valid tokens / (B*G * max_completion_length) (Dr. GRPO)
     dapo     sum over valid tokens / valid tokens on all processes * world_size (DAPO)
 
+Gradient accumulation: an update batch (the rollout's sequences of one optimizer
+step) is often split into micro-batches. `policy_loss` reduces one micro-batch as if
+it were the batch; `accumulation_share` is that micro-batch's weight in its update
+batch, so that the weighted micro-batch losses sum to the batch's loss (2 x 4
+sequences give the step 1 x 8 gives). Both are decided here, per loss type:
+    grpo     share = its completions with valid tokens / the batch's
+    bnpo     share = its valid tokens / the batch's
+    dr_grpo  share = its rows / the batch's rows with valid tokens
+    dapo     share = 1 (already divided by the global token count)
+
 PeBR-R1 (docs/paper.md, "GRPO settings") trains with verl's token-mean loss, which
 is "bnpo" on one process and "dapo" across processes, with eps_low 0.2, eps_high 0.3,
 c = 3 and beta 1e-2.
@@ -125,6 +135,18 @@ def policy_loss(
     )
     metrics = _metrics(ratio, adv, valid, dual_active, kl, eps_low, eps_high)
     return loss, metrics
+
+
+def accumulation_share(loss_type: str, mask: Tensor, tokens: int, seqs: int) -> float:
+    """A micro-batch's weight in an update batch of `tokens` valid tokens and `seqs`
+    sequences with any (see the module docstring). mask [n, T] is its loss mask."""
+    if loss_type == "dapo":  # already divided by the global token count
+        return 1.0
+    if loss_type == "bnpo":
+        return float(mask.sum()) / max(tokens, 1)
+    if loss_type == "dr_grpo":  # divided by its row count, masked rows included
+        return mask.shape[0] / max(seqs, 1)
+    return float((mask.sum(-1) > 0).sum()) / max(seqs, 1)  # grpo: per sequence
 
 
 def _reduce(

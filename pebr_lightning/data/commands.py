@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pebr_lightning.cli import positive_int
+from pebr_lightning.argtypes import positive_int
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.synth import DEMO_SPLITS, write_dataset
 from pebr_lightning.data.tables import DEMO_DATA

@@ -29,8 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from pebr_lightning.errors import ManifestError
-from pebr_lightning.files import write_atomic
-from pebr_lightning.models.tiny import cache_dir
+from pebr_lightning.files import cache_dir, write_atomic
 
 # Rows are converted to Python a batch at a time, so that a table of many large
 # images never sits in memory as Python bytes all at once.

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from pebr_lightning.cli import positive_int
+from pebr_lightning.argtypes import positive_int
 from pebr_lightning.difficulty.sampler import SampleSettings, sample_difficulty
-from pebr_lightning.difficulty.split import SPLITS
+from pebr_lightning.difficulty.split import format_summary
 from pebr_lightning.evaluation import devices
 
 
@@ -48,20 +48,6 @@ def main(argv: list[str]) -> int:
     )
     print(format_summary(summary))
     return 0
-
-
-def format_summary(summary: dict) -> str:
-    """Counts per split and the histogram of correct rollouts, as plain lines."""
-    n = max(summary["questions"], 1)
-    lines = [f"{summary['questions']} questions, k = {summary['k']}"]
-    lines += [
-        f"  {name:<6} {summary['counts'][name]:>6}  ({summary['counts'][name] / n:.1%})"
-        for name in SPLITS
-    ]
-    lines.append(
-        "  correct of k: " + "  ".join(f"{i}:{c}" for i, c in enumerate(summary["histogram"]))
-    )
-    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -45,3 +45,17 @@ def histogram(correct_counts: Iterable[int], k: int) -> list[int]:
     for count in correct_counts:
         bins[count] += 1
     return bins
+
+
+def format_summary(summary: dict) -> str:
+    """Counts per split and the histogram of correct rollouts, as plain lines."""
+    n = max(summary["questions"], 1)
+    lines = [f"{summary['questions']} questions, k = {summary['k']}"]
+    lines += [
+        f"  {name:<6} {summary['counts'][name]:>6}  ({summary['counts'][name] / n:.1%})"
+        for name in SPLITS
+    ]
+    lines.append(
+        "  correct of k: " + "  ".join(f"{i}:{c}" for i, c in enumerate(summary["histogram"]))
+    )
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pebr_lightning.cli import positive_int
+from pebr_lightning.argtypes import positive_int
 from pebr_lightning.evaluation import devices
 from pebr_lightning.evaluation.greedy import evaluate
 

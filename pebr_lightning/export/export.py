@@ -36,6 +36,7 @@ from torch import Tensor
 
 from pebr_lightning.errors import PebrError, load_failure_reason
 from pebr_lightning.files import use_default_modes
+from pebr_lightning.models.policy import PolicySpec
 
 # Module classes export rebuilds, by the class path LightningCLI records (`_class_path`).
 ALLOWED_MODULES = {
@@ -104,36 +105,39 @@ def export_checkpoint(
     ckpt = read_checkpoint(path)
     kind = module_kind(ckpt, module)
     lit = build_module(kind, ckpt)
-    if lit.lora is None and not merge:
+    # The module is rebuilt from the hyper-parameters (the run's config); its
+    # PolicySpec is what the checkpoint also records by value (`pebr_policy`).
+    spec = lit.policy_spec
+    if spec.lora is None and not merge:
         raise PebrError(
             f"{path}: a full fine-tuning checkpoint has no adapter to write; drop --no-merge"
         )
-    if lit.trust_remote_code and not trust_remote_code:
+    if spec.trust_remote_code and not trust_remote_code:
         raise PebrError(
             f"{path}: the run set trust_remote_code, so loading its base model runs that "
             "model's own Python code; pass --trust-remote-code if you trust it"
         )
-    name = export_dtype(lit, dtype)
-    load_trained_policy(lit, ckpt, name, trust_remote_code)
+    name = export_dtype(spec, dtype)
+    load_trained_policy(lit, spec, ckpt, name, trust_remote_code)
 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     adapter = merged = None
     try:
         tmp.mkdir(parents=True)
-        if lit.lora is not None:
+        if spec.lora is not None:
             adapter = out / "adapter"
-            _save_adapter(lit, tmp / "adapter")
+            _save_adapter(lit, spec, tmp / "adapter")
         if merge:
             merged = out / "merged"
-            _save_merged(lit, tmp / "merged")
+            _save_merged(lit, spec, tmp / "merged")
         use_default_modes(tmp)  # safetensors writes 0o600: others could not load the export
         _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(
-        kind=kind, dtype=name, adapter=adapter, merged=merged, lora=lit.lora is not None
+        kind=kind, dtype=name, adapter=adapter, merged=merged, lora=spec.lora is not None
     )
 
 
@@ -204,43 +208,41 @@ def build_module(kind: str, ckpt: Checkpoint) -> Any:
         ) from None
 
 
-def export_dtype(module: Any, requested: str | None = None) -> str:
+def export_dtype(spec: PolicySpec, requested: str | None = None) -> str:
     """dtype of the merged weights: `requested`, else the run's `dtype`, else the
     compute dtype of a QLoRA run, else bfloat16 (what serving uses; runs that kept
     float32 weights export smaller and are merged in bfloat16)."""
-    name = requested or module.dtype_name
-    if name is None and module.quantization is not None:
-        name = module.quantization.compute_dtype
+    name = requested or spec.dtype
+    if name is None and spec.quantization is not None:
+        name = spec.quantization.compute_dtype
     name = name or "bfloat16"
     if name not in DTYPES:
         raise PebrError(f"cannot export in dtype {name!r}; pass --dtype ({', '.join(DTYPES)})")
     return name
 
 
-def load_trained_policy(module: Any, ckpt: Checkpoint, dtype: str, trust_remote_code: bool):
+def load_trained_policy(
+    module: Any, spec: PolicySpec, ckpt: Checkpoint, dtype: str, trust_remote_code: bool
+):
     """Build the module's policy unquantized in `dtype` and load the trained weights.
 
     With LoRA the checkpoint holds the trainable (adapter) weights only, so they are
     matched by name against the trainable parameters of the freshly built PEFT
     model; otherwise against every weight. Any difference is an error.
     """
-    from pebr_lightning.models.policy import build_policy
-
-    built = build_policy(
-        module.model_name,
-        lora=module.lora,
+    built = spec.build(
         quantization=None,
-        freeze_vision=module.freeze_vision,
         dtype=dtype,
+        gradient_checkpointing=False,
         trust_remote_code=trust_remote_code,
     )
     module.policy = built.model.eval()
     module.processor = built.processor
-    if module.lora is not None:
+    if spec.lora is not None:
         expected = {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
     else:
         expected = {n: tuple(t.shape) for n, t in module.state_dict().items()}
-    _check_keys(ckpt, expected, "LoRA weights" if module.lora is not None else "weights")
+    _check_keys(ckpt, expected, "LoRA weights" if spec.lora is not None else "weights")
     if ckpt.state_dict is None:
         _load_sharded(ckpt.path, module, expected)
     else:
@@ -264,6 +266,7 @@ def _module_class(kind: str) -> type:
 def _safe_globals() -> list[type]:
     """The classes a checkpoint's hyper-parameters may hold besides plain data."""
     from pebr_lightning.data.prompts import PromptConfig
+    from pebr_lightning.engines import RolloutConfig
     from pebr_lightning.models.policy import LoraConfig, QuantizationConfig
     from pebr_lightning.models.rollout import SamplingConfig
     from pebr_lightning.modules.grpo import GRPOLossConfig
@@ -277,6 +280,7 @@ def _safe_globals() -> list[type]:
         OptimConfig,
         SamplingConfig,
         GRPOLossConfig,
+        RolloutConfig,
         RewardSpec,
     ]
 
@@ -386,21 +390,19 @@ def _check_keys(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], what: st
         )
 
 
-def _save_adapter(module: Any, folder: Path) -> None:
+def _save_adapter(module: Any, spec: PolicySpec, folder: Path) -> None:
     from pebr_lightning.models.policy import resolve_model_path
 
     # The base is what the run loaded: the model it names (for a stage that started
     # from another stage's adapter folder, that folder).
-    module.policy.peft_config["default"].base_model_name_or_path = resolve_model_path(
-        module.model_name
-    )
+    module.policy.peft_config["default"].base_model_name_or_path = resolve_model_path(spec.model)
     module.policy.save_pretrained(str(folder))
     module.processor.save_pretrained(str(folder))
 
 
-def _save_merged(module: Any, folder: Path) -> None:
+def _save_merged(module: Any, spec: PolicySpec, folder: Path) -> None:
     policy = module.policy
-    if module.lora is not None:
+    if spec.lora is not None:
         policy = policy.merge_and_unload()
         module.policy = policy  # the PEFT wrapper is spent
     policy.save_pretrained(str(folder))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +75,56 @@ class Policy:
     model: nn.Module
     processor: Any
     name_or_path: str
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Which policy a stage trains and how it is loaded: built once from a module's
+    settings, read by SFT, GRPO and `pebr export` alike, and stored in checkpoints
+    by value (`pebr_policy`), so nothing reads these settings by attribute name."""
+
+    model: str
+    """`tiny-qwen2.5-vl`, a local folder (a LoRA `.hf` one loads its base) or a hub id."""
+    lora: LoraConfig | None = None
+    """LoRA adapter settings; None trains every weight."""
+    quantization: QuantizationConfig | None = None
+    """k-bit loading of the language model (QLoRA); None loads it unquantized."""
+    freeze_vision: bool = True
+    """Keep the vision tower's weights fixed."""
+    dtype: str | None = None
+    """Weight dtype name; None keeps the checkpoint's own."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more time)."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own Python code to run."""
+
+    def build(self, **overrides: Any) -> Policy:
+        """`build_policy` with these settings (`overrides` replace some, e.g. export
+        loads unquantized in its own dtype)."""
+        settings = {**self.settings(), **overrides}
+        return build_policy(settings.pop("model"), **settings)
+
+    def processor(self) -> Any:
+        """The model's processor alone (what a module needs before its weights load)."""
+        return load_processor(self.model, self.trust_remote_code)
+
+    def settings(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (for a checkpoint): the config blocks as mappings."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PolicySpec:
+        lora, quant = data.get("lora"), data.get("quantization")
+        return cls(
+            **{
+                **data,
+                "lora": LoraConfig(**lora) if isinstance(lora, dict) else lora,
+                "quantization": QuantizationConfig(**quant) if isinstance(quant, dict) else quant,
+            }
+        )
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -223,6 +273,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def vision_trainable(policy: nn.Module) -> bool:
+    """Whether any weight of the vision tower trains (then its features need gradients)."""
+    return any(p.requires_grad for p in unwrap(policy).model.visual.parameters())
+
+
+def adapter_free_vision(policy: nn.Module) -> bool:
+    """Whether the vision tower's output is the same with the adapter off."""
+    visual = unwrap(policy).model.visual
+    return not any("lora_" in n for n, _ in visual.named_parameters())
 
 
 def adapter_base(path: str) -> str | None:

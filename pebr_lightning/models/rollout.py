@@ -83,6 +83,9 @@ class Rollout:
     group_size: int
     seconds: float
     """Wall time of the rollout."""
+    features: list[Tensor] | None = None
+    """Per-image features the engine computed (HFEngine), for the log-prob passes to
+    reuse; None when it computed none (or they cannot be reused)."""
 
 
 def vision_token_ids(config: Any) -> list[int]:

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pebr_lightning.files import use_default_modes
+from pebr_lightning.files import cache_dir, use_default_modes
 
 # Qwen2-VL / Qwen2.5-VL special tokens, in Qwen's order, so ids line up the same way.
 QWEN_SPECIAL_TOKENS = (
@@ -110,12 +110,6 @@ TINY_MODELS: dict[str, TinySpec] = {
 # Bump when the recipe changes, so stale cache folders are never reused.
 RECIPE_VERSION = 2
 SEED = 0
-
-
-def cache_dir() -> Path:
-    """Where embedded models are kept: `$PEBR_CACHE` or `~/.cache/pebr_lightning`."""
-    # An empty value counts as unset: Path("") would be the working directory.
-    return Path(os.environ.get("PEBR_CACHE") or Path.home() / ".cache" / "pebr_lightning")
 
 
 def is_tiny_name(name: str) -> bool:

@@ -39,8 +39,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pebr_lightning.files import use_default_modes
-from pebr_lightning.models.tiny import cache_dir
+from pebr_lightning.files import cache_dir, use_default_modes
 
 TINY_CLIP = "tiny-clip"
 # Bump when the recipe changes, so stale cache folders are never reused.

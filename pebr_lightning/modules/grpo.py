@@ -21,6 +21,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,31 +29,31 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from pebr_lightning.algorithms.advantages import group_advantages, zero_variance_groups
-from pebr_lightning.algorithms.reward_stats import fill_missing
+from pebr_lightning.algorithms.advantages import step_advantages
 from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, prompt_limit
 from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.engines import RolloutConfig, RolloutEngine, build_engine
 from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation.held_out import GreedyTestLoop, GreedyValidationLoop
 from pebr_lightning.metrics.phases import PhaseMeter
 from pebr_lightning.metrics.step import StepMetrics
 from pebr_lightning.models.policy import (
     LoraConfig,
+    PolicySpec,
     QuantizationConfig,
+    adapter_free_vision,
     load_processor,
     position_limit,
     unwrap,
+    vision_trainable,
 )
 from pebr_lightning.models.rollout import (
     Rollout,
     SamplingConfig,
     completion_logprobs,
     decode_completions,
-    eos_token_ids,
     features_of,
     group_keys,
-    image_features,
-    sample_group,
     supports_shared_features,
 )
 from pebr_lightning.modules.grpo_logs import (
@@ -61,18 +62,18 @@ from pebr_lightning.modules.grpo_logs import (
     sample_rows,
     step_logs,
 )
-from pebr_lightning.modules.grpo_parts import Part, merge_parts, signal_groups
+from pebr_lightning.modules.grpo_parts import ScoredRollout, Scores
 from pebr_lightning.modules.grpo_update import (
     NonFiniteGuard,
-    is_out_of_memory,
-    out_of_memory_error,
+    UpdateHooks,
+    UpdateSettings,
+    memory_guard,
     policy_update,
 )
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import (
     check_trainable_state,
     keep_trainable_state,
-    load_policy,
     save_pretrained,
     shard_module,
 )
@@ -127,6 +128,7 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         trust_remote_code: bool = False,
         prompt: PromptConfig = PromptConfig(),
         sampling: SamplingConfig = SamplingConfig(),
+        rollout: RolloutConfig = RolloutConfig(),
         loss: GRPOLossConfig = GRPOLossConfig(),
         optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=1e-2, schedule="constant"),
         micro_batch_size: int = 8,
@@ -155,6 +157,7 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             trust_remote_code: allow the checkpoint's own Python code to run.
             prompt: instruction and system prompt placed around each question.
             sampling: group size, temperature, top-p/top-k and length of the rollouts.
+            rollout: the engine that generates them (engines/: `hf`, the model itself).
             loss: clipping, KL, reduction and advantage settings.
             optim: AdamW and schedule (paper: lr 1e-6, weight decay 1e-2, no warm-up).
             micro_batch_size: sequences per forward/backward; gradients accumulate over
@@ -195,16 +198,23 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             raise PebrError(
                 f"model.sampling.temperature must be > 0 for GRPO, got {sampling.temperature}"
             )
-        self.model_name = model
+        self.policy_spec = PolicySpec(
+            model,
+            lora=lora,
+            quantization=quantization,
+            freeze_vision=freeze_vision,
+            dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+        )
         self.reward_specs = [RewardSpec.from_dict(r) for r in rewards]
-        self.lora = lora
-        self.quantization = quantization
-        self.freeze_vision = freeze_vision
-        self.dtype_name = dtype
-        self.gradient_checkpointing = gradient_checkpointing
-        self.trust_remote_code = trust_remote_code
         self.prompt = prompt
         self.sampling = sampling
+        self.update_settings = UpdateSettings(
+            loss, micro_batch_size, prompts_per_update, max_grad_norm, sampling.max_new_tokens
+        )
+        self.rollout_cfg = rollout
+        self.engine: RolloutEngine | None = None
         self.loss_cfg = loss
         self.optim = optim
         self.micro_batch_size = micro_batch_size
@@ -232,21 +242,27 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.processor is None:
-            self.processor = load_processor(self.model_name, self.trust_remote_code)
+            self.processor = load_processor(
+                self.policy_spec.model, self.policy_spec.trust_remote_code
+            )
         if self.rewards is None:
             self.rewards = load_rewards(self.reward_specs)  # imports only the named rewards
 
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        built = load_policy(self)
+        built = self.policy_spec.build()
         self.policy = built.model.train()
         self.processor = built.processor
-        if self.loss_cfg.beta > 0 and self.lora is None:
+        if self.loss_cfg.beta > 0 and self.policy_spec.lora is None:
             # Without LoRA the reference needs its own frozen copy (with LoRA the same
             # weights with the adapter switched off serve, at no extra memory).
             self.ref_model = copy.deepcopy(unwrap(self.policy)).eval().requires_grad_(False)
         self._sharded = shard_module(self)  # FSDP2 when the strategy is ModelParallelStrategy
+        self.engine = build_engine(
+            self.rollout_cfg, self.processor, self.share_image_features, synced=self._sharded
+        )
+        self.engine.sync_weights(self.policy)
 
     def on_fit_start(self) -> None:
         if self._sharded:
@@ -265,7 +281,9 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         positions = None
         if self.max_prompt_tokens is None:
             policy = None if self.policy is None else unwrap(self.policy)
-            positions = position_limit(self.model_name, self.trust_remote_code, policy)
+            positions = position_limit(
+                self.policy_spec.model, self.policy_spec.trust_remote_code, policy
+            )
         limit, setting = prompt_limit(
             self.max_prompt_tokens, positions, self.sampling.max_new_tokens
         )
@@ -280,24 +298,33 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         self.phase_meter.reset()
         prompt = {k: batch[k] for k in PROMPT_KEYS}
         rollout, features = self.rollout(prompt, batch["records"])
-        scored = self.score(rollout, batch["records"], batch["images"])
-        part = Part(prompt, rollout, features, scored, batch["records"], batch["images"])
+        scores = self.score(rollout, batch["records"], batch["images"])
+        part = ScoredRollout(prompt, rollout, features, scores, batch["records"], batch["images"])
         if self.dynamic_sampling_tries:
             part = self.resample(part)
-        prompt, rollout, features, scored = part.prompt, part.rollout, part.features, part.scored
-        advantages, keep = self.advantages(scored["rewards"])
-        ref = self.reference_logprobs(prompt, rollout, features)
+        cfg, g = self.loss_cfg, self.sampling.group_size  # advantages [B*G], rows to train [B*G]
+        advantages, keep = step_advantages(
+            part.scores.rewards, g, cfg.advantage_scale, cfg.drop_zero_variance
+        )
+        ref = self.reference_logprobs(part.prompt, part.rollout, part.features)
+        # logprobs(rows [n]) -> [n, T] under the current policy, with gradients
+        base, features = unwrap(self.policy), part.features
+        logprobs = partial(self.logprobs, base, part.prompt, part.rollout, features=features)
         # mu passes of clipped policy-gradient steps over the rollout (grpo_update.py)
-        metrics = policy_update(self, prompt, rollout, features, advantages, keep, ref)
-        self.log_step(rollout, scored, advantages, metrics, part.records)
-        self._nonfinite.check(metrics, scored, self.global_step)
+        metrics = policy_update(
+            logprobs, part.rollout, advantages, keep, ref, self.update_settings, self.hooks()
+        )
+        self.engine.sync_weights(self.policy)  # the next rollout samples the updated policy
+        self.log_step(part, advantages, metrics)
+        self._nonfinite.check(metrics, part.scores, self.global_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_trainable_state(self, checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["pebr_policy"] = self.policy_spec.to_dict()  # what export rebuilds
         checkpoint["pebr_rewards"] = [spec.to_dict() for spec in self.reward_specs]
-        if self.lora is not None:
+        if self.policy_spec.lora is not None:
             keep_trainable_state(self, checkpoint)
         else:
             checkpoint["state_dict"] = {
@@ -309,44 +336,26 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
     def rollout(
         self, prompt: dict[str, Tensor], records: list[dict], attempt: int = 0
     ) -> tuple[Rollout, list[Tensor] | None]:
-        """Image features once per image (when shared) and G completions per prompt."""
-        base = unwrap(self.policy)
-        share = self.share_image_features and supports_shared_features(base)
-        tokenizer = self.processor.tokenizer
-        eos = eos_token_ids(tokenizer)
-        self.policy.eval()  # no dropout while sampling
-        with torch.no_grad(), self._phase("rollout"), self._out_of_memory("rollout", records):
-            features = (
-                image_features(base, prompt["pixel_values"], prompt["image_grid_thw"])
-                if share
-                else None
-            )
-            rollout = sample_group(
-                self.policy,
-                base,
-                prompt,
-                self.sampling,
-                eos,
-                tokenizer.pad_token_id,
-                features,
-                keys=group_keys(
-                    self.rollout_seed,
-                    self.global_step,
-                    attempt,
-                    [str(r["id"]) for r in records],
-                    self.sampling.group_size,
-                ).to(self.device),
-                synced=self._sharded,
-            )
-        self.policy.train()
-        if features is not None and self._vision_trainable():
+        """G completions per prompt from the rollout engine, and the image features it
+        computed (None where the log-prob passes must encode the images themselves)."""
+        keys = group_keys(
+            self.rollout_seed,
+            self.global_step,
+            attempt,
+            [str(r["id"]) for r in records],
+            self.sampling.group_size,
+        ).to(self.device)
+        with self.timed_phase("rollout"), self.memory_guard("rollout", records):
+            rollout = self.engine.generate(prompt, self.sampling, keys=keys)
+        features = rollout.features
+        if features is not None and vision_trainable(self.policy):
             features = None  # trainable tower: recompute with gradients per micro-batch
         return rollout, features
 
-    def score(self, rollout: Rollout, records: list[dict], images: list[Any]) -> dict[str, Any]:
+    def score(self, rollout: Rollout, records: list[dict], images: list[Any]) -> Scores:
         """Decode completions and run the reward set; None totals become NaN."""
         g = rollout.group_size
-        with self._phase("score"):
+        with self.timed_phase("score"):
             texts = decode_completions(self.processor.tokenizer, rollout)
             samples = [r for r in records for _ in range(g)]
             result = self.rewards(
@@ -361,17 +370,17 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         total = torch.tensor(
             [math.nan if t is None else t for t in result.total], device=self.device
         )
-        return {"rewards": total, "result": result, "texts": texts}
+        return Scores(total, result, texts)
 
-    def resample(self, part: Part) -> Part:
+    def resample(self, part: ScoredRollout) -> ScoredRollout:
         """Replace zero-variance groups with groups of fresh prompts (DAPO dynamic sampling).
 
         Draws prompts from the training set until the batch again holds as many groups
         with reward spread as it has prompts, or `dynamic_sampling_tries` extra rollouts
         were made; then trains on the groups with spread (on the original batch if none).
         """
-        b, g = len(part.records), self.sampling.group_size
-        parts, kept, tries = [part], [(0, i) for i in signal_groups(part, g)], 0
+        b = len(part.records)
+        parts, kept, tries = [part], [(0, i) for i in part.signal_groups()], 0
         dataset = self.trainer.train_dataloader.dataset
         # Each process draws its own prompts (the same seed would pick the same ones).
         generator = torch.Generator().manual_seed(
@@ -388,24 +397,23 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             batch = self.collator("train")([dataset[i] for i in picks])
             prompt = {k: batch[k].to(self.device) for k in PROMPT_KEYS}
             rollout, features = self.rollout(prompt, batch["records"], attempt=tries)
-            scored = self.score(rollout, batch["records"], batch["images"])
-            parts.append(Part(prompt, rollout, features, scored, batch["records"], batch["images"]))
-            kept += [(len(parts) - 1, i) for i in signal_groups(parts[-1], g)]
+            scores = self.score(rollout, batch["records"], batch["images"])
+            parts.append(
+                ScoredRollout(prompt, rollout, features, scores, batch["records"], batch["images"])
+            )
+            kept += [(len(parts) - 1, i) for i in parts[-1].signal_groups()]
         self._stats.mean("dynamic_sampling/extra_rollouts", float(tries))
         self._stats.mean("dynamic_sampling/filled_frac", min(len(kept), b) / b, b)
         if not kept:
             return part
-        return merge_parts(parts, kept[:b], g, self.processor.tokenizer.pad_token_id)
-
-    def advantages(self, rewards: Tensor) -> tuple[Tensor, Tensor]:
-        """Advantages [B*G] and the rows that enter the loss [B*G] bool."""
-        g = self.sampling.group_size
-        filled, missing = fill_missing(rewards, g)  # None totals: advantage 0, out of the loss
-        adv = group_advantages(filled, g, scale=self.loss_cfg.advantage_scale)
-        keep = ~missing
-        if self.loss_cfg.drop_zero_variance:
-            keep &= ~zero_variance_groups(filled, g).repeat_interleave(g)
-        return adv, keep
+        # groups in part order, and within a part in the order they were kept
+        kept = kept[:b]
+        selected = [
+            p.select([grp for index, grp in kept if index == i])
+            for i, p in enumerate(parts)
+            if any(index == i for index, _ in kept)
+        ]
+        return ScoredRollout.concat(selected, self.processor.tokenizer.pad_token_id)
 
     @torch.no_grad()
     def reference_logprobs(
@@ -416,45 +424,48 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             return None
         rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)
         pieces = []
-        with self._phase("logprobs"), self._out_of_memory("reference pass"):
+        with self.timed_phase("logprobs"), self.memory_guard("reference pass"):
             for micro in rows.split(self.micro_batch_size):
                 if self.ref_model is None:  # LoRA: the same weights with the adapter off
                     with self.policy.disable_adapter():
                         base = unwrap(self.policy)
-                        feats = features if self._adapter_free_vision() else None
-                        pieces.append(self._logprobs(base, prompt, rollout, micro, feats))
+                        feats = features if adapter_free_vision(self.policy) else None
+                        pieces.append(self.logprobs(base, prompt, rollout, micro, feats))
                 else:
-                    pieces.append(self._logprobs(self.ref_model, prompt, rollout, micro, None))
+                    pieces.append(self.logprobs(self.ref_model, prompt, rollout, micro, None))
         return torch.cat(pieces)
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _phase(self, name: str) -> contextlib.AbstractContextManager:
+    def hooks(self) -> UpdateHooks:
+        """The trainer's handles an update needs (grpo_update.policy_update)."""
+        return UpdateHooks(
+            optimizer=self.optimizers(),
+            scheduler=self.lr_schedulers(),
+            backward=self.manual_backward,
+            params=[p for p in self.policy.parameters() if p.requires_grad],
+            phase=self.timed_phase,
+            out_of_memory=self.memory_guard,
+            world_size=self.trainer.world_size,
+        )
+
+    def timed_phase(self, name: str) -> contextlib.AbstractContextManager:
         """Time (and peak memory) of a phase of the step, when a meter is attached."""
         return (
             contextlib.nullcontext() if self.phase_meter is None else self.phase_meter.phase(name)
         )
 
-    @contextlib.contextmanager
-    def _out_of_memory(self, phase: str, records: list[dict] | None = None):
-        """Re-raise CUDA's OutOfMemoryError, or CPU's failed allocation, as a PebrError
-        that names the phase, the step and the settings that lower memory use there."""
-        try:
-            yield
-        except RuntimeError as err:
-            if not is_out_of_memory(err):
-                raise
-            raise out_of_memory_error(
-                err, phase, self.global_step, self.sampling, self.micro_batch_size, records
-            ) from err
+    def memory_guard(self, phase: str, records: list[dict] | None = None):
+        """Out of memory in `phase` -> a PebrError naming it, the step and what to lower."""
+        return memory_guard(phase, self.global_step, self.sampling, self.micro_batch_size, records)
 
-    def _logprobs(self, base, prompt, rollout, rows, features) -> Tensor:
+    def logprobs(self, base, prompt, rollout, rows, features) -> Tensor:
         qwen_vl = supports_shared_features(base)
         if features is None and self.share_image_features and qwen_vl:
             # trainable vision tower: encode only this micro-batch's images, with gradients
             features = features_of(base, prompt, rows // rollout.group_size)
         # A checkpointed layer in training mode drops the KV cache the sharing rides on.
-        checkpointed = self.gradient_checkpointing and base.training
+        checkpointed = self.policy_spec.gradient_checkpointing and base.training
         return completion_logprobs(
             base,
             prompt,
@@ -466,21 +477,12 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             share_prompt=self.share_prompt and qwen_vl and not checkpointed,
         )
 
-    def _vision_trainable(self) -> bool:
-        visual = unwrap(self.policy).model.visual
-        return any(p.requires_grad for p in visual.parameters())
-
-    def _adapter_free_vision(self) -> bool:
-        """Whether the vision tower's output is the same with the adapter off."""
-        visual = unwrap(self.policy).model.visual
-        return not any("lora_" in n for n, _ in visual.named_parameters())
-
-    def log_step(self, rollout, scored, advantages, metrics, records) -> None:
+    def log_step(self, part: ScoredRollout, advantages: Tensor, metrics: dict) -> None:
         phases = self.phase_meter.results if self.phase_meter else {}
-        record_step(self._stats, rollout, scored, advantages, metrics, phases)
+        record_step(self._stats, part.rollout, part.scores, advantages, metrics, phases)
         # Already reduced over processes by torchmetrics: no sync_dist averaging on top.
         for key, value in step_logs(self._stats).items():
-            self.log(key, value, batch_size=len(records))
+            self.log(key, value, batch_size=len(part.records))
         every = self.log_samples_every_n_steps
         # global_step moves by the number of updates per rollout: write on crossing a multiple.
         crossed = self._samples_step is None or (
@@ -492,7 +494,7 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         # trainer.log_dir is a broadcast under a distributed strategy: every process asks
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
-            rows = sample_rows(self.global_step, rollout, scored, records)
+            rows = sample_rows(self.global_step, part)
             publish_samples(rows, folder, self.loggers, self.global_step)
 
     def save_pretrained(self, path: str | Path) -> None:

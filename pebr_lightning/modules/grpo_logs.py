@@ -11,12 +11,14 @@ import torch
 from torch import Tensor
 
 from pebr_lightning.metrics.step import StepMetrics
+from pebr_lightning.models.rollout import Rollout
+from pebr_lightning.modules.grpo_parts import ScoredRollout, Scores
 
 
 def record_step(
     stats: StepMetrics,
-    rollout: Any,
-    scored: dict[str, Any],
+    rollout: Rollout,
+    scores: Scores,
     advantages: Tensor,
     metrics: dict,
     phases: dict[str, dict] | None = None,
@@ -28,9 +30,9 @@ def record_step(
     advantage size; completion length and truncation; rollout throughput (all
     processes' tokens over the slowest process's time); and the update's loss metrics.
     """
-    result = scored["result"]
-    n = float(len(scored["texts"]))
-    stats.group("reward/total", scored["rewards"])
+    result = scores.result
+    n = float(len(scores.texts))
+    stats.group("reward/total", scores.rewards)
     for name, values in result.per_reward.items():
         stats.group(f"reward/{name}", torch.tensor([math.nan if v is None else v for v in values]))
         stats.total(f"reward/{name}/faults", float(result.faults.get(name, 0)))
@@ -60,22 +62,20 @@ def step_logs(stats: StepMetrics) -> dict[str, float]:
     return logs
 
 
-def sample_rows(
-    step: int, rollout: Any, scored: dict[str, Any], records: list[dict]
-) -> list[dict[str, Any]]:
+def sample_rows(step: int, part: ScoredRollout) -> list[dict[str, Any]]:
     """The first two groups' completions with their rewards, one dict per completion."""
-    g = rollout.group_size
-    per_reward = scored["result"].per_reward
+    g = part.group_size
+    scores = part.scores
     rows = []
-    for row in range(min(g * 2, len(scored["texts"]))):
-        total = float(scored["rewards"][row])
+    for row in range(min(g * 2, len(scores.texts))):
+        total = float(scores.rewards[row])
         rows.append(
             {
                 "step": step,
-                "id": records[row // g]["id"],
-                "completion": scored["texts"][row],
+                "id": part.records[row // g]["id"],
+                "completion": scores.texts[row],
                 "reward": None if math.isnan(total) else total,
-                **{name: values[row] for name, values in per_reward.items()},
+                **{name: values[row] for name, values in scores.result.per_reward.items()},
             }
         )
     return rows

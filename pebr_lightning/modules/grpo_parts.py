@@ -1,13 +1,17 @@
-"""A GRPO step's rollout as one unit, and merging several (DAPO dynamic sampling).
+"""A GRPO step's records: the scores of a rollout, and a scored rollout as one unit.
 
-Dynamic sampling replaces groups whose rewards are all equal (zero advantage, no
-learning signal) with groups of fresh prompts; the groups kept from several rollouts
-are merged here into one batch: prompts re-padded on the left, completions on the
-right, rewards and log lines carried along row by row.
+`Scores` is what the reward phase produced for B*G completions; `ScoredRollout` is a
+rollout with everything that belongs to its rows (prompts, image features, scores,
+records, images). Both select rows and concatenate, so DAPO's dynamic sampling,
+which replaces groups whose rewards are all equal (zero advantage, no learning
+signal) with groups of fresh prompts, is: keep the groups with spread of each
+rollout (`select`), then `concat` them (prompts re-padded on the left, completions on
+the right, every per-row field carried along).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,64 +25,77 @@ from pebr_lightning.rewards.combine import RewardResult
 
 
 @dataclass
-class Part:
-    """One rollout with everything that belongs to its rows."""
+class Scores:
+    """The reward phase's output for N completions."""
+
+    rewards: Tensor
+    """[N] weighted totals; NaN where no reward applied."""
+    result: RewardResult
+    """Each reward's scores and components, and fault counts."""
+    texts: list[str]
+    """[N] the decoded completions that were scored."""
+
+    def select(self, rows: Sequence[int]) -> Scores:
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.rewards.device)
+        return Scores(self.rewards[index], self.result.select(rows), [self.texts[i] for i in rows])
+
+    @staticmethod
+    def concat(parts: Sequence[Scores]) -> Scores:
+        return Scores(
+            torch.cat([p.rewards for p in parts]),
+            RewardResult.concat([p.result for p in parts]),
+            [t for p in parts for t in p.texts],
+        )
+
+
+@dataclass
+class ScoredRollout:
+    """B prompts, their B*G completions (group members contiguous) and everything that
+    belongs to those rows."""
 
     prompt: dict[str, Tensor]
     rollout: Rollout
     features: list[Tensor] | None
-    scored: dict[str, Any]
+    """[B] image features for the log-prob passes to reuse; None: they encode again."""
+    scores: Scores
     records: list[dict]
+    """[B] manifest records."""
     images: list[Any]
+    """[B] the decoded images."""
 
+    @property
+    def group_size(self) -> int:
+        return self.rollout.group_size
 
-def signal_groups(part: Part, group_size: int) -> list[int]:
-    """Groups whose rewards are not all equal (the ones with a learning signal)."""
-    filled, _ = fill_missing(part.scored["rewards"], group_size)
-    return [
-        i for i, flat in enumerate(zero_variance_groups(filled, group_size).tolist()) if not flat
-    ]
+    def signal_groups(self) -> list[int]:
+        """Groups whose rewards are not all equal (the ones with a learning signal)."""
+        filled, _ = fill_missing(self.scores.rewards, self.group_size)
+        flat = zero_variance_groups(filled, self.group_size).tolist()
+        return [i for i, equal in enumerate(flat) if not equal]
 
+    def select(self, groups: Sequence[int]) -> ScoredRollout:
+        """These groups (prompts with their G completions each), in this order."""
+        g = self.group_size
+        prompt, rollout = select_groups(self.prompt, self.rollout, list(groups))
+        return ScoredRollout(
+            prompt,
+            rollout,
+            None if self.features is None else [self.features[i] for i in groups],
+            self.scores.select([i * g + j for i in groups for j in range(g)]),
+            [self.records[i] for i in groups],
+            [self.images[i] for i in groups],
+        )
 
-def merge_parts(
-    parts: list[Part], kept: list[tuple[int, int]], group_size: int, pad_id: int
-) -> Part:
-    """The groups `kept` ((part, group) pairs) of several rollouts as one Part.
-
-    Groups come out in part order, and within a part in the order given.
-    """
-    selected, features, scores, records, images = [], [], [], [], []
-    for index, part in enumerate(parts):
-        groups = [grp for p, grp in kept if p == index]
-        if not groups:
-            continue
-        selected.append(select_groups(part.prompt, part.rollout, groups))
-        rows = [grp * group_size + j for grp in groups for j in range(group_size)]
-        if part.features is not None:
-            features.extend(part.features[grp] for grp in groups)
-        scores.append((part.scored, rows))
-        records += [part.records[grp] for grp in groups]
-        images += [part.images[grp] for grp in groups]
-    prompt, rollout = concat_rollouts(selected, pad_id)
-    results = [(sc["result"], rows) for sc, rows in scores]
-    result = RewardResult(
-        total=[r.total[i] for r, rows in results for i in rows],
-        per_reward={
-            name: [r.per_reward[name][i] for r, rows in results for i in rows]
-            for name in results[0][0].per_reward
-        },
-        components={
-            name: [r.components[name][i] for r, rows in results for i in rows]
-            for name in results[0][0].components
-        },
-        faults={
-            name: sum(r.faults.get(name, 0) for r, _ in results) for name in results[0][0].faults
-        },
-    )
-    scored = {
-        "rewards": torch.cat([sc["rewards"][rows] for sc, rows in scores]),
-        "result": result,
-        "texts": [sc["texts"][i] for sc, rows in scores for i in rows],
-    }
-    has_features = all(p.features is not None for p in parts)
-    return Part(prompt, rollout, features if has_features else None, scored, records, images)
+    @staticmethod
+    def concat(parts: Sequence[ScoredRollout], pad_id: int) -> ScoredRollout:
+        """One batch from several, in order; features only when every part has them."""
+        prompt, rollout = concat_rollouts([(p.prompt, p.rollout) for p in parts], pad_id)
+        shared = all(p.features is not None for p in parts)
+        return ScoredRollout(
+            prompt,
+            rollout,
+            [f for p in parts for f in p.features] if shared else None,
+            Scores.concat([p.scores for p in parts]),
+            [r for p in parts for r in p.records],
+            [im for p in parts for im in p.images],
+        )

@@ -1,7 +1,9 @@
 """The policy-gradient half of a GRPO step, and what its failures say.
 
 `policy_update` runs mu passes of clipped updates over one rollout, in micro-batches
-with gradient accumulation, one optimizer step per `prompts_per_update` prompts.
+with gradient accumulation, one optimizer step per `prompts_per_update` prompts. It
+takes a log-prob function and explicit settings (`UpdateSettings`) and the trainer's
+handles (`UpdateHooks`), never the module: what it reads is in its signature.
 Under a distributed strategy every process makes the same calls in the same order
 (sharded forwards and gradient reductions are collectives): rows left out of the
 loss are masked rather than skipped, and a step without reward signal is skipped
@@ -11,37 +13,70 @@ only when no process has any.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pebr_lightning.algorithms.losses import policy_loss
+from pebr_lightning.algorithms.losses import accumulation_share, policy_loss
 from pebr_lightning.errors import PebrError
-from pebr_lightning.models.policy import unwrap
 from pebr_lightning.models.rollout import Rollout, SamplingConfig
+from pebr_lightning.modules.grpo_parts import Scores
 from pebr_lightning.parallel.sharding import any_across, clip_grad_norm, is_distributed, sum_across
 
 
+@dataclass(frozen=True)
+class UpdateSettings:
+    """What shapes an update, fixed for a run."""
+
+    loss: Any
+    """GRPOLossConfig: mu, clipping, KL weight, loss type, importance level."""
+    micro_batch_size: int
+    """Sequences per forward/backward."""
+    prompts_per_update: int | None
+    """Prompts (x G sequences) per optimizer step; None: the whole rollout."""
+    max_grad_norm: float
+    max_completion_length: int
+    """sampling.max_new_tokens (the dr_grpo denominator)."""
+
+
+@dataclass
+class UpdateHooks:
+    """What the trainer lends an update: its optimizer, scheduler and backward, the
+    parameters to clip, and context managers that time a phase and turn an
+    out-of-memory failure into a clear error."""
+
+    optimizer: Any
+    scheduler: Any
+    backward: Callable[[Tensor], None]
+    params: list[Tensor]
+    phase: Callable[[str], AbstractContextManager]
+    out_of_memory: Callable[[str], AbstractContextManager]
+    world_size: int = 1
+
+
 def policy_update(
-    module: Any,
-    prompt: dict[str, Tensor],
+    logprobs: Callable[[Tensor], Tensor],
     rollout: Rollout,
-    features: list[Tensor] | None,
     advantages: Tensor,
     keep: Tensor,
     ref: Tensor | None,
+    settings: UpdateSettings,
+    hooks: UpdateHooks,
 ) -> dict[str, float]:
-    """mu passes of clipped policy-gradient steps over the rollout of a GRPOModule.
+    """mu passes of clipped policy-gradient steps over a rollout.
 
-    advantages [B*G], keep [B*G] bool (rows that enter the loss), ref [B*G, T] or
-    None. Returns the step's mean loss statistics, grad norm and step counts.
+    logprobs(rows [n] long) -> [n, T] log-probs of those rows' completion tokens under
+    the current policy, with gradients. advantages [B*G], keep [B*G] bool (rows that
+    enter the loss), ref [B*G, T] or None. Returns the step's mean loss statistics,
+    grad norm and step counts.
     """
-    optimizer = module.optimizers()
-    scheduler = module.lr_schedulers()
-    base = unwrap(module.policy)
-    cfg = module.loss_cfg
-    rows = torch.arange(rollout.completion_ids.shape[0], device=module.device)  # [B*G]
+    cfg = settings.loss
+    device = advantages.device
+    rows = torch.arange(rollout.completion_ids.shape[0], device=device)  # [B*G]
     loss_mask = rollout.completion_mask  # [B*G, T]
     if is_distributed():
         loss_mask = loss_mask * keep[:, None]  # same micro-batches on every process
@@ -49,15 +84,16 @@ def policy_update(
         rows = rows[keep]
     old = None
     if cfg.mu > 1:  # the policy moves between passes: freeze today's log-probs first
-        with torch.no_grad(), module._phase("logprobs"):
+        with torch.no_grad(), hooks.phase("logprobs"):
             old = torch.zeros_like(rollout.logprobs)  # [B*G, T]
-            for micro in rows.split(module.micro_batch_size):
-                old[micro] = module._logprobs(base, prompt, rollout, micro, features)
-    per_update = (module.prompts_per_update or rollout.prompt_ids.shape[0]) * rollout.group_size
-    if not any_across(bool((advantages[keep] != 0).any()), module.device):
+            for micro in rows.split(settings.micro_batch_size):
+                old[micro] = logprobs(micro)
+    prompts = settings.prompts_per_update or rollout.prompt_ids.shape[0]
+    per_update = prompts * rollout.group_size
+    if not any_across(bool((advantages[keep] != 0).any()), device):
         # as many (empty) steps as a full update, so global_step moves the same way
         steps = math.ceil(rollout.completion_ids.shape[0] / per_update) * cfg.mu
-        return skip_update(optimizer, scheduler, steps)
+        return skip_update(hooks.optimizer, hooks.scheduler, steps)
     sums: dict[str, float] = {}
     norms: list[float] = []
     count = nonfinite = 0
@@ -65,12 +101,12 @@ def policy_update(
         for mini in rows.split(per_update):
             mask = loss_mask[mini]  # [m, T]
             mini_tokens = int(mask.sum())
-            tokens = int(sum_across(torch.tensor([mini_tokens], device=module.device))[0])
+            tokens = int(sum_across(torch.tensor([mini_tokens], device=device))[0])
             seqs = int((mask.sum(-1) > 0).sum())
-            for micro in mini.split(module.micro_batch_size):
+            for micro in mini.split(settings.micro_batch_size):
                 cmask = loss_mask[micro]  # [n, T]
-                with module._phase("backward"), module._out_of_memory("backward"):
-                    logp = module._logprobs(base, prompt, rollout, micro, features)  # [n, T]
+                with hooks.phase("backward"), hooks.out_of_memory("backward"):
+                    logp = logprobs(micro)  # [n, T]
                     loss, stats = policy_loss(
                         logp,
                         logp.detach() if old is None else old[micro],
@@ -83,31 +119,28 @@ def policy_update(
                         dual_clip=cfg.dual_clip,
                         loss_type=cfg.loss_type,
                         importance_level=cfg.importance_level,
-                        max_completion_length=module.sampling.max_new_tokens,
+                        max_completion_length=settings.max_completion_length,
                         num_valid_tokens_global=tokens,
-                        world_size=module.trainer.world_size,
+                        world_size=hooks.world_size,
                     )
-                    # Each micro-batch's share of its update batch, so that accumulating
-                    # 2 x 4 sequences gives the same step as 1 x 8.
-                    share = micro_share(cfg.loss_type, cmask, mini_tokens, seqs)
-                    module.manual_backward(loss * share)
+                    share = accumulation_share(cfg.loss_type, cmask, mini_tokens, seqs)
+                    hooks.backward(loss * share)
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * share
                 count += 1
-            with module._phase("optimizer"):
-                params = [p for p in module.policy.parameters() if p.requires_grad]
+            with hooks.phase("optimizer"):
                 # the norm is global (all processes' gradients), so every process
                 # takes the same branch
-                norm = float(clip_grad_norm(params, module.max_grad_norm))
+                norm = float(clip_grad_norm(hooks.params, settings.max_grad_norm))
                 if math.isfinite(norm):
                     norms.append(norm)
                 else:  # NaN/inf loss or gradient: never step on it
                     nonfinite += 1
-                    optimizer.zero_grad(set_to_none=True)
-                optimizer.step()  # without gradients: weights and AdamW state untouched
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                    hooks.optimizer.zero_grad(set_to_none=True)
+                hooks.optimizer.step()  # without gradients: weights and AdamW state untouched
+                hooks.optimizer.zero_grad(set_to_none=True)
+                hooks.scheduler.step()
     means = {k: v / max(count, 1) for k, v in sums.items()}
     means["grad_norm"] = sum(norms) / max(len(norms), 1)
     means["optimizer_steps"] = float(len(norms) + nonfinite)
@@ -137,18 +170,22 @@ def skip_update(optimizer: Any, scheduler: Any, steps: int) -> dict[str, float]:
     }
 
 
-def micro_share(loss_type: str, cmask: Tensor, tokens: int, seqs: int) -> float:
-    """A micro-batch's weight in its update batch of `tokens` tokens / `seqs` sequences.
-
-    cmask [n, T] is the micro-batch's loss mask.
-    """
-    if loss_type == "dapo":  # already divided by the global token count
-        return 1.0
-    if loss_type == "bnpo":
-        return float(cmask.sum()) / max(tokens, 1)
-    if loss_type == "dr_grpo":  # divided by its row count, masked rows included
-        return cmask.shape[0] / max(seqs, 1)
-    return float((cmask.sum(-1) > 0).sum()) / max(seqs, 1)  # grpo: per sequence
+@contextmanager
+def memory_guard(
+    phase: str,
+    step: int,
+    sampling: SamplingConfig,
+    micro_batch_size: int,
+    records: list[dict] | None = None,
+) -> Iterator[None]:
+    """Re-raise CUDA's OutOfMemoryError, or CPU's failed allocation, as a PebrError
+    that names the phase, the step and the settings that lower memory use there."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        raise out_of_memory_error(err, phase, step, sampling, micro_batch_size, records) from err
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -202,15 +239,15 @@ class NonFiniteGuard:
         self.limit = limit
         self.streak = 0
 
-    def check(self, metrics: dict[str, float], scored: dict[str, Any], step: int) -> None:
+    def check(self, metrics: dict[str, float], scores: Scores, step: int) -> None:
         self.streak = self.streak + 1 if metrics.get("nonfinite_steps") else 0
         if self.streak >= self.limit:
-            raise nonfinite_error(step, self.streak, scored)
+            raise nonfinite_error(step, self.streak, scores)
 
 
-def nonfinite_error(step: int, streak: int, scored: dict[str, Any]) -> PebrError:
+def nonfinite_error(step: int, streak: int, scores: Scores) -> PebrError:
     """The error that stops a run after `streak` non-finite updates in a row."""
-    totals = scored["rewards"].double()
+    totals = scores.rewards.double()
     finite = totals[torch.isfinite(totals)]
     figures = (
         f"min {finite.min().item():.4g}, max {finite.max().item():.4g}"
@@ -219,7 +256,7 @@ def nonfinite_error(step: int, streak: int, scored: dict[str, Any]) -> PebrError
     )
     largest = {
         name: max((abs(v) for v in values if v is not None), default=None)
-        for name, values in scored["result"].per_reward.items()
+        for name, values in scores.result.per_reward.items()
     }
     return PebrError(
         f"step {step}: the loss or its gradient was not finite in {streak} steps in a row "

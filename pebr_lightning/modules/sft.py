@@ -28,6 +28,7 @@ from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.evaluation.held_out import GreedyTestLoop
 from pebr_lightning.models.policy import (
     LoraConfig,
+    PolicySpec,
     QuantizationConfig,
     load_processor,
     unwrap,
@@ -36,7 +37,6 @@ from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import (
     check_trainable_state,
     keep_trainable_state,
-    load_policy,
     save_pretrained,
     shard_module,
 )
@@ -84,13 +84,15 @@ class SFTModule(GreedyTestLoop, L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.model_name = model
-        self.lora = lora
-        self.quantization = quantization
-        self.freeze_vision = freeze_vision
-        self.dtype_name = dtype
-        self.gradient_checkpointing = gradient_checkpointing
-        self.trust_remote_code = trust_remote_code
+        self.policy_spec = PolicySpec(
+            model,
+            lora=lora,
+            quantization=quantization,
+            freeze_vision=freeze_vision,
+            dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+        )
         self.prompt = prompt
         self.max_length = max_length
         self.optim = optim
@@ -105,12 +107,14 @@ class SFTModule(GreedyTestLoop, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.processor is None:
-            self.processor = load_processor(self.model_name, self.trust_remote_code)
+            self.processor = load_processor(
+                self.policy_spec.model, self.policy_spec.trust_remote_code
+            )
 
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        built = load_policy(self)
+        built = self.policy_spec.build()
         # from_pretrained returns eval mode; Lightning keeps a module's mode as found.
         self.policy = built.model.train()
         self.processor = built.processor
@@ -140,7 +144,8 @@ class SFTModule(GreedyTestLoop, L.LightningModule):
         self.log("val/loss", mean, prog_bar=True, batch_size=len(batch["ids"]))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.lora is not None:
+        checkpoint["pebr_policy"] = self.policy_spec.to_dict()  # what export rebuilds
+        if self.policy_spec.lora is not None:
             keep_trainable_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -54,21 +54,6 @@ def check_trainable_state(module: L.LightningModule, checkpoint: dict[str, Any])
         )
 
 
-def load_policy(module: Any) -> Any:
-    """Build the policy a module's settings describe (the modules share these names)."""
-    from pebr_lightning.models.policy import build_policy
-
-    return build_policy(
-        module.model_name,
-        lora=module.lora,
-        quantization=module.quantization,
-        freeze_vision=module.freeze_vision,
-        dtype=module.dtype_name,
-        gradient_checkpointing=module.gradient_checkpointing,
-        trust_remote_code=module.trust_remote_code,
-    )
-
-
 def shard_module(module: Any) -> bool:
     """Shard the module's policy (and frozen reference copy) with FSDP2 when the
     strategy set up a device mesh (ModelParallelStrategy); False when it did not."""

@@ -67,6 +67,30 @@ class RewardResult:
     faults: dict[str, int] = field(default_factory=dict)
     """Per reward, how many values the `none` policy turned into None in this batch."""
 
+    def select(self, rows: Sequence[int]) -> RewardResult:
+        """These rows, in this order (fault counts stay the batch's: they are not per row)."""
+        return RewardResult(
+            total=[self.total[i] for i in rows],
+            per_reward={name: [v[i] for i in rows] for name, v in self.per_reward.items()},
+            components={name: [v[i] for i in rows] for name, v in self.components.items()},
+            faults=dict(self.faults),
+        )
+
+    @staticmethod
+    def concat(results: Sequence[RewardResult]) -> RewardResult:
+        """The rows of several results, one after another; fault counts add up."""
+        first = results[0]
+        return RewardResult(
+            total=[t for r in results for t in r.total],
+            per_reward={
+                name: [v for r in results for v in r.per_reward[name]] for name in first.per_reward
+            },
+            components={
+                name: [v for r in results for v in r.components[name]] for name in first.components
+            },
+            faults={name: sum(r.faults.get(name, 0) for r in results) for name in first.faults},
+        )
+
 
 class RewardSet:
     """The rewards of one training stage, summed with their weights."""

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from typing import Any
 
-from pebr_lightning.cli import positive_int
+from pebr_lightning.argtypes import positive_int
 from pebr_lightning.errors import PebrError
 from pebr_lightning.rewards import registry
 from pebr_lightning.rewards.combine import unpack_output

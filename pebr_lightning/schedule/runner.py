@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import yaml
 from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation.devices import resolve_device, resolve_dtype
 from pebr_lightning.files import exclusive_lock, write_atomic
+from pebr_lightning.resume import latest_last_checkpoint, newest_readable_checkpoint
 from pebr_lightning.schedule.config import ORDER, FitStage, Schedule
 
 Echo = Callable[[str], None]
@@ -92,52 +92,6 @@ def read_done(stage_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except ValueError as err:
         raise PebrError(f"{path}: unreadable stage record ({err}); delete it to rerun") from None
-
-
-def latest_last_checkpoint(stage_dir: Path) -> Path | None:
-    """The `last.ckpt` of the newest run version in a stage folder."""
-    found = []
-    for ckpt in stage_dir.glob("lightning_logs/version_*/checkpoints/last.ckpt"):
-        match = re.fullmatch(r"version_(\d+)", ckpt.parent.parent.name)
-        if match:
-            found.append((int(match.group(1)), ckpt))
-    return max(found)[1] if found else None
-
-
-def checkpoint_candidates(root: Path) -> list[Path]:
-    """Every complete-named checkpoint under `root`'s run versions, newest first.
-
-    Newest = highest `version_N`, then `last.ckpt` before the others, then the higher
-    `step=N` in the name. Temporary names (`.X.partial`, `X.partial`, `X.old`) are
-    never candidates.
-    """
-
-    def key(ckpt: Path) -> tuple[int, int, int]:
-        version = int(ckpt.parent.parent.name.removeprefix("version_"))
-        step = re.search(r"step=(\d+)", ckpt.name)
-        return (version, ckpt.name == "last.ckpt", int(step.group(1)) if step else -1)
-
-    found = [
-        ckpt
-        for ckpt in root.glob("lightning_logs/version_*/checkpoints/*.ckpt")
-        if re.fullmatch(r"version_\d+", ckpt.parent.parent.name) and not ckpt.name.startswith(".")
-    ]
-    return sorted(found, key=key, reverse=True)
-
-
-def newest_readable_checkpoint(root: Path, echo: Echo = print) -> Path | None:
-    """The newest of `checkpoint_candidates` that reads as a checkpoint; each one
-    skipped (truncated, empty, an incomplete sharded folder) is said through `echo`."""
-    from pebr_lightning.cli import check_checkpoint
-
-    for ckpt in checkpoint_candidates(root):
-        try:
-            check_checkpoint(ckpt)
-        except PebrError as err:
-            echo(f"skipping an unreadable checkpoint: {err}")
-            continue
-        return ckpt
-    return None
 
 
 def _start_weights(
@@ -249,8 +203,8 @@ def _split_manifest(schedule: Schedule, stage: FitStage, records: dict[str, dict
 def _run_sample(
     schedule: Schedule, records: dict[str, dict], stage_dir: Path, echo: Echo
 ) -> dict[str, Any]:
-    from pebr_lightning.difficulty.commands import format_summary
     from pebr_lightning.difficulty.sampler import SampleSettings, sample_difficulty
+    from pebr_lightning.difficulty.split import format_summary
 
     spec = dict(schedule.sample or {})
     batch_size = spec.pop("batch_size", 8)

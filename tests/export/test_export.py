@@ -370,3 +370,17 @@ def image_text_inputs(folder: Path, manifest: Path) -> dict:
 @torch.no_grad()
 def logits(model, inputs) -> torch.Tensor:
     return model.eval()(**inputs).logits.float()
+
+
+def test_the_policy_spec_is_recorded_by_value(sft_ckpt):
+    """The checkpoint holds the PolicySpec it trained as plain values (it loads with
+    weights_only and no allow-list), equal to the one its hyper-parameters rebuild."""
+    from pebr_lightning.export.export import build_module, read_checkpoint
+    from pebr_lightning.models.policy import LoraConfig, PolicySpec, QuantizationConfig
+
+    spec = PolicySpec("x", lora=LoraConfig(r=4), quantization=QuantizationConfig(), dtype="float32")
+    assert PolicySpec.from_dict(spec.to_dict()) == spec
+    recorded = torch.load(sft_ckpt, weights_only=True)["pebr_policy"]
+    ckpt = read_checkpoint(sft_ckpt)
+    assert PolicySpec.from_dict(recorded) == build_module("sft", ckpt).policy_spec
+    assert recorded["lora"]["r"] > 0

@@ -247,7 +247,7 @@ def test_dynamic_sampling_counts_extra_rollouts(
 
 
 def test_merge_parts_keeps_rewards_texts_and_records_aligned(tiny_path, shapes_data):
-    from pebr_lightning.modules.grpo_parts import Part, merge_parts
+    from pebr_lightning.modules.grpo_parts import ScoredRollout
 
     module = make_module(tiny_path, rewards=REWARDS)
     base = unwrap(module.policy).eval()
@@ -259,23 +259,22 @@ def test_merge_parts_keeps_rewards_texts_and_records_aligned(tiny_path, shapes_d
             rollout = sample_group(
                 module.policy, base, batch, SAMPLING, [tok.eos_token_id], tok.pad_token_id
             )
-        scored = module.score(rollout, batch["records"], batch["images"])
-        parts.append(Part(batch, rollout, None, scored, batch["records"], batch["images"]))
+        scores = module.score(rollout, batch["records"], batch["images"])
+        parts.append(ScoredRollout(batch, rollout, None, scores, batch["records"], batch["images"]))
     g = SAMPLING.group_size
-    merged = merge_parts(parts, [(1, 2), (0, 1)], g, tok.pad_token_id)
+    # dynamic sampling's merge: part 0's group 1, then part 1's group 2
+    merged = ScoredRollout.concat([parts[0].select([1]), parts[1].select([2])], tok.pad_token_id)
     # groups come out in part order: part 0's group 1, then part 1's group 2
     first, second = slice(g, 2 * g), slice(2 * g, 3 * g)
     assert [r["id"] for r in merged.records] == [
         parts[0].records[1]["id"],
         parts[1].records[2]["id"],
     ]
-    assert (
-        merged.scored["texts"] == parts[0].scored["texts"][first] + parts[1].scored["texts"][second]
-    )
-    expected = torch.cat([parts[0].scored["rewards"][first], parts[1].scored["rewards"][second]])
-    torch.testing.assert_close(merged.scored["rewards"], expected)
-    vowels = [p.scored["result"].per_reward["vowel_share"] for p in parts]
-    assert merged.scored["result"].per_reward["vowel_share"] == vowels[0][first] + vowels[1][second]
+    assert merged.scores.texts == parts[0].scores.texts[first] + parts[1].scores.texts[second]
+    expected = torch.cat([parts[0].scores.rewards[first], parts[1].scores.rewards[second]])
+    torch.testing.assert_close(merged.scores.rewards, expected)
+    vowels = [p.scores.result.per_reward["vowel_share"] for p in parts]
+    assert merged.scores.result.per_reward["vowel_share"] == vowels[0][first] + vowels[1][second]
     assert merged.rollout.completion_ids.shape[0] == 2 * g
     assert merged.prompt["image_grid_thw"].shape[0] == 2
 

@@ -123,9 +123,9 @@ def test_empty_completions_score_train_and_log(tiny_path, shapes_data, tmp_path)
     original_score = module.score
 
     def keep_texts(rollout, records, images):
-        scored = original_score(rollout, records, images)
-        texts.extend(scored["texts"])
-        return scored
+        scores = original_score(rollout, records, images)
+        texts.extend(scores.texts)
+        return scores
 
     module.score = keep_texts  # the real score, its texts kept for the test
     before = trainable(module)
