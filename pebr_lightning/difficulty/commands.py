@@ -18,6 +18,7 @@ from pebr_lightning.argtypes import positive_int
 from pebr_lightning.difficulty.sampler import SampleSettings, sample_difficulty
 from pebr_lightning.difficulty.split import format_summary
 from pebr_lightning.evaluation import devices
+from pebr_lightning.evaluation.commands import add_engine_arguments, engine_config
 
 
 def main(argv: list[str]) -> int:
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
         progress=not args.no_progress,
         device=device,
         dtype=dtype,
+        rollout=engine_config(args),
     )
     print(format_summary(summary))
     return 0
@@ -79,4 +81,5 @@ def _parser() -> argparse.ArgumentParser:
     )
     devices.add_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_engine_arguments(parser)
     return parser

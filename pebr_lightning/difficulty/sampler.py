@@ -22,11 +22,12 @@ from typing import Any
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.difficulty.split import SPLITS, check_thresholds, difficulty, histogram
+from pebr_lightning.engines import RolloutConfig, build_engine
 from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation.devices import resolve_device, resolve_dtype
 from pebr_lightning.evaluation.greedy import batched_completions
 from pebr_lightning.files import write_atomic
-from pebr_lightning.models.policy import build_policy
+from pebr_lightning.models.policy import PolicySpec, build_policy
 from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.rewards.accuracy import AccuracyReward
 
@@ -62,6 +63,7 @@ def sample_difficulty(
     progress: bool = True,
     device: str = "auto",
     dtype: str = "auto",
+    rollout: RolloutConfig = RolloutConfig(),
 ) -> dict[str, Any]:
     """Sort `settings.manifest` into OUT/{easy,medium,hard}.jsonl; returns the summary.
 
@@ -69,6 +71,7 @@ def sample_difficulty(
     batch decodes batch_size x k sequences. `progress` shows a bar with rate and ETA
     on stderr. `device` and `dtype` say where the model runs (evaluation/devices.py:
     `auto` is the GPU in bfloat16 when there is one, else the CPU in float32).
+    `rollout`: the engine that decodes (`vllm`: a vLLM worker loads `settings.model`).
     """
     check_thresholds(settings.k, settings.easy_min, settings.hard_max)
     device = resolve_device(device)
@@ -81,7 +84,8 @@ def sample_difficulty(
     done = _read_progress(log)
     todo = [r for r in records if r["id"] not in done]
     if todo:
-        _roll(settings, records, todo, log, batch_size, prompt, progress, device, dtype)
+        where = (device, dtype, rollout)
+        _roll(settings, records, todo, log, batch_size, prompt, progress, where)
         done = _read_progress(log)
     return _write_splits(settings, records, done, out, {"device": device, "dtype": dtype})
 
@@ -94,13 +98,20 @@ def _roll(
     batch_size: int,
     prompt: PromptConfig,
     progress: bool,
-    device: str,
-    dtype: str,
+    where: tuple[str, str, RolloutConfig],
 ) -> None:
     from tqdm import tqdm
 
-    built = build_policy(settings.model, dtype=dtype)
-    policy = built.model.to(device).eval().requires_grad_(False)
+    device, dtype, rollout = where
+    policy, engine = None, None
+    if rollout.engine == "hf":
+        built = build_policy(settings.model, dtype=dtype)
+        processor = built.processor
+        policy = built.model.to(device).eval().requires_grad_(False)
+    else:
+        spec = PolicySpec(settings.model)
+        processor = spec.processor()
+        engine = build_engine(rollout, processor, spec=spec, trains=False)
     sampling = SamplingConfig(
         group_size=settings.k,
         temperature=settings.temperature,
@@ -113,12 +124,13 @@ def _roll(
     # seeding by record position makes a resumed run draw the numbers it would have.
     batches = batched_completions(
         policy,
-        built.processor,
+        processor,
         todo,
         sampling,
         batch_size=batch_size,
         prompt=prompt,
         seed=settings.seed * 1_000_003 + first,
+        engine=engine,
     )
     # Rate and ETA count this run's questions only (`initial`: graded before a resume).
     bar = tqdm(
@@ -135,6 +147,8 @@ def _roll(
             bar.update(len(chunk))
     finally:
         bar.close()
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()  # the worker process this run started
 
 
 def tally(records: list[dict], texts: list[str], k: int, grader: Any) -> list[dict]:

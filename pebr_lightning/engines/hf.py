@@ -9,6 +9,7 @@ log-prob passes to reuse.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -54,7 +55,9 @@ class HFEngine:
         *,
         keys: Tensor | None = None,
         generator: torch.Generator | None = None,
+        records: Sequence[dict[str, Any]] | None = None,
     ) -> Rollout:
+        del records  # the prompt tensors hold everything this engine needs
         if self.policy is None:
             raise RuntimeError("HFEngine.generate before sync_weights(policy)")
         policy = self.policy

@@ -15,6 +15,8 @@ import argparse
 from pathlib import Path
 
 from pebr_lightning.argtypes import positive_int
+from pebr_lightning.engines import RolloutConfig
+from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation import devices
 from pebr_lightning.evaluation.greedy import evaluate
 
@@ -24,7 +26,9 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     device = devices.resolve_device(args.device)
     dtype = devices.resolve_dtype(args.dtype, device)
-    print(f"running on {device} in {dtype}", flush=True)
+    rollout = engine_config(args)
+    where = f"through vLLM ({args.vllm_python or args.vllm_url})" if args.engine == "vllm" else ""
+    print(f"running on {device} in {dtype} {where}".rstrip(), flush=True)
     values = evaluate(
         args.model,
         args.manifest,
@@ -37,6 +41,7 @@ def main(argv: list[str]) -> int:
         dtype=dtype,
         samples=args.samples,
         temperature=args.temperature,
+        rollout=rollout,
     )
     print(format_table(values))
     out = Path(args.out)
@@ -105,4 +110,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     devices.add_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_engine_arguments(parser)
     return parser
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine and the vLLM worker's settings (engines/; docs/rollout.md)."""
+    parser.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="what decodes: hf (the model itself, default) or vllm (a vLLM worker)",
+    )
+    parser.add_argument(
+        "--vllm-python", help="vllm: the vLLM environment's interpreter (make vllm-env)"
+    )
+    parser.add_argument("--vllm-url", help="vllm: a worker already running, http://host:port")
+    parser.add_argument(
+        "--vllm-dtype", default="auto", help="vllm: the worker's weight dtype (default: auto)"
+    )
+
+
+def engine_config(args: argparse.Namespace) -> RolloutConfig:
+    """The RolloutConfig the engine arguments describe (one clear error if incomplete)."""
+    if args.engine == "vllm" and not (args.vllm_python or args.vllm_url):
+        raise PebrError("--engine vllm: give --vllm-python (make vllm-env) or --vllm-url")
+    return RolloutConfig(
+        engine=args.engine,
+        vllm_python=args.vllm_python,
+        vllm_url=args.vllm_url,
+        vllm_dtype=args.vllm_dtype,
+    )

@@ -108,6 +108,11 @@ class PolicySpec:
         """The model's processor alone (what a module needs before its weights load)."""
         return load_processor(self.model, self.trust_remote_code)
 
+    def folder(self) -> str:
+        """The model as a local folder or hub id (embedded names are built first); an
+        adapter folder stands for its base model with the adapter merged in."""
+        return resolve_model_path(self.model)
+
     def settings(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from pebr_lightning.algorithms.advantages import step_advantages
 from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, prompt_limit
 from pebr_lightning.data.prompts import PromptConfig
-from pebr_lightning.engines import RolloutConfig, RolloutEngine, build_engine
+from pebr_lightning.engines import RolloutConfig, RolloutEngine, build_engine, timed_sync
 from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation.held_out import GreedyTestLoop, GreedyValidationLoop
 from pebr_lightning.metrics.phases import PhaseMeter
@@ -259,9 +259,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             # weights with the adapter switched off serve, at no extra memory).
             self.ref_model = copy.deepcopy(unwrap(self.policy)).eval().requires_grad_(False)
         self._sharded = shard_module(self)  # FSDP2 when the strategy is ModelParallelStrategy
-        self.engine = build_engine(
-            self.rollout_cfg, self.processor, self.share_image_features, synced=self._sharded
-        )
+        share, spec = self.share_image_features, self.policy_spec
+        self.engine = build_engine(self.rollout_cfg, self.processor, share, self._sharded, spec)
         self.engine.sync_weights(self.policy)
 
     def on_fit_start(self) -> None:
@@ -273,20 +272,17 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         return configure_adamw(params, self.optim, int(self.trainer.estimated_stepping_batches))
 
     @property
-    def held_out_max_new_tokens(self) -> int:
-        return self.sampling.max_new_tokens  # validation and `pebr test` answer as rollouts
+    def held_out_max_new_tokens(self) -> int:  # validation and `pebr test` answer as rollouts
+        return self.sampling.max_new_tokens
 
     def collator(self, split: str) -> PromptCollator:
         # Unset, the model's own position limit (less the completion's room) holds.
-        positions = None
+        positions, spec = None, self.policy_spec
         if self.max_prompt_tokens is None:
             policy = None if self.policy is None else unwrap(self.policy)
-            positions = position_limit(
-                self.policy_spec.model, self.policy_spec.trust_remote_code, policy
-            )
-        limit, setting = prompt_limit(
-            self.max_prompt_tokens, positions, self.sampling.max_new_tokens
-        )
+            positions = position_limit(spec.model, spec.trust_remote_code, policy)
+        tokens = self.sampling.max_new_tokens
+        limit, setting = prompt_limit(self.max_prompt_tokens, positions, tokens)
         return PromptCollator(self.processor, self.prompt, limit, setting)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -314,7 +310,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         metrics = policy_update(
             logprobs, part.rollout, advantages, keep, ref, self.update_settings, self.hooks()
         )
-        self.engine.sync_weights(self.policy)  # the next rollout samples the updated policy
+        # the next rollout samples the new weights; time/sync_s is what that took
+        self._stats.max("time/sync_s", timed_sync(self.engine, self.policy))
         self.log_step(part, advantages, metrics)
         self._nonfinite.check(metrics, part.scores, self.global_step)
 
@@ -346,7 +343,7 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             self.sampling.group_size,
         ).to(self.device)
         with self.timed_phase("rollout"), self.memory_guard("rollout", records):
-            rollout = self.engine.generate(prompt, self.sampling, keys=keys)
+            rollout = self.engine.generate(prompt, self.sampling, keys=keys, records=records)
         features = rollout.features
         if features is not None and vision_trainable(self.policy):
             features = None  # trainable tower: recompute with gradients per micro-batch

