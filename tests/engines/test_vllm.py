@@ -193,3 +193,53 @@ def test_eval_with_the_vllm_engine_and_no_interpreter_says_what_to_give(shapes_d
 
     argv = ["eval", "--model", "tiny-qwen2.5-vl", "--manifest", str(shapes_data["val"])]
     assert main([*argv, "--out", str(tmp_path), "--engine", "vllm"]) == 2
+
+
+def test_a_hung_worker_times_out_with_a_clear_error(tiny_path, shapes_data):
+    """A worker that stops answering (SIGSTOP: alive, silent) ends the request after
+    `request_timeout_s` with an error naming the engine and step, not a hang."""
+    records = load_manifest(shapes_data["val"]).records[:2]
+    built = build_policy(str(tiny_path))
+    engine = VLLMEngine(built.processor, str(tiny_path), str(vllm_python()), request_timeout_s=5)
+    try:
+        engine.sync_weights(built.model)
+        engine.process.send_signal(signal.SIGSTOP)
+        with pytest.raises(PebrError, match=r"vllm engine \(step 0\): /generate: timed out"):
+            texts(engine, built.processor, records)
+    finally:
+        engine.process.send_signal(signal.SIGCONT)
+        engine.close()
+
+
+def test_a_wrong_completion_count_is_an_error(tiny_path, shapes_data):
+    """A server at vllm_url that answers one completion fewer than asked."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Short(BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            out = [{"token_ids": [1], "logprobs": [-1.0], "finish_reason": "length"}]
+            data = json.dumps({"outputs": out * (len(body["requests"]) - 1)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = HTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    records = load_manifest(shapes_data["val"]).records[:2]
+    built = build_policy(str(tiny_path))
+    engine = VLLMEngine(
+        built.processor, str(tiny_path), vllm_url=f"http://127.0.0.1:{server.server_port}"
+    )
+    try:
+        with pytest.raises(PebrError, match="asked for 2 completions, got 1"):
+            texts(engine, built.processor, records)
+    finally:
+        server.shutdown()
+        engine.close()
