@@ -243,3 +243,39 @@ def test_a_wrong_completion_count_is_an_error(tiny_path, shapes_data):
     finally:
         server.shutdown()
         engine.close()
+
+
+def test_the_same_rollout_keys_draw_the_same_completions(tiny_path, shapes_data):
+    """Each completion's seed comes from its rollout key (seed, step, sample id, member):
+    the same keys draw the same tokens whatever else the call holds, so a resumed run
+    draws what the uninterrupted one drew; other keys draw others."""
+    from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDataset
+    from pebr_lightning.data.prompts import PromptConfig
+    from pebr_lightning.models.rollout import group_keys
+
+    records = load_manifest(shapes_data["val"]).records[:3]
+    built = build_policy(str(tiny_path))
+    items = RecordDataset(records)
+    batch = PromptCollator(built.processor, PromptConfig())([items[i] for i in range(3)])
+    prompt = {k: batch[k] for k in PROMPT_KEYS}
+    sampling = SamplingConfig(group_size=4, temperature=1.0, top_p=1.0, max_new_tokens=8)
+    ids = [str(r["id"]) for r in records]
+    engine = VLLMEngine(built.processor, str(tiny_path), str(vllm_python()), dtype="float32")
+    try:
+        keys = group_keys(0, 5, 0, ids, 4)
+        first = engine.generate(prompt, sampling, keys=keys, records=records)
+        again = engine.generate(prompt, sampling, keys=keys, records=records)
+        # the last prompt alone, as a resumed run with a smaller batch would send it
+        alone = engine.generate(
+            {k: v[2:] for k, v in prompt.items() if k in ("input_ids", "attention_mask")},
+            sampling,
+            keys=group_keys(0, 5, 0, ids[2:], 4),
+            records=records[2:],
+        )
+        other = engine.generate(prompt, sampling, keys=group_keys(0, 6, 0, ids, 4), records=records)
+    finally:
+        engine.close()
+    torch.testing.assert_close(first.completion_ids, again.completion_ids)
+    width = alone.completion_ids.shape[1]
+    torch.testing.assert_close(first.completion_ids[8:, :width], alone.completion_ids)
+    assert not torch.equal(first.completion_ids, other.completion_ids)
