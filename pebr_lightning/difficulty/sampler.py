@@ -22,12 +22,11 @@ from typing import Any
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.difficulty.split import SPLITS, check_thresholds, difficulty, histogram
-from pebr_lightning.engines import RolloutConfig, build_engine
+from pebr_lightning.engines import RolloutConfig, load_decoder
 from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation.devices import resolve_device, resolve_dtype
 from pebr_lightning.evaluation.greedy import batched_completions
 from pebr_lightning.files import write_atomic
-from pebr_lightning.models.policy import PolicySpec, build_policy
 from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.rewards.accuracy import AccuracyReward
 
@@ -103,15 +102,7 @@ def _roll(
     from tqdm import tqdm
 
     device, dtype, rollout = where
-    policy, engine = None, None
-    if rollout.engine == "hf":
-        built = build_policy(settings.model, dtype=dtype)
-        processor = built.processor
-        policy = built.model.to(device).eval().requires_grad_(False)
-    else:
-        spec = PolicySpec(settings.model)
-        processor = spec.processor()
-        engine = build_engine(rollout, processor, spec=spec, trains=False)
+    policy, processor, engine = load_decoder(settings.model, rollout, device, dtype)
     sampling = SamplingConfig(
         group_size=settings.k,
         temperature=settings.temperature,

@@ -5,6 +5,7 @@ from pebr_lightning.engines.base import (
     RolloutEngine,
     build_engine,
     complete_records,
+    load_decoder,
     timed_sync,
 )
 from pebr_lightning.engines.hf import HFEngine
@@ -15,5 +16,6 @@ __all__ = [
     "RolloutEngine",
     "build_engine",
     "complete_records",
+    "load_decoder",
     "timed_sync",
 ]

@@ -178,3 +178,20 @@ def timed_sync(engine: RolloutEngine, policy: nn.Module) -> float:
     start = time.perf_counter()
     engine.sync_weights(policy)
     return time.perf_counter() - start
+
+
+def load_decoder(
+    model: str, rollout: RolloutConfig, device: str, dtype: str | None
+) -> tuple[nn.Module | None, Any, RolloutEngine | None]:
+    """(policy, processor, engine) for commands that only decode (`pebr eval`, `pebr
+    sample`): with `hf` the model loaded on `device` in `dtype` and no engine (the
+    decode loop builds an HFEngine on it); otherwise no policy in this process and the
+    engine that serves `model` (a worker this process must `close()`)."""
+    from pebr_lightning.models.policy import PolicySpec, build_policy
+
+    if rollout.engine == "hf":
+        built = build_policy(model, dtype=dtype)
+        return built.model.to(device).eval().requires_grad_(False), built.processor, None
+    spec = PolicySpec(model)
+    processor = spec.processor()
+    return None, processor, build_engine(rollout, processor, spec=spec, trains=False)

@@ -32,14 +32,13 @@ from pebr_lightning.engines import (
     HFEngine,
     RolloutConfig,
     RolloutEngine,
-    build_engine,
     complete_records,
+    load_decoder,
 )
 from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation.perception import perception_metrics
 from pebr_lightning.files import write_atomic
 from pebr_lightning.metrics.accuracy import AccuracyByType
-from pebr_lightning.models.policy import PolicySpec, build_policy
 from pebr_lightning.models.rollout import (
     SamplingConfig,
 )
@@ -111,16 +110,11 @@ def evaluate(
     records = load_manifest(manifest).records[:limit]  # fail on a bad manifest before loading
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    policy, engine = None, None
-    if rollout.engine == "hf":
-        built = build_policy(model, dtype=dtype)
-        processor = built.processor
-        policy = built.model.to(device).eval().requires_grad_(False)
+    policy, processor, engine = load_decoder(model, rollout, device, dtype)
+    if policy is not None:
         weights = next(policy.parameters())
         where = {"device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch.")}
     else:
-        processor = PolicySpec(model).processor()
-        engine = build_engine(rollout, processor, spec=PolicySpec(model), trains=False)
         where = {"engine": rollout.engine, "dtype": rollout.vllm_dtype}
 
     bar = _Progress(len(records), progress)
