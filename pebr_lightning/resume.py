@@ -9,7 +9,6 @@ a sharded folder's metadata through the allow-list reader (parallel/dcp_metadata
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import sys
@@ -79,15 +78,12 @@ def shards_checkpoints(trainer: Any) -> bool:
     """Whether the trainer config's strategy reads sharded checkpoint folders (FSDP2)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    from pebr_lightning.trainer_defaults import has_instance
+
     strategy = trainer.get("strategy")
     if isinstance(strategy, str):
         return False  # "auto", "ddp", ...: single-file checkpoints
-    cls = type(strategy)
-    path = strategy.get("class_path") if hasattr(strategy, "get") else None
-    if path:
-        module, _, name = path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name, None)
-    return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
+    return has_instance([strategy], ModelParallelStrategy)
 
 
 def latest_last_checkpoint(stage_dir: Path) -> Path | None:

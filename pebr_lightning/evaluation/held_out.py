@@ -17,9 +17,12 @@ from typing import Any
 
 import torch
 
+from pebr_lightning.data.collate import PROMPT_KEYS
+from pebr_lightning.engines import HFEngine
 from pebr_lightning.errors import PebrError
-from pebr_lightning.evaluation.greedy import DEFAULT_TYPE, grade_answers, greedy_answers
+from pebr_lightning.evaluation.greedy import DEFAULT_TYPE, grade_answers
 from pebr_lightning.metrics.accuracy import AccuracyByType
+from pebr_lightning.models.rollout import SamplingConfig, decode_completions
 
 SPLITS = {"val": "val", "test": "test"}
 """Log prefix -> the ManifestDataModule split it reads."""
@@ -44,17 +47,14 @@ class HeldOutAccuracy:
         self.metric = AccuracyByType(types).to(module.device)
 
     def step(self, module: Any, batch: dict[str, Any], max_new_tokens: int) -> None:
+        # The batch is already collated (PromptCollator, on the module's device): decode
+        # it as it stands rather than reading and collating its images again.
         records = batch["records"]
-        texts = greedy_answers(
-            module.policy,
-            module.processor,
-            records,
-            batch_size=len(records),
-            max_new_tokens=max_new_tokens,
-            prompt=module.prompt,
-            synced=getattr(module, "device_mesh", None) is not None,
-        )
-        rows = grade_answers(records, texts)
+        engine = HFEngine(module.processor, synced=getattr(module, "device_mesh", None) is not None)
+        engine.sync_weights(module.policy)
+        greedy = SamplingConfig(group_size=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        rollout = engine.generate({k: batch[k] for k in PROMPT_KEYS}, greedy)
+        rows = grade_answers(records, decode_completions(module.processor.tokenizer, rollout))
         self.metric.update(
             torch.tensor([r["correct"] for r in rows], dtype=torch.float64),  # [B]
             torch.tensor([self.position[r["type"]] for r in rows], dtype=torch.long),  # [B]
