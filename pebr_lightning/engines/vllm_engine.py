@@ -205,12 +205,18 @@ class VLLMEngine:
 
     def _start(self, python: str, model: str, rank: int, dtype: str, timeout: float) -> str:
         command = [python, str(WORKER), "--model", model, "--port", "0", "--dtype", dtype]
+        command.append("--exit-with-stdin")  # a killed trainer leaves no worker behind
         if rank:
             command += ["--max-lora-rank", str(rank)]
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         port: list[int] = []
         # stderr is drained from the start (a full pipe would stop the worker before it
@@ -258,6 +264,8 @@ class VLLMEngine:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if self.process is not None and self.process.stdin is not None:
+            self.process.stdin.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __del__(self) -> None:

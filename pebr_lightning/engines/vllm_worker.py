@@ -7,6 +7,7 @@ host:port. It imports vllm, Pillow (a vLLM dependency) and the standard library 
 never pebr_lightning.
 
     VLLM_ENV/bin/python vllm_worker.py --model DIR [--port 0] [--max-lora-rank 16]
+                                           [--exit-with-stdin]
 
 It prints `PEBR_VLLM_READY <port>` on stdout once it serves, then answers JSON over
 HTTP, one request at a time:
@@ -49,11 +50,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-batch", type=int, default=32, help="requests per vLLM call")
+    parser.add_argument(
+        "--exit-with-stdin",
+        action="store_true",
+        help="exit when stdin closes (the trainer that started it has ended, even by kill -9)",
+    )
     return parser.parse_args(argv)
+
+
+def exit_when_stdin_closes() -> None:
+    """End this process once stdin reaches its end: the trainer holds the only write
+    end, so that happens when the trainer exits, however it exits."""
+    import os
+    import threading
+
+    def wait() -> None:
+        sys.stdin.buffer.read()
+        os._exit(0)
+
+    threading.Thread(target=wait, daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.exit_with_stdin:
+        exit_when_stdin_closes()
     from PIL import Image
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest

@@ -56,12 +56,7 @@ from pebr_lightning.models.rollout import (
     group_keys,
     supports_shared_features,
 )
-from pebr_lightning.modules.grpo_logs import (
-    publish_samples,
-    record_step,
-    sample_rows,
-    step_logs,
-)
+from pebr_lightning.modules.grpo_logs import publish_samples, record_step, sample_rows, step_logs
 from pebr_lightning.modules.grpo_parts import ScoredRollout, Scores
 from pebr_lightning.modules.grpo_update import (
     NonFiniteGuard,
@@ -77,10 +72,7 @@ from pebr_lightning.modules.shared import (
     save_pretrained,
     shard_module,
 )
-from pebr_lightning.parallel.sharding import (
-    any_across,
-    init_root,
-)
+from pebr_lightning.parallel.sharding import any_across, init_root
 from pebr_lightning.rewards.combine import load_rewards
 from pebr_lightning.rewards.registry import RewardSpec
 
@@ -259,13 +251,19 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             # weights with the adapter switched off serve, at no extra memory).
             self.ref_model = copy.deepcopy(unwrap(self.policy)).eval().requires_grad_(False)
         self._sharded = shard_module(self)  # FSDP2 when the strategy is ModelParallelStrategy
-        share, spec = self.share_image_features, self.policy_spec
-        self.engine = build_engine(self.rollout_cfg, self.processor, share, self._sharded, spec)
-        self.engine.sync_weights(self.policy)
+        self.start_engine()  # here, so an engine that cannot serve this policy stops the run
 
     def on_fit_start(self) -> None:
         if self._sharded:
             init_root(unwrap(self.policy), self.device)
+        # Here, not in configure_model: a resumed run's weights are restored in between,
+        # and an engine serving a copy (vLLM) must start from those.
+        self.start_engine().sync_weights(self.policy)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and hasattr(self.engine, "close"):  # a worker process it started
+            self.engine.close()
+            self.engine = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [(n, p) for n, p in self.named_parameters() if not n.startswith("ref_model.")]
@@ -316,6 +314,12 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         self._nonfinite.check(metrics, part.scores, self.global_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None and self.ref_model is not None:
+            # saved without it (on_save_checkpoint): the reference is the start weights,
+            # which configure_model has just copied again
+            ref = {f"ref_model.{k}": v for k, v in self.ref_model.state_dict().items()}
+            checkpoint["state_dict"] = {**ref, **state}
         check_trainable_state(self, checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -433,6 +437,12 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         return torch.cat(pieces)
 
     # -- helpers --------------------------------------------------------------------------
+
+    def start_engine(self) -> RolloutEngine:
+        if self.engine is None:
+            share, spec = self.share_image_features, self.policy_spec
+            self.engine = build_engine(self.rollout_cfg, self.processor, share, self._sharded, spec)
+        return self.engine
 
     def hooks(self) -> UpdateHooks:
         """The trainer's handles an update needs (grpo_update.policy_update)."""

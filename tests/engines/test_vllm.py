@@ -7,12 +7,20 @@ sides makes the two engines comparable token for token.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
+import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pebr_lightning.data.datamodule import ManifestDataModule
 from pebr_lightning.data.manifest import load_manifest
@@ -27,6 +35,8 @@ from pebr_lightning.modules.optim import OptimConfig
 from ..conftest import vllm_python
 
 pytestmark = pytest.mark.vllm
+REPO = Path(__file__).resolve().parents[2]
+SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
 GREEDY = SamplingConfig(group_size=1, temperature=0.0, max_new_tokens=12)
 
 
@@ -117,9 +127,11 @@ def test_grpo_trains_a_lora_policy_through_vllm_and_logs_the_log_prob_gap(
     data = ManifestDataModule(train_manifest=str(shapes_data["train"]), batch_size=2)
     try:
         trainer.fit(module, datamodule=data)
-        rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     finally:
-        module.engine.close()
+        if module.engine is not None:  # the fit failed before its teardown closed it
+            module.engine.close()
+    assert module.engine is None and workers_of(tiny_path) == []
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     steps = [r for r in rows if r.get("train/engine_logprob_gap")]
     assert len(steps) == 2
     for row in steps:
@@ -279,3 +291,108 @@ def test_the_same_rollout_keys_draw_the_same_completions(tiny_path, shapes_data)
     width = alone.completion_ids.shape[1]
     torch.testing.assert_close(first.completion_ids[8:, :width], alone.completion_ids)
     assert not torch.equal(first.completion_ids, other.completion_ids)
+
+
+@pytest.fixture(scope="module")
+def untied_path(tiny_path, tmp_path_factory) -> Path:
+    """The tiny model with its own output layer (a copy of the embeddings): vLLM's full
+    weight reload is exact for it, so full fine-tuning may roll out through vLLM."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = tmp_path_factory.mktemp("untied")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.save_pretrained(folder)
+    AutoProcessor.from_pretrained(tiny_path).save_pretrained(folder)
+    return folder
+
+
+def workers_of(model: Path) -> list[str]:
+    """Command lines of running vLLM workers serving `model`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "vllm_worker.py" in line and str(model) in line:
+                found.append(line)
+    return found
+
+
+def test_a_full_weight_grpo_fit_through_vllm_killed_and_resumed_ends_like_an_uninterrupted_one(
+    untied_path, shapes_data, tmp_path
+):
+    """Full fine-tuning through vLLM, killed with SIGKILL after step 2 and resumed:
+    the worker of the killed run exits with it; the resumed run's new worker is synced
+    to the restored weights before its first rollout, and the keyed seeds draw the
+    same completions, so rewards, losses and final weights equal the uninterrupted
+    run's. Each step's engine/trainer log-prob gap stays small (the reload is exact)."""
+    from pebr_lightning.cli import main
+
+    from ..reliability.test_resume import metrics
+
+    steps, kill_at = 3, 2
+
+    def args(root: Path) -> list[str]:
+        return [
+            "--config",
+            str(REPO / "configs/demo/perception.yaml"),
+            "--model.init_args.model",
+            str(untied_path),
+            "--model.init_args.rewards",
+            json.dumps([{"name": "format", "weight": 0.1}, SPREAD]),
+            "--model.init_args.sampling.group_size",
+            "4",
+            "--model.init_args.sampling.max_new_tokens",
+            "12",
+            "--model.init_args.rollout",
+            json.dumps(
+                {"engine": "vllm", "vllm_python": str(vllm_python()), "vllm_dtype": "float32"}
+            ),
+            "--data.init_args.train_manifest",
+            str(shapes_data["train"]),
+            "--data.init_args.batch_size",
+            "2",
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.callbacks+=pebr_lightning.callbacks.HFCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=1",
+            "--trainer.callbacks.save_last=true",
+        ]
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["fit", *args(whole)]) == 0
+    assert workers_of(untied_path) == []  # the fit closed its worker
+    killed = subprocess.run(
+        [
+            *(sys.executable, "-m", "pebr_lightning.cli", "fit", *args(cut)),
+            "--trainer.callbacks+=pebr_lightning.testing.KillAtStep",
+            f"--trainer.callbacks.step={kill_at}",
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    deadline = time.monotonic() + 30
+    while workers_of(untied_path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert workers_of(untied_path) == []  # it saw its stdin close and exited
+    assert main(["fit", *args(cut), "--ckpt_path", "last"]) == 0
+
+    full, resumed = metrics(whole, 0), metrics(cut, 1)
+    assert len(full) == steps and sorted(resumed) == sorted(full)[kill_at:]
+    for step, row in resumed.items():
+        for key in ("reward/total/mean", "train/loss", "train/grad_norm"):
+            assert row[key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
+    for row in full.values():
+        assert 0 <= row["train/engine_logprob_gap"] < 0.02, row["train/engine_logprob_gap"]
+    a = load_file(whole / "lightning_logs/version_0/checkpoints/last.hf/model.safetensors")
+    b = load_file(cut / "lightning_logs/version_1/checkpoints/last.hf/model.safetensors")
+    start = load_file(untied_path / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)

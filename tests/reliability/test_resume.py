@@ -1,6 +1,7 @@
 """Resume after `kill -9`: a run killed mid-stage and resumed with `--ckpt_path last`
 ends exactly where the same run without the interruption ends (SFT and GRPO demo
-configs, shortened): same later losses and rewards, same final weights.
+configs, shortened; GRPO with LoRA and with every weight): same later losses and
+rewards, same final weights.
 
 What makes it so: the data module's checkpoint state holds the epoch, the batches
 already trained on and the RNG states (the sampler skips those batches on resume);
@@ -54,7 +55,7 @@ def stage_args(stage: str, train: Path, root: Path) -> tuple[list[str], str]:
             "model.safetensors"
         )
     rewards = [{"name": "format", "weight": 0.1}, SPREAD]
-    return [
+    args = [
         "--config",
         str(REPO / "configs/demo/perception.yaml"),
         *common,
@@ -64,10 +65,12 @@ def stage_args(stage: str, train: Path, root: Path) -> tuple[list[str], str]:
         "4",
         "--model.init_args.sampling.max_new_tokens",
         "12",
-        # dropout draws from the RNG: the resumed run must continue its stream
-        "--model.init_args.lora",
-        json.dumps({"r": 8, "alpha": 16, "dropout": 0.1}),
-    ], "adapter_model.safetensors"
+    ]
+    if stage == "grpo-full":  # the demo's setting: every weight, KL to a frozen copy
+        return args, "model.safetensors"
+    # dropout draws from the RNG: the resumed run must continue its stream
+    lora = json.dumps({"r": 8, "alpha": 16, "dropout": 0.1})
+    return [*args, "--model.init_args.lora", lora], "adapter_model.safetensors"
 
 
 def metrics(root: Path, version: int) -> dict[int, dict[str, float]]:
@@ -76,7 +79,7 @@ def metrics(root: Path, version: int) -> dict[int, dict[str, float]]:
     return {int(r["step"]): r for r in rows if "train/loss" in r}
 
 
-@pytest.mark.parametrize("stage", ["sft", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "grpo", "grpo-full"])
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(stage, tmp_path, shapes_data):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     args, weights = stage_args(stage, shapes_data["train"], whole)
@@ -101,7 +104,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(stage, tmp_path, 
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL, not a clean exit
     saved = torch.load(cut / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     assert saved["global_step"] == KILL_AT
-    if stage == "grpo":  # rewards recorded as the config named them: a registry name
+    if stage != "sft":  # rewards recorded as the config named them: a registry name
         first = saved["pebr_rewards"][0]
         assert first["name"] == "format" and "class_path" not in first
 
