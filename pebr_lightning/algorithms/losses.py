@@ -67,6 +67,7 @@ def policy_loss(
     max_completion_length: int | None = None,
     num_valid_tokens_global: int | None = None,
     world_size: int | None = None,
+    engine_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Scalar loss and detached metrics for one (micro-)batch of completions.
 
@@ -94,6 +95,9 @@ def policy_loss(
             gradient-accumulation steps (Lightning does) should pass processes x steps
             with num_valid_tokens_global counting all of those micro-batches. None: the
             process group's size when initialised, else 1.
+        engine_weights: importance weights for a rollout engine that sampled from
+            another distribution than pi_old, [B*G, T] (algorithms/engine_correction.py);
+            they multiply the policy-gradient term of each token, not the KL term.
 
     Returns:
         loss: scalar tensor. With no valid token at all it is 0 and still differentiable.
@@ -104,6 +108,10 @@ def policy_loss(
             tokens (1 when there are none).
     """
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, beta, eps_low, eps_high, dual_clip)
+    if engine_weights is not None and engine_weights.shape != logp.shape:
+        raise ValueError(
+            f"engine_weights has shape {tuple(engine_weights.shape)}, expected {tuple(logp.shape)}"
+        )
     _check_options(loss_type, importance_level, max_completion_length)
     valid = mask.bool()  # [B*G, T]
     # Padding may hold -inf or garbage: select, never multiply, so it cannot leak as NaN.
@@ -122,6 +130,8 @@ def policy_loss(
         dual_active = (adv < 0) & (objective < cap)  # [B*G, T]
         objective = torch.where(dual_active, cap, objective)  # [B*G, T]
     per_token = -objective  # [B*G, T]
+    if engine_weights is not None:
+        per_token = per_token * engine_weights.detach()  # [B*G, T]
 
     kl = None
     if beta > 0:

@@ -57,7 +57,7 @@ from pebr_lightning.models.rollout import (
     supports_shared_features,
 )
 from pebr_lightning.modules.grpo_logs import publish_samples, record_step, sample_rows, step_logs
-from pebr_lightning.modules.grpo_parts import ScoredRollout, Scores
+from pebr_lightning.modules.grpo_parts import ScoredRollout, Scores, fill_groups
 from pebr_lightning.modules.grpo_update import (
     NonFiniteGuard,
     UpdateHooks,
@@ -99,12 +99,24 @@ class GRPOLossConfig:
     """Divide advantages by the group's std, the batch's std, or nothing (Dr. GRPO)."""
     drop_zero_variance: bool = False
     """Leave groups whose rewards are all equal out of the loss (their advantage is 0)."""
+    engine_correction: Literal[
+        "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+    ] = "none"
+    """Weight each token's policy-gradient term by pi_old / pi_engine, capped (truncated
+    importance sampling), for an engine that samples from a slightly different policy
+    (vLLM); none: the trainer's log-probs alone (exact GRPO when the engine is exact)."""
+    engine_correction_cap: float = 2.0
+    """The cap C of those weights (algorithms/engine_correction.py)."""
 
     def __post_init__(self) -> None:
         if self.mu < 1:
             raise PebrError(f"loss.mu must be >= 1, got {self.mu}")
         if self.beta < 0:
             raise PebrError(f"loss.beta must be >= 0, got {self.beta}")
+        if not self.engine_correction_cap > 0:
+            raise PebrError(
+                f"loss.engine_correction_cap must be > 0, got {self.engine_correction_cap}"
+            )
 
 
 class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
@@ -374,47 +386,32 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         return Scores(total, result, texts)
 
     def resample(self, part: ScoredRollout) -> ScoredRollout:
-        """Replace zero-variance groups with groups of fresh prompts (DAPO dynamic sampling).
-
-        Draws prompts from the training set until the batch again holds as many groups
-        with reward spread as it has prompts, or `dynamic_sampling_tries` extra rollouts
-        were made; then trains on the groups with spread (on the original batch if none).
-        """
-        b = len(part.records)
-        parts, kept, tries = [part], [(0, i) for i in part.signal_groups()], 0
+        """Replace zero-variance groups with groups of fresh prompts from the training
+        set (DAPO dynamic sampling; grpo_parts.fill_groups)."""
         dataset = self.trainer.train_dataloader.dataset
         # Each process draws its own prompts (the same seed would pick the same ones).
         generator = torch.Generator().manual_seed(
             (self.rollout_seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
         )
-        # Sharded, every process must roll out as often as the neediest one (each
-        # forward is a collective); a process already full just ignores the extra groups.
-        while tries < self.dynamic_sampling_tries and (
-            any_across(len(kept) < b, self.device) if self._sharded else len(kept) < b
-        ):
-            tries += 1
-            want = max(b - len(kept), 1)  # a full process still rolls out when sharded
+
+        def draw(attempt: int, want: int) -> ScoredRollout:
             picks = torch.randint(len(dataset), (want,), generator=generator).tolist()
             batch = self.collator("train")([dataset[i] for i in picks])
             prompt = {k: batch[k].to(self.device) for k in PROMPT_KEYS}
-            rollout, features = self.rollout(prompt, batch["records"], attempt=tries)
+            rollout, features = self.rollout(prompt, batch["records"], attempt=attempt)
             scores = self.score(rollout, batch["records"], batch["images"])
-            parts.append(
-                ScoredRollout(prompt, rollout, features, scores, batch["records"], batch["images"])
+            return ScoredRollout(
+                prompt, rollout, features, scores, batch["records"], batch["images"]
             )
-            kept += [(len(parts) - 1, i) for i in parts[-1].signal_groups()]
+
+        # Sharded, every process must roll out as often as the neediest one (each
+        # forward is a collective).
+        anywhere = partial(any_across, device=self.device) if self._sharded else bool
+        pad = self.processor.tokenizer.pad_token_id
+        filled, tries, share = fill_groups(part, self.dynamic_sampling_tries, draw, anywhere, pad)
         self._stats.mean("dynamic_sampling/extra_rollouts", float(tries))
-        self._stats.mean("dynamic_sampling/filled_frac", min(len(kept), b) / b, b)
-        if not kept:
-            return part
-        # groups in part order, and within a part in the order they were kept
-        kept = kept[:b]
-        selected = [
-            p.select([grp for index, grp in kept if index == i])
-            for i, p in enumerate(parts)
-            if any(index == i for index, _ in kept)
-        ]
-        return ScoredRollout.concat(selected, self.processor.tokenizer.pad_token_id)
+        self._stats.mean("dynamic_sampling/filled_frac", share, len(part.records))
+        return filled
 
     @torch.no_grad()
     def reference_logprobs(

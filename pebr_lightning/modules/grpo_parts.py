@@ -11,7 +11,7 @@ the right, every per-row field carried along).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,3 +99,36 @@ class ScoredRollout:
             [r for p in parts for r in p.records],
             [im for p in parts for im in p.images],
         )
+
+
+def fill_groups(
+    part: ScoredRollout,
+    tries: int,
+    draw: Callable[[int, int], ScoredRollout],
+    anywhere: Callable[[bool], bool] = bool,
+    pad_id: int = 0,
+) -> tuple[ScoredRollout, int, float]:
+    """DAPO's dynamic sampling: `part`'s groups with reward spread, topped up with
+    groups of fresh prompts until there are as many as `part` has prompts, or `tries`
+    extra rollouts were made. draw(attempt, want) rolls out and scores `want` fresh
+    prompts. anywhere(short): whether any process is still short (sharded, every
+    process must roll out as often as the neediest one; a process already full draws
+    one prompt and ignores it). Returns (the groups kept, in part order and within a
+    part in the order kept; `part` itself when none had spread), extra rollouts made,
+    share of the batch filled."""
+    b = len(part.records)
+    parts, kept, used = [part], [(0, i) for i in part.signal_groups()], 0
+    while used < tries and anywhere(len(kept) < b):
+        used += 1
+        parts.append(draw(used, max(b - len(kept), 1)))
+        kept += [(len(parts) - 1, i) for i in parts[-1].signal_groups()]
+    share = min(len(kept), b) / b
+    if not kept:
+        return part, used, share
+    kept = kept[:b]
+    selected = [
+        p.select([grp for index, grp in kept if index == i])
+        for i, p in enumerate(parts)
+        if any(index == i for index, _ in kept)
+    ]
+    return ScoredRollout.concat(selected, pad_id), used, share

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pebr_lightning.algorithms.engine_correction import engine_weights
 from pebr_lightning.algorithms.losses import accumulation_share, policy_loss
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.rollout import Rollout, SamplingConfig
@@ -33,7 +34,8 @@ class UpdateSettings:
     """What shapes an update, fixed for a run."""
 
     loss: Any
-    """GRPOLossConfig: mu, clipping, KL weight, loss type, importance level."""
+    """GRPOLossConfig: mu, clipping, KL weight, loss type, importance level, engine
+    correction."""
     micro_batch_size: int
     """Sequences per forward/backward."""
     prompts_per_update: int | None
@@ -113,9 +115,17 @@ def policy_update(
                     sums["engine_logprob_gap"] = sums.get("engine_logprob_gap", 0.0) + float(
                         diff.sum() / cmask.sum().clamp(min=1)
                     )
+                    old_logp = logp.detach() if old is None else old[micro]  # [n, T]
+                    weights, correction = engine_weights(
+                        old_logp,
+                        rollout.logprobs[micro],
+                        cmask,
+                        cfg.engine_correction,
+                        cfg.engine_correction_cap,
+                    )
                     loss, stats = policy_loss(
                         logp,
-                        logp.detach() if old is None else old[micro],
+                        old_logp,
                         advantages[micro],
                         cmask,
                         ref_logp=None if ref is None else ref[micro],
@@ -128,7 +138,9 @@ def policy_update(
                         max_completion_length=settings.max_completion_length,
                         num_valid_tokens_global=tokens,
                         world_size=hooks.world_size,
+                        engine_weights=weights,
                     )
+                    stats.update(correction)
                     share = accumulation_share(cfg.loss_type, cmask, mini_tokens, seqs)
                     hooks.backward(loss * share)
                 for key, value in stats.items():

@@ -4,7 +4,10 @@ HFEngine (every rollout is the real decode loop) and counts what it is asked."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
+import math
 
 import lightning as L
 import pytest
@@ -110,3 +113,64 @@ def test_eval_and_sample_generate_through_the_hf_engine(
     assert seen == [(10, 2), (6, 2)]
     summary = json.loads((tmp_path / "sample" / "summary.json").read_text())
     assert summary["questions"] == 16
+
+
+class Skewed(Recording):
+    """The real engine, reporting each sampled token's log-prob log 2 lower than it is:
+    an engine whose q is half the trainer's pi on every token it drew."""
+
+    def generate(self, prompt, sampling, **kwargs):
+        rollout = super().generate(prompt, sampling, **kwargs)
+        return dataclasses.replace(rollout, logprobs=rollout.logprobs - math.log(2))
+
+
+def one_step(tiny_path, shapes_data, tmp_path, correction: str, skew: bool) -> dict[str, float]:
+    """The logged figures of one GRPO step with the given engine correction (cap 1.5)."""
+    L.seed_everything(0)  # the same LoRA initialisation and data order in every call
+    module = GRPOModule(
+        model=str(tiny_path),
+        rewards=REWARDS,
+        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+        sampling=SamplingConfig(group_size=4, max_new_tokens=8, temperature=1.0),
+        loss=GRPOLossConfig(beta=0.0, engine_correction=correction, engine_correction_cap=1.5),
+        log_samples_every_n_steps=0,
+    )
+    module.setup("fit")
+    module.configure_model()
+    if skew:
+        module.engine = Skewed(module.engine)
+    root = tmp_path / f"{correction}-{skew}"
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=L.pytorch.loggers.CSVLogger(root),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = ManifestDataModule(train_manifest=str(shapes_data["train"]), batch_size=2)
+    trainer.fit(module, datamodule=data)
+    (row,) = [r for r in csv.DictReader(next(root.rglob("metrics.csv")).open()) if r["train/loss"]]
+    return {k: float(v) for k, v in row.items() if v}
+
+
+def test_engine_correction_weights_each_token_by_the_engines_mismatch(
+    tiny_path, shapes_data, tmp_path
+):
+    """Through the real GRPO step: with an exact engine every weight is 1 and the
+    update is the uncorrected one; with an engine whose q is pi / 2, every weight is 2,
+    so truncation at 1.5 scales the gradient by exactly 1.5 and masking drops it."""
+    plain = one_step(tiny_path, shapes_data, tmp_path, "none", skew=True)
+    assert "train/engine_is/mean" not in plain and plain["train/grad_norm"] > 0
+    exact = one_step(tiny_path, shapes_data, tmp_path, "token_truncate", skew=False)
+    assert exact["train/engine_is/mean"] == pytest.approx(1.0, abs=1e-4)
+    assert exact["train/engine_is/capped_frac"] == 0
+    assert exact["train/grad_norm"] == pytest.approx(plain["train/grad_norm"], rel=1e-3)
+    capped = one_step(tiny_path, shapes_data, tmp_path, "token_truncate", skew=True)
+    assert capped["train/engine_is/mean"] == pytest.approx(1.5, rel=1e-5)
+    assert capped["train/engine_is/capped_frac"] == 1
+    assert capped["train/grad_norm"] == pytest.approx(1.5 * plain["train/grad_norm"], rel=1e-3)
+    masked = one_step(tiny_path, shapes_data, tmp_path, "token_mask", skew=True)
+    assert masked["train/engine_is/mean"] == 0 and masked["train/grad_norm"] == 0
+    assert plain["reward/total/mean"] == masked["reward/total/mean"]  # the same rollouts

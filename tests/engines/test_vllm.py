@@ -100,7 +100,7 @@ def test_a_lora_policy_syncs_its_adapter(tiny_path, shapes_data):
         engine.close()
 
 
-def test_grpo_trains_a_lora_policy_through_vllm_and_logs_the_log_prob_gap(
+def test_grpo_trains_a_lora_policy_through_vllm_with_the_engine_correction(
     tiny_path, shapes_data, tmp_path
 ):
     module = GRPOModule(
@@ -111,7 +111,7 @@ def test_grpo_trains_a_lora_policy_through_vllm_and_logs_the_log_prob_gap(
         lora=LoraConfig(r=4, alpha=8, dropout=0.0),
         sampling=SamplingConfig(group_size=4, max_new_tokens=8, temperature=1.0, top_p=1.0),
         rollout=RolloutConfig(engine="vllm", vllm_python=str(vllm_python()), vllm_dtype="float32"),
-        loss=GRPOLossConfig(beta=0.0),
+        loss=GRPOLossConfig(beta=0.0, engine_correction="token_truncate"),
         optim=OptimConfig(lr=1e-2, schedule="constant"),
         log_samples_every_n_steps=0,
     )
@@ -139,6 +139,10 @@ def test_grpo_trains_a_lora_policy_through_vllm_and_logs_the_log_prob_gap(
         # float32 on both sides: the same distribution but for the banned vision tokens,
         # whose mass vLLM's logit bias removes (about 0.009 nats per token here)
         assert 0 <= gap < 0.02, gap
+        # pi_old / q per token: close to 1, a little below (q renormalised without the
+        # banned tokens), never near the cap
+        assert 0.95 < float(row["train/engine_is/mean"]) <= 1.01
+        assert float(row["train/engine_is/capped_frac"]) == 0
         assert float(row["time/sync_s"]) > 0
         assert float(row["rollout/tokens_per_s"]) > 0
 
