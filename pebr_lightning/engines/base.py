@@ -94,8 +94,9 @@ def build_engine(
     """The engine `config` names. `synced`: the policy is sharded, so every process
     must keep decoding (each forward is a collective) until all are done. `spec`: the
     policy's PolicySpec (a vLLM worker loads its model first, and takes LoRA adapters
-    when it trains one). `trains`: weights will be synced after updates (GRPO); False
-    for evaluation and difficulty sampling, which decode the model as loaded."""
+    when it trains one; with `synced`, rank 0 alone runs it). `trains`: weights will be
+    synced after updates (GRPO); False for evaluation and difficulty sampling, which
+    decode the model as loaded."""
     from pebr_lightning.engines.hf import HFEngine
 
     if config.engine == "hf":
@@ -123,6 +124,7 @@ def build_engine(
             dtype=config.vllm_dtype,
             startup_timeout_s=config.startup_timeout_s,
             request_timeout_s=config.request_timeout_s,
+            distributed=synced,
         )
     raise PebrError(f"rollout.engine must be one of {ENGINES}, got {config.engine!r}")
 

@@ -12,9 +12,16 @@ run draws the same completions. Weight sync after each update: a LoRA policy wri
 its adapter to a folder and the next requests name it (a new LoRARequest id); full
 weights are written as safetensors and loaded by `reload_weights`.
 
+Several processes (FSDP2, `distributed=True`): one worker, started and spoken to by
+rank 0 alone. A weight sync gathers the sharded weights on rank 0 (a collective),
+which writes and pushes them; each rollout gathers every rank's requests on rank 0,
+which sends them as one batch and hands each rank its own completions. A failure on
+rank 0 reaches every rank as the same error, so none waits for an answer forever.
+
 Faults: a worker that dies, hangs (`request_timeout_s`) or answers the wrong number
-of completions is a PebrError naming the engine and the step; nothing is written
-half-way (the weight folders are written beside and renamed).
+of completions is a PebrError naming the engine and the training step (`step`, set
+by the trainer); nothing is written half-way (weight folders are written beside and
+renamed).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import base64
 import collections
 import contextlib
 import io
+import itertools
 import json
 import os
 import re
@@ -33,17 +41,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from pebr_lightning.data.manifest import load_image
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.policy import unwrap
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, eos_token_ids, vision_token_ids
+from pebr_lightning.parallel.sharding import full_state_dict, is_sharded
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 READY = "PEBR_VLLM_READY"
@@ -62,6 +73,7 @@ class VLLMEngine:
         dtype: str = "auto",
         startup_timeout_s: float = 600.0,
         request_timeout_s: float = 600.0,
+        distributed: bool = False,
     ) -> None:
         """
         Args:
@@ -74,9 +86,13 @@ class VLLMEngine:
                 checkpoints; `float32` to match a float32 trainer exactly).
             startup_timeout_s: how long the worker may take to load the model.
             request_timeout_s: how long one request may take before the run stops.
+            distributed: every process of the default process group builds this engine
+                and makes the same calls; rank 0 alone runs and talks to the worker.
         """
         if (vllm_python is None) == (vllm_url is None):
             raise PebrError("rollout: give exactly one of vllm_python and vllm_url")
+        self.distributed = distributed and dist.is_available() and dist.is_initialized()
+        self.leader = not self.distributed or dist.get_rank() == 0
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.eos = eos_token_ids(self.tokenizer)
@@ -84,15 +100,23 @@ class VLLMEngine:
         self.image_pad = "<|image_pad|>"
         self.request_timeout_s = request_timeout_s
         self.step = 0
+        """The training step, for errors; a trainer sets it before each call."""
+        self.syncs = 0
         self.lora: dict[str, Any] | None = None
         self.sync_seconds: float | None = None
         self.banned: list[int] = []
         self.process: subprocess.Popen | None = None
-        self.folder = Path(tempfile.mkdtemp(prefix="pebr-vllm-"))
-        if vllm_url is not None:
-            self.url = vllm_url.rstrip("/")
-        else:
-            self.url = self._start(vllm_python, model, max_lora_rank, dtype, startup_timeout_s)
+        self.folder: Path | None = None
+        self.url: str | None = None
+
+        def start() -> None:
+            self.folder = Path(tempfile.mkdtemp(prefix="pebr-vllm-"))
+            if vllm_url is not None:
+                self.url = vllm_url.rstrip("/")
+            else:
+                self.url = self._start(vllm_python, model, max_lora_rank, dtype, startup_timeout_s)
+
+        self._on_leader(start)
 
     # -- the RolloutEngine protocol -------------------------------------------------------
 
@@ -100,19 +124,28 @@ class VLLMEngine:
         start = time.perf_counter()
         base = unwrap(policy)
         self.banned = vision_token_ids(base.config)
-        if hasattr(policy, "peft_config"):
-            self.step += 1
-            target = self._write(lambda folder: policy.save_pretrained(str(folder)), "adapter")
-            self.lora = {"name": f"pebr-{self.step}", "id": self.step, "path": str(target)}
-        else:
+        lora = hasattr(policy, "peft_config")
+        # sharded: every process gathers (a collective) and rank 0 holds the full weights
+        state = full_state_dict(policy, trainable_only=lora) if is_sharded(policy) else None
+        self.syncs += 1
 
-            def save(folder: Path) -> None:
-                base.save_pretrained(str(folder))
+        def push() -> dict[str, Any] | None:
+            if lora:
+                save = partial(policy.save_pretrained, state_dict=state)
+                target = self._write(lambda folder: save(str(folder)), f"adapter-{self.syncs}")
+                if self.lora is not None:  # requests name the new one from now on
+                    shutil.rmtree(self.lora["path"], ignore_errors=True)
+                return {"name": f"pebr-{self.syncs}", "id": self.syncs, "path": str(target)}
+
+            def write(folder: Path) -> None:
+                base.save_pretrained(str(folder), state_dict=state)
                 # vLLM reads the processor from the folder it last loaded weights from
                 self.processor.save_pretrained(str(folder))
 
-            target = self._write(save, "weights")
-            self._post("/reload_weights", {"path": str(target)})
+            self._post("/reload_weights", {"path": str(self._write(write, "weights"))})
+            return None
+
+        self.lora = self._on_leader(push)
         self.sync_seconds = time.perf_counter() - start
 
     def generate(
@@ -154,15 +187,57 @@ class VLLMEngine:
             "banned_token_ids": self.banned,
             "lora": self.lora,
         }
-        outputs = self._post("/generate", body)["outputs"]
-        if len(outputs) != len(requests):
-            raise PebrError(
-                f"vllm engine (step {self.step}): asked for {len(requests)} completions, "
-                f"got {len(outputs)}"
-            )
-        return self._rollout(prompt, outputs, g, time.perf_counter() - start)
+        return self._rollout(prompt, self._complete(body), g, time.perf_counter() - start)
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _complete(self, body: dict) -> list[dict]:
+        """The worker's completions of body["requests"]; distributed, every rank's
+        requests go to the worker in one batch from rank 0, and each rank gets its own."""
+
+        def post(requests: list[dict]) -> list[dict]:
+            outputs = self._post("/generate", {**body, "requests": requests})["outputs"]
+            if len(outputs) != len(requests):
+                raise PebrError(
+                    f"vllm engine (step {self.step}): asked for {len(requests)} completions, "
+                    f"got {len(outputs)}"
+                )
+            return outputs
+
+        if not self.distributed:
+            return post(body["requests"])
+        parts: list[Any] | None = [None] * dist.get_world_size() if self.leader else None
+        dist.gather_object(body["requests"], parts, dst=0)
+
+        def split() -> list[list[dict]]:
+            outputs = post([r for part in parts for r in part])
+            ends = list(itertools.accumulate(len(part) for part in parts))
+            return [outputs[end - len(part) : end] for part, end in zip(parts, ends, strict=True)]
+
+        return self._on_leader(split, scatter=True)
+
+    def _on_leader(self, work: Callable[[], Any], scatter: bool = False) -> Any:
+        """Run `work` on rank 0 only and give every rank its result (`scatter`: rank r
+        gets item r of it), or raise its error on every rank, so that no rank waits
+        forever on a rank 0 that failed. Not distributed: just `work()`."""
+        if not self.distributed:
+            return work()
+        world = dist.get_world_size()
+        answers: list[Any] = [None] * world
+        if self.leader:
+            try:
+                result = work()
+                answers = list(result) if scatter else [result] * world
+                answers = [("ok", a) for a in answers]
+            except Exception as err:  # every rank raises it below
+                why = str(err) if isinstance(err, PebrError) else f"{type(err).__name__}: {err}"
+                answers = [("error", why)] * world
+        mine: list[Any] = [None]
+        dist.scatter_object_list(mine, answers if self.leader else None, src=0)
+        kind, value = mine[0]
+        if kind == "error":
+            raise PebrError(value if self.leader else f"(from rank 0) {value}")
+        return value
 
     def prompt_text(self, ids: Tensor) -> str:
         """The prompt as text with one image placeholder per image (vLLM expands it)."""
@@ -193,9 +268,9 @@ class VLLMEngine:
             seconds=seconds,
         )
 
-    def _write(self, save, kind: str) -> Path:
+    def _write(self, save, name: str) -> Path:
         """Write weights into a new folder beside, then rename: never half a folder."""
-        target = self.folder / f"{kind}-{self.step}"
+        target = self.folder / name
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         save(partial)
@@ -266,7 +341,8 @@ class VLLMEngine:
             self.process.wait()
         if self.process is not None and self.process.stdin is not None:
             self.process.stdin.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown: best effort

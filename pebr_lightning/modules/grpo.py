@@ -268,6 +268,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
     def on_fit_start(self) -> None:
         if self._sharded:
             init_root(unwrap(self.policy), self.device)
+            if self.ref_model is not None:  # sharded too, and first run from its vision tower
+                init_root(self.ref_model, self.device)
         # Here, not in configure_model: a resumed run's weights are restored in between,
         # and an engine serving a copy (vLLM) must start from those.
         self.start_engine().sync_weights(self.policy)
@@ -358,6 +360,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             [str(r["id"]) for r in records],
             self.sampling.group_size,
         ).to(self.device)
+        if hasattr(self.engine, "step"):  # an engine whose errors name the step
+            self.engine.step = self.global_step
         with self.timed_phase("rollout"), self.memory_guard("rollout", records):
             rollout = self.engine.generate(prompt, self.sampling, keys=keys, records=records)
         features = rollout.features
@@ -443,11 +447,14 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
 
     def hooks(self) -> UpdateHooks:
         """The trainer's handles an update needs (grpo_update.policy_update)."""
+        optimizer = self.optimizers()
         return UpdateHooks(
-            optimizer=self.optimizers(),
+            optimizer=optimizer,
             scheduler=self.lr_schedulers(),
             backward=self.manual_backward,
-            params=[p for p in self.policy.parameters() if p.requires_grad],
+            # the optimizer's own: sharded, a group left unsharded after a forward would
+            # list its unsharded copies, whose grad stays None (the norm would miss them)
+            params=[p for group in optimizer.param_groups for p in group["params"]],
             phase=self.timed_phase,
             out_of_memory=self.memory_guard,
             world_size=self.trainer.world_size,

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
 STRATEGY = json.dumps({"class_path": "pebr_lightning.parallel.FSDP2Strategy"})
 STEPS = 2
+LORA = json.dumps({"r": 16, "alpha": 32, "dropout": 0.0})
 
 
 def stage_args(stage: str, train: Path) -> tuple[list[str], str]:
@@ -65,11 +66,10 @@ def stage_args(stage: str, train: Path) -> tuple[list[str], str]:
         "12",
         "--model.init_args.micro_batch_size",
         "3",  # micro-batches cut across groups
-        # The demo config fine-tunes every weight; the SFT case covers that, so this
-        # one shards a LoRA policy (the configs/fsdp/ GRPO setting).
-        "--model.init_args.lora",
-        json.dumps({"r": 16, "alpha": 32, "dropout": 0.0}),
-    ], "adapter_model.safetensors"
+        # grpo-full: the demo config's setting, every weight, with a sharded frozen copy
+        # as the KL reference; grpo: a LoRA policy (the configs/fsdp/ GRPO setting).
+        *([] if stage == "grpo-full" else ["--model.init_args.lora", LORA]),
+    ], "model.safetensors" if stage == "grpo-full" else "adapter_model.safetensors"
 
 
 def run_two_processes(args: list[str], root: Path) -> None:
@@ -103,7 +103,7 @@ def logged(root: Path) -> list[dict[str, float]]:
     return [r for r in rows if "train/loss" in r]
 
 
-@pytest.mark.parametrize("stage", ["sft", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "grpo", "grpo-full"])
 def test_two_process_fsdp_fit_matches_one_process(stage, tmp_path, shapes_data, tiny_path):
     args, weights = stage_args(stage, shapes_data["train"])
     one, two = tmp_path / "one", tmp_path / "two"
@@ -133,7 +133,8 @@ def test_two_process_fsdp_fit_matches_one_process(stage, tmp_path, shapes_data, 
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
 
     # the runs trained something (else matching would prove nothing)
-    if stage == "sft":
+    full = stage != "grpo"  # every weight (else a LoRA adapter)
+    if full:
         start = load_file(tiny_path / "model.safetensors")
         assert any(not torch.equal(a[k], start[k]) for k in a if k in start)
     else:
@@ -142,7 +143,7 @@ def test_two_process_fsdp_fit_matches_one_process(stage, tmp_path, shapes_data, 
     # the sharded checkpoint folder exports to the same weights as the gathered .hf folder
     out = tmp_path / "export"
     assert main(["export", str(ckpt), "--out", str(out), "--dtype", "float32"]) == 0
-    if stage == "sft":
+    if full:
         exported = AutoModelForImageTextToText.from_pretrained(out / "merged").state_dict()
         gathered = AutoModelForImageTextToText.from_pretrained(ckpt.with_suffix(".hf"))
         for name, value in gathered.state_dict().items():
