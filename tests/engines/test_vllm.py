@@ -11,10 +11,13 @@ import contextlib
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import lightning as L
@@ -31,6 +34,7 @@ from pebr_lightning.models.policy import LoraConfig, build_policy
 from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
 from pebr_lightning.modules.optim import OptimConfig
+from pebr_lightning.testing.processes import free_port
 
 from ..conftest import vllm_python
 
@@ -227,38 +231,67 @@ def test_a_hung_worker_times_out_with_a_clear_error(tiny_path, shapes_data):
         engine.close()
 
 
-def test_a_wrong_completion_count_is_an_error(tiny_path, shapes_data):
-    """A server at vllm_url that answers one completion fewer than asked."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+class Short(BaseHTTPRequestHandler):
+    """A server that answers /generate with one completion fewer than asked."""
 
-    class Short(BaseHTTPRequestHandler):
-        def log_message(self, *_):
-            pass
+    def log_message(self, *_):
+        pass
 
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            out = [{"token_ids": [1], "logprobs": [-1.0], "finish_reason": "length"}]
-            data = json.dumps({"outputs": out * (len(body["requests"]) - 1)}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        out = [{"token_ids": [1], "logprobs": [-1.0], "finish_reason": "length"}]
+        data = json.dumps({"outputs": out * (len(body["requests"]) - 1)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
+
+@pytest.fixture
+def short_server():
     server = HTTPServer(("127.0.0.1", 0), Short)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_a_wrong_completion_count_is_an_error(tiny_path, shapes_data, short_server):
     records = load_manifest(shapes_data["val"]).records[:2]
     built = build_policy(str(tiny_path))
-    engine = VLLMEngine(
-        built.processor, str(tiny_path), vllm_url=f"http://127.0.0.1:{server.server_port}"
-    )
+    engine = VLLMEngine(built.processor, str(tiny_path), vllm_url=short_server)
     try:
         with pytest.raises(PebrError, match="asked for 2 completions, got 1"):
             texts(engine, built.processor, records)
     finally:
-        server.shutdown()
         engine.close()
+
+
+def test_under_fsdp2_a_failure_on_rank_0_stops_every_rank(
+    tiny_path, shapes_data, tmp_path, short_server
+):
+    """Rank 0 alone talks to the worker; when its request fails, every rank raises
+    the same error (rank 1 says it came from rank 0) and the run ends, no rank left
+    waiting for completions that will not come."""
+    from ..parallel.test_fsdp_fit import stage_args
+
+    args, _ = stage_args("grpo", shapes_data["train"])
+    rollout = json.dumps({"engine": "vllm", "vllm_url": short_server})
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+        *("--master_port", str(free_port()), "-m", "pebr_lightning.cli", "fit", *args),
+        *("--model.init_args.rollout", rollout, "--data.init_args.batch_size", "2"),
+        *(
+            "--trainer.strategy",
+            json.dumps({"class_path": "pebr_lightning.parallel.FSDP2Strategy"}),
+        ),
+        *("--trainer.devices", "2", "--trainer.default_root_dir", str(tmp_path)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    text = done.stdout + done.stderr
+    assert re.search(r"vllm engine \(step 0\): asked for 16 completions, got 15", text)
+    assert "(from rank 0) vllm engine (step 0): asked for 16" in text
 
 
 def test_the_same_rollout_keys_draw_the_same_completions(tiny_path, shapes_data):
