@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from pebr_lightning.algorithms.advantages import step_advantages
@@ -263,7 +264,10 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             # weights with the adapter switched off serve, at no extra memory).
             self.ref_model = copy.deepcopy(unwrap(self.policy)).eval().requires_grad_(False)
         self._sharded = shard_module(self)  # FSDP2 when the strategy is ModelParallelStrategy
-        self.start_engine()  # here, so an engine that cannot serve this policy stops the run
+        # here, so that an engine that cannot serve this policy stops a fit before it
+        # starts; validate and test answer greedily with the policy and need none
+        if self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
+            self.start_engine()
 
     def on_fit_start(self) -> None:
         if self._sharded:

@@ -174,3 +174,29 @@ def test_engine_correction_weights_each_token_by_the_engines_mismatch(
     masked = one_step(tiny_path, shapes_data, tmp_path, "token_mask", skew=True)
     assert masked["train/engine_is/mean"] == 0 and masked["train/grad_norm"] == 0
     assert plain["reward/total/mean"] == masked["reward/total/mean"]  # the same rollouts
+
+
+def test_validate_and_test_start_no_rollout_engine(tiny_path, shapes_data, tmp_path):
+    """Held-out accuracy is greedy decoding with the policy itself: a GRPO config whose
+    rollouts come from vLLM validates and tests without starting a worker (here its
+    interpreter does not exist, so starting one would fail)."""
+    module = GRPOModule(
+        model=str(tiny_path),
+        rewards=REWARDS,
+        sampling=SamplingConfig(group_size=2, max_new_tokens=4, temperature=1.0),
+        rollout=RolloutConfig(engine="vllm", vllm_python=str(tmp_path / "no" / "python")),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = ManifestDataModule(
+        val_manifest=str(shapes_data["val"]), test_manifest=str(shapes_data["val"]), batch_size=8
+    )
+    (validated,) = trainer.validate(module, datamodule=data)
+    (tested,) = trainer.test(module, datamodule=data)
+    assert 0 <= validated["val/accuracy"] <= 1 and 0 <= tested["test/accuracy"] <= 1
+    assert module.engine is None
