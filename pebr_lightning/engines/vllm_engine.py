@@ -224,19 +224,21 @@ class VLLMEngine:
             return work()
         world = dist.get_world_size()
         answers: list[Any] = [None] * world
+        failure: Exception | None = None
         if self.leader:
             try:
                 result = work()
                 answers = list(result) if scatter else [result] * world
                 answers = [("ok", a) for a in answers]
             except Exception as err:  # every rank raises it below
+                failure = err
                 why = str(err) if isinstance(err, PebrError) else f"{type(err).__name__}: {err}"
                 answers = [("error", why)] * world
         mine: list[Any] = [None]
         dist.scatter_object_list(mine, answers if self.leader else None, src=0)
         kind, value = mine[0]
         if kind == "error":
-            raise PebrError(value if self.leader else f"(from rank 0) {value}")
+            raise PebrError(value if self.leader else f"(from rank 0) {value}") from failure
         return value
 
     def prompt_text(self, ids: Tensor) -> str:
