@@ -118,7 +118,7 @@ def evaluate(
         where = {"engine": rollout.engine, "dtype": rollout.vllm_dtype}
 
     bar = _Progress(len(records), progress)
-    try:
+    try:  # the bar closes (idempotent) and a worker started here stops, whatever happens
         texts = greedy_answers(
             policy,
             processor,
@@ -129,32 +129,36 @@ def evaluate(
             on_batch=bar.update,
             engine=engine,
         )
+        bar.close()  # before the sampled answers' bar starts
+        rows = grade_answers(records, texts)
+        metric = accuracy_metric(rows)
+        values = {k: float(v) for k, v in metric.compute().items()}
+        values.update({k: float(v) for k, v in metric.counts().items()})
+        values.update(perception_metrics(records, texts))
+        if samples:
+            sampling = SamplingConfig(
+                group_size=samples,
+                temperature=temperature,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+            )
+            values.update(
+                sampled_accuracy(
+                    policy,
+                    processor,
+                    records,
+                    sampling,
+                    batch_size=batch_size,
+                    prompt=prompt,
+                    seed=seed,
+                    progress=progress,
+                    engine=engine,
+                )
+            )
     finally:
         bar.close()
-    rows = grade_answers(records, texts)
-    metric = accuracy_metric(rows)
-    values = {k: float(v) for k, v in metric.compute().items()}
-    values.update({k: float(v) for k, v in metric.counts().items()})
-    values.update(perception_metrics(records, texts))
-    if samples:
-        sampling = SamplingConfig(
-            group_size=samples, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens
-        )
-        values.update(
-            sampled_accuracy(
-                policy,
-                processor,
-                records,
-                sampling,
-                batch_size=batch_size,
-                prompt=prompt,
-                seed=seed,
-                progress=progress,
-                engine=engine,
-            )
-        )
-    if engine is not None and hasattr(engine, "close"):
-        engine.close()  # a worker process this call started
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
     values["seconds"] = time.perf_counter() - start
     summary = {
         **values,

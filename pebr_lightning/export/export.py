@@ -269,7 +269,7 @@ def _safe_globals() -> list[type]:
     from pebr_lightning.engines import RolloutConfig
     from pebr_lightning.models.policy import LoraConfig, QuantizationConfig
     from pebr_lightning.models.rollout import SamplingConfig
-    from pebr_lightning.modules.grpo import GRPOLossConfig
+    from pebr_lightning.modules.grpo_update import GRPOLossConfig
     from pebr_lightning.modules.optim import OptimConfig
     from pebr_lightning.rewards.registry import RewardSpec
 
@@ -285,8 +285,15 @@ def _safe_globals() -> list[type]:
     ]
 
 
+def _former_names() -> list[tuple[type, str]]:
+    """Config classes that moved, under the names older checkpoints record."""
+    from pebr_lightning.modules.grpo_update import GRPOLossConfig
+
+    return [(GRPOLossConfig, "pebr_lightning.modules.grpo.GRPOLossConfig")]  # until 2026-12-01
+
+
 def _torch_load(path: Path) -> Any:
-    with torch.serialization.safe_globals(_safe_globals()):
+    with torch.serialization.safe_globals([*_safe_globals(), *_former_names()]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as err:

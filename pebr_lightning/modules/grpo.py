@@ -20,10 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -60,6 +59,7 @@ from pebr_lightning.models.rollout import (
 from pebr_lightning.modules.grpo_logs import publish_samples, record_step, sample_rows, step_logs
 from pebr_lightning.modules.grpo_parts import ScoredRollout, Scores, fill_groups
 from pebr_lightning.modules.grpo_update import (
+    GRPOLossConfig,
     NonFiniteGuard,
     UpdateHooks,
     UpdateSettings,
@@ -76,48 +76,6 @@ from pebr_lightning.modules.shared import (
 from pebr_lightning.parallel.sharding import any_across, init_root
 from pebr_lightning.rewards.combine import load_rewards
 from pebr_lightning.rewards.registry import RewardSpec
-
-
-@dataclass(frozen=True)
-class GRPOLossConfig:
-    """Policy-gradient settings (defaults: the paper's)."""
-
-    mu: int = 1
-    """Policy-gradient passes over each rollout."""
-    eps_low: float = 0.2
-    """Lower clip range: ratios below 1 - eps_low stop pushing for A < 0."""
-    eps_high: float = 0.3
-    """Upper clip range (the paper's clip-higher 0.3)."""
-    dual_clip: float | None = 3.0
-    """Dual-clip constant c: for A < 0 the loss is capped at -c*A; null disables it."""
-    beta: float = 1e-2
-    """Weight of the k3 KL to the reference model in the loss; 0 builds no reference."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """Reduction; dapo = token mean over the update batch of all processes (paper)."""
-    importance_level: Literal["token", "sequence"] = "token"
-    """Importance ratio per token (GRPO) or per sequence (GSPO)."""
-    advantage_scale: Literal["group", "batch", "none"] = "group"
-    """Divide advantages by the group's std, the batch's std, or nothing (Dr. GRPO)."""
-    drop_zero_variance: bool = False
-    """Leave groups whose rewards are all equal out of the loss (their advantage is 0)."""
-    engine_correction: Literal[
-        "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
-    ] = "none"
-    """Weight each token's policy-gradient term by pi_old / pi_engine, capped (truncated
-    importance sampling), for an engine that samples from a slightly different policy
-    (vLLM); none: the trainer's log-probs alone (exact GRPO when the engine is exact)."""
-    engine_correction_cap: float = 2.0
-    """The cap C of those weights (algorithms/engine_correction.py)."""
-
-    def __post_init__(self) -> None:
-        if self.mu < 1:
-            raise PebrError(f"loss.mu must be >= 1, got {self.mu}")
-        if self.beta < 0:
-            raise PebrError(f"loss.beta must be >= 0, got {self.beta}")
-        if not self.engine_correction_cap > 0:
-            raise PebrError(
-                f"loss.engine_correction_cap must be > 0, got {self.engine_correction_cap}"
-            )
 
 
 class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
