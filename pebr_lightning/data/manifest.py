@@ -26,6 +26,8 @@ from pebr_lightning.data import tables
 from pebr_lightning.errors import ManifestError
 
 REQUIRED_FIELDS = ("id", "image", "question", "answer")
+DEFAULT_TYPE = "all"
+"""The question type of a record without a `type` field (metrics by type count it so)."""
 MAX_LISTED_PROBLEMS = 20
 
 _IMAGE_ERRORS = (

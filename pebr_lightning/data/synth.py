@@ -32,12 +32,26 @@ from pebr_lightning.files import write_atomic
 SHAPE_KINDS = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
 IMAGE_SIZE = 112
-QUESTION_TYPES = ("count", "colour", "count_colour", "left_of", "arithmetic", "choice")
-QUESTION_WEIGHTS = (3, 3, 2, 1, 1, 2)
+QUESTION_TYPES = (
+    "count",
+    "colour",
+    "count_colour",
+    "left_of",
+    "arithmetic",
+    "choice",
+    "corners",
+    "between",
+)
+QUESTION_WEIGHTS = (2, 2, 1, 1, 2, 1, 3, 2)
 """How often each type is drawn first (a scene that cannot support it falls back to another).
-Questions a description answers directly (count, colour, choice) are drawn most: they
-are the ones whose answers a small model learns from the picture, and the others need
-them first (docs/RESULTS.md)."""
+Questions a description answers directly (count, colour, choice) teach the model to
+see; the several-step ones (arithmetic, corners, between) are computed from the
+described shapes and give reasoning a job of its own once the picture is read right
+(docs/RESULTS.md)."""
+PERCEPTION_TYPES = ("count", "colour", "choice")
+"""Types a right description answers in one step: the others need reasoning over it."""
+CORNERS = {"circle": 0, "square": 4, "triangle": 3}
+"""Corners per kind, for the corner questions: they need each shape's kind, not only the count."""
 
 BACKGROUND = (245, 245, 240)
 PALETTE = {
@@ -60,7 +74,7 @@ _RARE_ABSENT_COLOUR = 0.2  # share of count_colour questions that may ask for an
 _Question = tuple[str, str, list[str] | None, str, list[str]]
 
 
-DEMO_SPLITS = {"train": 2000, "val": 200, "test": 400}
+DEMO_SPLITS = {"train": 4000, "val": 200, "test": 400, "rl": 3000}
 """The demo's splits and sizes (configs/demo/schedule.yaml); split i has seed + i."""
 
 
@@ -343,6 +357,55 @@ def _choice(shapes: list[dict], rng: random.Random) -> _Question:
     )
 
 
+def _corners(shapes: list[dict], rng: random.Random) -> _Question:
+    """Total corners of all shapes, or of the shapes of one colour: a running sum over
+    the described kinds, one addition per step."""
+    colour = rng.choice([s["colour"] for s in shapes]) if rng.random() < 0.4 else None
+    chosen = shapes if colour is None else [s for s in shapes if s["colour"] == colour]
+    values = [CORNERS[s["kind"]] for s in chosen]
+    total = sum(values)
+    which = "the shapes" if colour is None else f"the {colour} shapes"
+    listed = ", ".join(f"{s['kind']} {CORNERS[s['kind']]}" for s in chosen)
+    steps = [f"Corners of {which}: {listed}."]
+    running, sums = values[0], []
+    for value in values[1:]:
+        sums.append(f"{running} + {value} = {running + value}")
+        running += value
+    if sums:
+        steps.append(", ".join(sums) + ".")
+    steps.append(f"So the answer is {total}.")
+    return (
+        f"How many corners do {which} have in total?",
+        str(total),
+        None,
+        f"The question asks for the total number of corners of {which}.",
+        steps,
+    )
+
+
+def _between(shapes: list[dict], rng: random.Random) -> _Question | None:
+    """Shapes strictly between two named ones: both positions, then a difference."""
+    name_counts = Counter(_name(s) for s in shapes)
+    unique = [i for i, s in enumerate(shapes) if name_counts[_name(s)] == 1]
+    if len(unique) < 2:
+        return None
+    i, j = rng.sample(unique, 2)
+    a, b = _name(shapes[i]), _name(shapes[j])
+    low, high = sorted((i + 1, j + 1))
+    answer = high - low - 1
+    return (
+        f"How many shapes are between the {a} and the {b}?",
+        str(answer),
+        None,
+        f"The question asks how many shapes lie between the {a} and the {b}.",
+        [
+            f"The {a} is shape {i + 1} from the left.",
+            f"The {b} is shape {j + 1} from the left.",
+            f"{high} - {low} - 1 = {answer}, so the answer is {answer}.",
+        ],
+    )
+
+
 _QUESTION_BUILDERS = {
     "count": _count,
     "colour": _colour,
@@ -350,4 +413,6 @@ _QUESTION_BUILDERS = {
     "left_of": _left_of,
     "arithmetic": _arithmetic,
     "choice": _choice,
+    "corners": _corners,
+    "between": _between,
 }

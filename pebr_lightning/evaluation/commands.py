@@ -50,9 +50,23 @@ def main(argv: list[str]) -> int:
 
 
 def format_table(values: dict[str, float]) -> str:
-    """Type, n and accuracy per question type, then the overall line."""
+    """Type, n and accuracy per question type, then the overall line, then the other
+    overall figures: sampled accuracy, pass@k, the perception shares, and accuracy given
+    a right / a wrong description with how many records each is over."""
     types = sorted(k.split("/", 1)[1] for k in values if k.startswith("n/"))
-    width = max([len("overall"), len("type"), *map(len, types)])
+    extra = [
+        (key, "", values[key])
+        for key in sorted(values)
+        if key == "sampled_accuracy"
+        or key.startswith("pass@")
+        or (key.startswith("perception/") and key.count("/") == 1 and key not in _COUNTS)
+    ]
+    extra += [
+        (f"accuracy/{side}", str(int(values[f"perception/{side}_n"])), values[f"accuracy/{side}"])
+        for side in ("desc_right", "desc_wrong")
+        if f"accuracy/{side}" in values
+    ]
+    width = max([len("overall"), len("type"), *map(len, types), *(len(k) for k, _, _ in extra)])
     lines = [f"{'type':<{width}}  {'n':>6}  accuracy"]
     for name in types:
         lines.append(
@@ -62,15 +76,12 @@ def format_table(values: dict[str, float]) -> str:
     if values.get("ungraded"):
         overall += f"  ({int(values['ungraded'])} ungraded, counted wrong)"
     lines.append(overall)
-    extra = [
-        (key, values[key])
-        for key in sorted(values)
-        if key == "sampled_accuracy" or key.startswith(("pass@", "perception/"))
-    ]
-    lines += [
-        f"{key:<{width}}  {'':>6}  {value:.4f}" for key, value in extra if key != "perception/n"
-    ]
+    lines += [f"{key:<{width}}  {n:>6}  {value:.4f}" for key, n, value in extra]
     return "\n".join(lines)
+
+
+_COUNTS = {"perception/n", "perception/desc_right_n", "perception/desc_wrong_n"}
+"""Record counts among the perception keys: shown as n beside a figure, not as one."""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pebr_lightning.data.manifest import load_manifest
+from pebr_lightning.data.manifest import DEFAULT_TYPE, load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.engines import (
     HFEngine,
@@ -36,7 +36,7 @@ from pebr_lightning.engines import (
     load_decoder,
 )
 from pebr_lightning.errors import PebrError
-from pebr_lightning.evaluation.perception import perception_metrics
+from pebr_lightning.evaluation.perception import decomposition_metrics, perception_metrics
 from pebr_lightning.files import write_atomic
 from pebr_lightning.metrics.accuracy import AccuracyByType
 from pebr_lightning.models.rollout import (
@@ -44,9 +44,6 @@ from pebr_lightning.models.rollout import (
 )
 from pebr_lightning.rewards.accuracy import AccuracyReward
 from pebr_lightning.rewards.answers import extract_final_answer
-
-DEFAULT_TYPE = "all"
-"""The question type of a record without a `type` field."""
 
 
 def evaluate(
@@ -93,8 +90,10 @@ def evaluate(
         "accuracy", "accuracy/<type>", "n", "n/<type>", "ungraded" and "seconds" (the
         whole run, model loading included), as floats; with `samples` = k,
         "sampled_accuracy" and "pass@k" too; for records that carry ground-truth
-        `shapes`, "perception/count" and "perception/colours" of the greedy
-        descriptions (evaluation/perception.py).
+        `shapes`, "perception/count", "perception/colours", "perception/shapes" and
+        "perception/shapes_ordered" of the greedy descriptions, and accuracy split by
+        whether the description named the right shapes: "accuracy/desc_right",
+        "accuracy/desc_wrong" (with their counts), and per type (evaluation/perception.py).
 
     Raises:
         PebrError: the manifest is missing or invalid, the model cannot be loaded, or a
@@ -135,6 +134,7 @@ def evaluate(
         values = {k: float(v) for k, v in metric.compute().items()}
         values.update({k: float(v) for k, v in metric.counts().items()})
         values.update(perception_metrics(records, texts))
+        values.update(decomposition_metrics(records, texts, [r["correct"] for r in rows]))
         if samples:
             sampling = SamplingConfig(
                 group_size=samples,

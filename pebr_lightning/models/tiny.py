@@ -108,7 +108,7 @@ TINY_MODELS: dict[str, TinySpec] = {
 }
 
 # Bump when the recipe changes, so stale cache folders are never reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SEED = 0
 
 

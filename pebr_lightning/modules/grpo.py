@@ -57,7 +57,7 @@ from pebr_lightning.models.rollout import (
     supports_shared_features,
 )
 from pebr_lightning.modules.grpo_logs import publish_samples, record_step, sample_rows, step_logs
-from pebr_lightning.modules.grpo_parts import ScoredRollout, Scores, fill_groups
+from pebr_lightning.modules.grpo_parts import ScoredRollout, Scores, fill_groups, trained_rollout
 from pebr_lightning.modules.grpo_update import (
     GRPOLossConfig,
     NonFiniteGuard,
@@ -280,9 +280,11 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         # logprobs(rows [n]) -> [n, T] under the current policy, with gradients
         base, features = unwrap(self.policy), part.features
         logprobs = partial(self.logprobs, base, part.prompt, part.rollout, features=features)
-        # mu passes of clipped policy-gradient steps over the rollout (grpo_update.py)
+        # mu passes of clipped policy-gradient steps over the rollout (grpo_update.py),
+        # on the tokens of the section this stage trains
+        trained = trained_rollout(self.processor.tokenizer, part.rollout, cfg.trained_section)
         metrics = policy_update(
-            logprobs, part.rollout, advantages, keep, ref, self.update_settings, self.hooks()
+            logprobs, trained, advantages, keep, ref, self.update_settings, self.hooks()
         )
         # the next rollout samples the new weights; time/sync_s is what that took
         self._stats.max("time/sync_s", timed_sync(self.engine, self.policy))

@@ -11,6 +11,7 @@ the right, every per-row field carried along).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from torch import Tensor
 
 from pebr_lightning.algorithms.advantages import zero_variance_groups
 from pebr_lightning.algorithms.reward_stats import fill_missing
+from pebr_lightning.algorithms.sections import section_mask
+from pebr_lightning.data.prompts import RATIONALE_HEADER
 from pebr_lightning.models.rollout import Rollout, concat_rollouts, select_groups
 from pebr_lightning.rewards.combine import RewardResult
 
@@ -132,3 +135,16 @@ def fill_groups(
         if any(index == i for index, _ in kept)
     ]
     return ScoredRollout.concat(selected, pad_id), used, share
+
+
+def trained_rollout(tokenizer: Any, rollout: Rollout, section: str) -> Rollout:
+    """The rollout whose completion_mask covers only the tokens `section` trains
+    (GRPOLossConfig.trained_section); the original when it is "all". Only the loss
+    reads this mask: log-prob passes keep attending to the whole completion."""
+    if section == "all":
+        return rollout
+    ids = rollout.completion_ids.tolist()  # [B*G][T]
+    pieces = [tokenizer.batch_decode([[t] for t in row]) for row in ids]
+    side = "before" if section == "description" else "after"
+    mask = section_mask(pieces, rollout.completion_mask, RATIONALE_HEADER, side)  # [B*G, T]
+    return dataclasses.replace(rollout, completion_mask=mask)

@@ -60,6 +60,11 @@ class GRPOLossConfig:
     (vLLM); none: the trainer's log-probs alone (exact GRPO when the engine is exact)."""
     engine_correction_cap: float = 2.0
     """The cap C of those weights (algorithms/engine_correction.py)."""
+    trained_section: Literal["all", "description", "reasoning"] = "all"
+    """Completion tokens in the loss: all (the paper), the image description alone
+    (what Stage 1's perception rewards score), or everything after it (what Stage 2's
+    answer reward scores). A completion without the section header keeps every token
+    (algorithms/sections.py)."""
 
     def __post_init__(self) -> None:
         if self.mu < 1:

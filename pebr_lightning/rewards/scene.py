@@ -3,12 +3,14 @@
 For data that carries its ground truth, as the embedded synthetic shapes do (each
 record's `shapes`: kind, colour, position), the description section of a response is
 read back into the shapes it names (evaluation/perception.py, the same reading as
-`pebr eval`'s perception/count and perception/colours) and scored:
+`pebr eval`'s perception metrics) and scored:
 
-    score = (count right + colours right) / 2
+    score = (count right + colours right + kinds right) / 3
 
 count right: it names exactly as many shapes as the picture has; colours right: the
-colours it names, as a multiset, are the picture's. Unlike the paper's keyword reward,
+colours it names, as a multiset, are the picture's; kinds right: the same for the
+kinds (circle, square, triangle). Kinds are where the tiny model's descriptions went
+wrong most (docs/RESULTS.md), and the corner questions need them. Unlike the paper's keyword reward,
 which counts only the reference keywords a response finds (recall), naming a shape
 that is not there costs here. Samples without `shapes` (real datasets) score None,
 not applicable.
@@ -27,10 +29,11 @@ from pebr_lightning.rewards.protocol import RewardOutput
 
 
 class SceneReward:
-    """Scores the description against the record's `shapes`: right count, right colours.
+    """Scores the description against the record's `shapes`: right count, colours, kinds.
 
-    score = (count right + colours right) / 2, each 0 or 1; None for a sample without
-    a `shapes` list. Components: `count` and `colours` (each 0/1, None alike).
+    score = (count right + colours right + kinds right) / 3, each 0 or 1; None for a
+    sample without a `shapes` list. Components: `count`, `colours` and `kinds` (each
+    0/1, None alike).
     """
 
     name = "scene"
@@ -39,7 +42,7 @@ class SceneReward:
         self, *, completions: list[str], samples: list[dict[str, Any]], **context: Any
     ) -> RewardOutput:
         scores: list[float | None] = []
-        parts: dict[str, list[float | None]] = {"count": [], "colours": []}
+        parts: dict[str, list[float | None]] = {"count": [], "colours": [], "kinds": []}
         for text, sample in zip(completions, samples, strict=True):
             shapes = sample.get("shapes")
             if not isinstance(shapes, list):
@@ -47,13 +50,18 @@ class SceneReward:
                 for values in parts.values():
                     values.append(None)
                 continue
-            if not all(isinstance(s, dict) and isinstance(s.get("colour"), str) for s in shapes):
+            if not all(
+                isinstance(s, dict)
+                and isinstance(s.get("colour"), str)
+                and isinstance(s.get("kind"), str)
+                for s in shapes
+            ):
                 raise ValueError(
                     f"scene reward: sample {sample.get('id', '?')}: every entry of `shapes` "
-                    "must be an object with a 'colour' string (the synthetic data's layout)"
+                    "must be an object with 'colour' and 'kind' strings (the synthetic layout)"
                 )
             right = perception_scores(text, shapes)
-            scores.append((right["count"] + right["colours"]) / 2)
+            scores.append((right["count"] + right["colours"] + right["kinds"]) / 3)
             for key, values in parts.items():
                 values.append(float(right[key]))
         return RewardOutput(scores=scores, components=parts)

@@ -2,7 +2,7 @@
 
     out: runs/schedule                 # every stage writes into out/<stage>/
     model: Qwen/Qwen2.5-VL-7B-Instruct # what the first stage starts from
-    data: {train: ..., val: ..., test: ...}
+    data: {train: ..., val: ..., test: ..., rl: ...}  # rl: the RL pool (default: train)
     device: auto                       # where sampling and evaluation run
     dtype: auto                        # their weight dtype
     eval: {batch_size: 16, max_new_tokens: 1024, limit: null}
@@ -16,6 +16,11 @@ Stages run in that order; a stage left out is not run, and the next one starts
 from the latest earlier stage's weights. `start_from` (a weights folder, or a
 stage folder of another schedule) and `manifest` override where a training stage
 starts and what it trains on.
+
+`data.rl` is the question pool that difficulty sampling draws from, and so the pool
+the RL stages train on; without it, the SFT manifest `data.train` is used. A pool of
+its own keeps RL questions fresh: the SFT model has not seen their answers, and the
+RL reward can then rise only by generalising.
 
 `device` and `dtype` apply to the sample stage and every held-out evaluation (the
 training stages run where their own configs say). `device: auto` (the default) is
@@ -40,6 +45,8 @@ from pebr_lightning.evaluation.devices import DTYPES
 
 ORDER = ("sft", "sample", "perception", "reasoning")
 FIT_STAGES = ("sft", "perception", "reasoning")
+DATA_KEYS = ("train", "val", "test", "rl")
+"""Manifests a schedule names; synthetic splits are written with seed + their index here."""
 SAMPLE_KEYS = (
     "k",
     "temperature",
@@ -117,8 +124,8 @@ def load_schedule(path: str | Path) -> Schedule:
     if not isinstance(data, dict) or not isinstance(data.get("train"), str):
         raise fail("data.train", "required: the training manifest")
     for key, value in data.items():
-        if key not in ("train", "val", "test") or not isinstance(value, str):
-            raise fail(f"data.{key}", "expected train, val or test, each a manifest path")
+        if key not in DATA_KEYS or not isinstance(value, str):
+            raise fail(f"data.{key}", "expected train, val, test or rl, each a manifest path")
     stages = raw.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise fail("stages", f"required: a mapping with some of {', '.join(ORDER)}")

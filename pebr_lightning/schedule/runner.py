@@ -32,7 +32,7 @@ from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation.devices import resolve_device, resolve_dtype
 from pebr_lightning.files import exclusive_lock, write_atomic
 from pebr_lightning.resume import latest_last_checkpoint, newest_readable_checkpoint
-from pebr_lightning.schedule.config import ORDER, FitStage, Schedule
+from pebr_lightning.schedule.config import DATA_KEYS, ORDER, FitStage, Schedule
 
 Echo = Callable[[str], None]
 
@@ -213,7 +213,8 @@ def _run_sample(
         (s for n, s in schedule.fit.items() if records.get(n, {}).get("weights") == model), None
     )
     dtype = inference_dtype(schedule, producer)
-    settings = SampleSettings(model=model, manifest=os.path.abspath(schedule.data["train"]), **spec)
+    pool = schedule.data.get("rl", schedule.data["train"])
+    settings = SampleSettings(model=model, manifest=os.path.abspath(pool), **spec)
     echo(
         f"[schedule] sample: {settings.k} rollouts per question with {model}"
         f" on {schedule.device} in {dtype}"
@@ -282,7 +283,7 @@ def _ensure_data(schedule: Schedule, echo: Echo) -> None:
     from pebr_lightning.data.synth import write_dataset
 
     seed = int(schedule.synth.get("seed", 0))
-    for offset, split in enumerate(("train", "val", "test")):
+    for offset, split in enumerate(DATA_KEYS):
         path = schedule.data.get(split)
         n = schedule.synth.get(split)
         if path is None or n is None or Path(path).exists():

@@ -18,6 +18,7 @@ from pebr_lightning.cli import main as pebr_main
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.evaluation import evaluate
 from pebr_lightning.evaluation import greedy as greedy_module
+from pebr_lightning.evaluation.perception import perception_scores
 from pebr_lightning.rewards.accuracy import AccuracyReward
 
 MAX_NEW_TOKENS = 24
@@ -68,6 +69,22 @@ def test_evaluate_writes_predictions_and_matching_metrics(noisy_model, shapes_da
         mine = [r["correct"] for r in rows if r["type"] == name]
         assert saved[f"n/{name}"] == len(mine)
         assert saved[f"accuracy/{name}"] == pytest.approx(sum(mine) / len(mine))
+    # Accuracy split by whether the greedy description names the right shapes.
+    scores = [
+        perception_scores(r["prediction"], x["shapes"]) for r, x in zip(rows, records, strict=True)
+    ]
+    right = [score["shapes"] for score in scores]
+    assert saved["perception/shapes"] == pytest.approx(sum(right) / len(rows))
+    assert (saved["perception/desc_right_n"], saved["perception/desc_wrong_n"]) == (
+        sum(right),
+        len(rows) - sum(right),
+    )
+    for side, wanted in (("desc_right", True), ("desc_wrong", False)):
+        mine = [r["correct"] for r, ok in zip(rows, right, strict=True) if ok == wanted]
+        if mine:
+            assert saved[f"accuracy/{side}"] == pytest.approx(sum(mine) / len(mine))
+        else:
+            assert f"accuracy/{side}" not in saved
     assert saved["model"] == str(noisy_model) and saved["manifest"] == str(manifest)
     assert saved["seconds"] > 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
@@ -159,6 +176,12 @@ def test_pebr_eval_command(tiny_path, shapes_data, tmp_path, capsys):
     for name in {k.split("/", 1)[1] for k in saved if k.startswith("n/")}:
         row = [name, str(int(saved[f"n/{name}"])), f"{saved[f'accuracy/{name}']:.4f}"]
         assert row in [line.split() for line in printed.splitlines()]
+    # The tiny model writes no description: every one is wrong, and accuracy given a
+    # wrong description is the whole accuracy, over all 6 records.
+    assert saved["perception/shapes"] == 0.0 and "accuracy/desc_right" not in saved
+    row = ["accuracy/desc_wrong", "6", f"{saved['accuracy']:.4f}"]
+    assert row in [line.split() for line in printed.splitlines()]
+    assert not any(line.startswith("perception/shapes/") for line in printed.splitlines())
 
 
 def test_pebr_eval_missing_manifest_exits_2(tiny_path, tmp_path, capsys):

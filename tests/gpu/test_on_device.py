@@ -127,7 +127,7 @@ def test_grpo_fit_trains_every_policy_weight_on_the_device(
     precision, device, tmp_path, shapes_data
 ):
     run = fit(
-        DEMO / "reasoning.yaml",
+        DEMO / "perception.yaml",  # the whole model (reasoning.yaml freezes the vision tower)
         tmp_path,
         device,
         "--trainer.precision",

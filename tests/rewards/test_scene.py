@@ -27,23 +27,25 @@ def response(description: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("description", "count", "colours"),
+    ("description", "count", "colours", "kinds"),
     [
-        ("left to right: a red circle, a blue circle, a green square. 3 shapes.", 1, 1),
+        ("left to right: a red circle, a blue circle, a green square. 3 shapes.", 1, 1, 1),
         # one shape too many: what keyword recall alone rewards, and this does not
-        ("left to right: a red circle, a blue circle, a green square, a red circle.", 0, 0),
+        ("left to right: a red circle, a blue circle, a green square, a red circle.", 0, 0, 0),
         # the right number, one colour wrong
-        ("left to right: a red circle, a red circle, a green square.", 1, 0),
+        ("left to right: a red circle, a red circle, a green square.", 1, 0, 1),
         # the right colours in another order are still the right multiset
-        ("left to right: a green square, a blue circle, a red circle.", 1, 1),
+        ("left to right: a green square, a blue circle, a red circle.", 1, 1, 1),
         # one missing
-        ("left to right: a red circle, a green square.", 0, 0),
+        ("left to right: a red circle, a green square.", 0, 0, 0),
+        # right count and colours, one kind wrong: (1 + 1 + 0) / 3
+        ("left to right: a red circle, a blue triangle, a green square.", 1, 1, 0),
     ],
 )
-def test_hand_worked_scores(description, count, colours) -> None:
+def test_hand_worked_scores(description, count, colours, kinds) -> None:
     out = SceneReward()(completions=[response(description)], samples=[SCENE])
-    assert out.scores == [pytest.approx((count + colours) / 2)]
-    assert out.components == {"count": [count], "colours": [colours]}
+    assert out.scores == [pytest.approx((count + colours + kinds) / 3)]
+    assert out.components == {"count": [count], "colours": [colours], "kinds": [kinds]}
 
 
 def test_only_the_description_section_counts() -> None:
@@ -63,7 +65,8 @@ def test_the_synthetic_reference_response_scores_one(tmp_path) -> None:
 
 def test_without_shapes_it_is_not_applicable() -> None:
     out = SceneReward()(completions=[response("a red circle.")], samples=[{"id": "real-1"}])
-    assert out.scores == [None] and out.components == {"count": [None], "colours": [None]}
+    assert out.scores == [None]
+    assert out.components == {"count": [None], "colours": [None], "kinds": [None]}
 
 
 def test_malformed_shapes_name_the_sample() -> None:

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def write_schedule(tmp_path: Path, data: dict[str, Path], sft_steps: int = 4) ->
     schedule = {
         "out": str(tmp_path / "out"),
         "model": "tiny-qwen2.5-vl",
-        "data": {"train": train, "test": str(data["val"])},
+        # the RL pool is a manifest of its own: difficulty sampling draws from it
+        "data": {"train": train, "test": str(data["val"]), "rl": str(data["val"])},
         "eval": {"batch_size": 8, "max_new_tokens": 8, "limit": 8, "progress": False},
         "stages": {
             "sft": {
@@ -86,6 +88,13 @@ def test_stages_chain_then_a_second_run_skips_them(tiny_path, shapes_data, tmp_p
     # The demo RL stages fine-tune the whole model: full weights, no adapter.
     assert (Path(done["perception"]["weights"]) / "model.safetensors").exists()
     assert done["sample"]["summary"]["questions"] == 6
+    pool = {json.loads(line)["id"] for line in shapes_data["val"].read_text().splitlines()}
+    sorted_ids = [
+        json.loads(line)["id"]
+        for split in ("easy", "medium", "hard")
+        for line in (out / "sample" / f"{split}.jsonl").read_text().splitlines()
+    ]
+    assert len(sorted_ids) == 6 and set(sorted_ids) <= pool  # data.rl, not data.train
     placement = ("cuda", "float32") if torch.cuda.is_available() else ("cpu", "float32")
     summary = done["sample"]["summary"]
     assert (summary["device"], summary["dtype"]) == placement  # the demo configs: 32-true
@@ -103,14 +112,24 @@ def test_stages_chain_then_a_second_run_skips_them(tiny_path, shapes_data, tmp_p
         "reasoning",
         "(majority answer per type)",
     ]
-    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
-    assert header[4:] == ["greedy", "sampled T=1", "pass@8", "desc. count", "desc. colours"]
+    header = [c.strip() for c in re.split(r"(?<!\\)\|", table.splitlines()[0].strip("|"))]
+    assert header[4:] == [
+        "greedy",
+        "sampled T=1",
+        "pass@8",
+        "desc. count",
+        "desc. colours",
+        "desc. shapes right",
+        r"acc. \| desc. right",
+        r"acc. \| desc. wrong",
+    ]
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert "reward/accuracy/mean" in rows["reasoning"]
     sft = [cell.strip() for cell in rows["sft"].strip("|").split("|")]
     metrics = json.loads((out / "sft" / "eval" / "metrics.json").read_text())
     assert sft[4] == f"{metrics['accuracy']:.3f}"
     assert sft[7] == f"{metrics['perception/count']:.3f}"
+    assert sft[9] == f"{metrics['perception/shapes']:.3f}"
     assert sft[5] == "—"  # this schedule draws no sampled answers
     with Image.open(out / "rewards.png") as picture:
         assert picture.size == (1300, 480)  # one panel per RL stage
@@ -233,6 +252,10 @@ def test_a_missing_device_stops_the_schedule_before_any_stage(shapes_data, tmp_p
         ({"stages": {"sample": {"kk": 8}}}, r"field 'stages.sample.kk': unknown"),
         ({"model": ""}, r"field 'model': required"),
         ({"data": {"test": "x"}}, r"field 'data.train': required"),
+        (
+            {"data": {"train": "t", "pool": "p"}},
+            r"field 'data.pool': expected train, val, test or rl",
+        ),
         ({"device": "gpu"}, r"field 'device': expected auto or a torch device"),
         ({"device": 0}, r"field 'device': expected auto or a torch device"),
         ({"dtype": "fp8"}, r"field 'dtype': expected one of auto, float32, bfloat16, float16"),
