@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -178,7 +179,9 @@ def measure(precision: str, folder: Path, args: argparse.Namespace, bandwidth: f
     measured = runs[1:]
     decode_s = statistics.median(r["decode_seconds"] for r in measured)
     steps = args.max_new_tokens - 1  # the first token comes from the prefill
-    step_s = decode_s / steps
+    # The prefill is timed by a run of its own; on a loaded machine it can take longer
+    # than the whole rollout, leaving no decode time to divide by: NaN, not a crash.
+    step_s = decode_s / steps if decode_s > 0 else math.nan
     kv = kv_bytes_per_step(model.config, args, prompt["input_ids"].shape[1])
     limit_s = (weight_bytes + kv) / (bandwidth * 1e9)
     rows = args.prompts * args.group_size
@@ -194,7 +197,7 @@ def measure(precision: str, folder: Path, args: argparse.Namespace, bandwidth: f
         "weight_bytes": weight_bytes,
         "kv_bytes_mean": kv,
         "limit_step_ms": 1e3 * limit_s,
-        "ratio_of_limit": limit_s / step_s,
+        "ratio_of_limit": limit_s / step_s if step_s > 0 else math.nan,
         "peak_gib": (torch.cuda.max_memory_allocated() / GIB if args.device == "cuda" else None),
         "tokens_generated": [r["tokens"] for r in runs],
     }
