@@ -287,12 +287,22 @@ def _count_colour(shapes: list[dict], rng: random.Random) -> _Question:
     )
 
 
-def _left_of(shapes: list[dict], rng: random.Random) -> _Question | None:
+def _two_named(shapes: list[dict], rng: random.Random) -> tuple[int, int] | None:
+    """Positions of two shapes whose names ("red circle") occur once, drawn at random;
+    None when fewer than two names are unique."""
     name_counts = Counter(_name(s) for s in shapes)
     unique = [i for i, s in enumerate(shapes) if name_counts[_name(s)] == 1]
     if len(unique) < 2:
         return None
     i, j = rng.sample(unique, 2)
+    return i, j
+
+
+def _left_of(shapes: list[dict], rng: random.Random) -> _Question | None:
+    pair = _two_named(shapes, rng)
+    if pair is None:
+        return None
+    i, j = pair
     a, b = _name(shapes[i]), _name(shapes[j])
     answer = "yes" if i < j else "no"
     relation = "comes before" if i < j else "comes after"
@@ -385,11 +395,10 @@ def _corners(shapes: list[dict], rng: random.Random) -> _Question:
 
 def _between(shapes: list[dict], rng: random.Random) -> _Question | None:
     """Shapes strictly between two named ones: both positions, then a difference."""
-    name_counts = Counter(_name(s) for s in shapes)
-    unique = [i for i, s in enumerate(shapes) if name_counts[_name(s)] == 1]
-    if len(unique) < 2:
+    pair = _two_named(shapes, rng)
+    if pair is None:
         return None
-    i, j = rng.sample(unique, 2)
+    i, j = pair
     a, b = _name(shapes[i]), _name(shapes[j])
     low, high = sorted((i + 1, j + 1))
     answer = high - low - 1
