@@ -113,15 +113,12 @@ def decomposition_metrics(
         counts[0] += int(hit)
         counts[1] += 1
 
-    right_n = wrong_n = 0
     for record, text, ok in zip(records, texts, correct, strict=True):
         if not isinstance(record.get("shapes"), list):
             continue
         scores = perception_scores(text, record["shapes"])
         qtype = record.get("type") or DEFAULT_TYPE
         side = "desc_right" if scores["shapes"] else "desc_wrong"
-        right_n += scores["shapes"]
-        wrong_n += not scores["shapes"]
         for suffix in ("", f"/{qtype}"):
             add(f"perception/shapes{suffix}", scores["shapes"])
             add(f"accuracy/{side}{suffix}", bool(ok))
@@ -129,6 +126,6 @@ def decomposition_metrics(
     if not tally:
         return {}
     values = {key: hits / total for key, (hits, total) in sorted(tally.items())}
-    values["perception/desc_right_n"] = float(right_n)
-    values["perception/desc_wrong_n"] = float(wrong_n)
+    for side in ("desc_right", "desc_wrong"):  # the record count each accuracy is over
+        values[f"perception/{side}_n"] = float(tally.get(f"accuracy/{side}", [0, 0])[1])
     return values
