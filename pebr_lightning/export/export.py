@@ -341,19 +341,14 @@ def _read_sharded(path: Path) -> Checkpoint:
 
 def _load_sharded(path: Path, module: Any, expected: dict[str, tuple[int, ...]]) -> None:
     """Read the shards straight into the module's tensors (DCP copies, casting dtype)."""
-    from torch.distributed.checkpoint import load
-
-    from pebr_lightning.parallel.dcp_metadata import SafeFileSystemReader
+    from pebr_lightning.parallel.dcp_metadata import load_sharded_state
 
     own = module.state_dict()
     state = {"state_dict": {k: own[k] for k in expected}}
     with warnings.catch_warnings():
         # One process without a process group is exactly the intent here.
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        try:
-            load(state, storage_reader=SafeFileSystemReader(path))
-        except Exception as err:  # CheckpointException wraps the reader's errors
-            raise PebrError(f"{path}: cannot read the shards: {_first_line(err)}") from None
+        load_sharded_state(state, path)
 
 
 def _hyper_parameters(path: Path, data: dict[str, Any]) -> dict[str, Any]:

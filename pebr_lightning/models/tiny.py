@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pebr_lightning.errors import PebrError
 from pebr_lightning.files import cache_dir, use_default_modes
 
 # Qwen2-VL / Qwen2.5-VL special tokens, in Qwen's order, so ids line up the same way.
@@ -125,20 +126,43 @@ def ensure_tiny_model(name: str = "tiny-qwen2.5-vl") -> Path:
     """
     spec = TINY_MODELS[name]
     target = cache_dir() / f"{name}-r{RECIPE_VERSION}"
-    if (target / "config.json").is_file():
+    if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         build_tiny_model(scratch, spec)
+        if not _complete(scratch):
+            # Once a process group is up, transformers writes a model's own files on
+            # rank 0 only: another rank's build holds just the processor. Renamed into
+            # place it would be a broken cache for everyone; wait for rank 0's instead.
+            return _wait_for(target)
         use_default_modes(scratch)  # mkdtemp gives 0o700, safetensors 0o600
         try:
             os.replace(scratch, target)
         except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
+            if not _complete(target):  # lost a race only if the winner finished
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _wait_for(target: Path, timeout_s: float = 600.0) -> Path:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not _complete(target):
+        if time.monotonic() > deadline:
+            raise PebrError(
+                f"{target}: the embedded model was not written by rank 0 within {timeout_s:.0f} s"
+                " (this process cannot write it: transformers saves on rank 0 only)"
+            )
+        time.sleep(0.2)
     return target
 
 

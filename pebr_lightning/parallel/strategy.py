@@ -99,15 +99,44 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier("pebr_checkpoint_swapped")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
-        """Lightning's loader, after checking a sharded folder's `.metadata`: DCP reads
-        that file with plain pickle, so a crafted one would run code during the load."""
+        """Lightning's loader for a single file; a sharded folder is read here instead.
+
+        Lightning lets DCP pick its reader, and DCP's default reads `.metadata` with
+        plain pickle and every non-tensor entry (the optimizer's param groups) with
+        `torch.load(weights_only=False)`: a crafted folder would run code on resume.
+        The same steps as Lightning's sharded branch, through the safe reader.
+        """
         from pathlib import Path
 
-        from pebr_lightning.parallel.dcp_metadata import read_dcp_metadata
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
 
-        if Path(checkpoint_path).is_dir():
-            read_dcp_metadata(checkpoint_path)
-        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        from pebr_lightning.parallel.dcp_metadata import load_sharded_state, read_dcp_metadata
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        read_dcp_metadata(path)  # a clear error before any collective starts
+        module = self.model
+        strict = self.lightning_module.strict_loading if self.lightning_module else True
+        model_state = {"state_dict": get_model_state_dict(module)}
+        load_sharded_state(model_state, path)
+        module.load_state_dict(model_state["state_dict"], strict=strict)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+            load_sharded_state(optim_state, path)
+            set_optimizer_state_dict(
+                module,
+                optimizer,
+                optim_state_dict=optim_state[key],
+                options=StateDictOptions(cpu_offload=True),
+            )
+        return _read_meta(path / "meta.pt")
 
     def shard_settings(self) -> dict[str, Any]:
         """Keyword arguments of `parallel.sharding.shard_policy` (dtypes as torch dtypes)."""
@@ -120,3 +149,22 @@ class FSDP2Strategy(ModelParallelStrategy):
             if self.reduce_dtype is None
             else getattr(torch, self.reduce_dtype),
         }
+
+
+def _read_meta(path: Any) -> dict[str, Any]:
+    """Lightning's `meta.pt` (epoch, loops, callbacks, hyper-parameters): tensors and
+    plain data only, whatever the caller's `weights_only` said."""
+    import torch
+
+    from pebr_lightning.errors import PebrError
+
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PebrError(f"{path}: missing: not a complete sharded checkpoint") from None
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PebrError(f"{path}: refused to load: {reason}") from None
+    if not isinstance(meta, dict):
+        raise PebrError(f"{path}: not a Lightning checkpoint's metadata")
+    return meta

@@ -56,3 +56,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_fit(args: list[str], nproc: int = 2, timeout_s: float = 600.0):
+    """`pebr fit ARGS` in `nproc` real gloo processes started by torchrun (FSDP2 on CPU),
+    one thread each; the finished process, output captured."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "pebr_lightning.cli",
+        "fit",
+        *args,
+        "--trainer.strategy",
+        '{"class_path": "pebr_lightning.parallel.FSDP2Strategy"}',
+        "--trainer.devices",
+        str(nproc),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from pebr_lightning.data.prompts import PromptConfig, build_messages
-from pebr_lightning.models.tiny import QWEN_SPECIAL_TOKENS, ensure_tiny_model
+from pebr_lightning.models.tiny import QWEN_SPECIAL_TOKENS, RECIPE_VERSION, ensure_tiny_model
 
 
 def test_loads_through_from_pretrained_as_qwen25_vl(tiny_path):
@@ -103,3 +103,28 @@ def test_a_fresh_cache_folder_is_readable_as_the_umask_allows(tmp_path, monkeypa
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     assert stat.S_IMODE((folder / "model.safetensors").stat().st_mode) == 0o644
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
+
+
+def build_rank_1_first(rank: int) -> list[str]:
+    """Both ranks of a process group build the embedded model into an empty cache; rank 1
+    (whose `save_pretrained` transformers turns into a no-op) starts first."""
+    import time
+
+    from pebr_lightning.files import cache_dir
+
+    if rank == 0:
+        deadline = time.monotonic() + 120
+        while not any(cache_dir().glob(".tiny-qwen2.5-vl-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+    return sorted(p.name for p in ensure_tiny_model("tiny-qwen2.5-vl").iterdir())
+
+
+def test_ranks_building_at_once_all_get_the_complete_model(tmp_path, monkeypatch):
+    from pebr_lightning.testing.processes import run_gloo
+
+    monkeypatch.setenv("PEBR_CACHE", str(tmp_path))
+    listings = run_gloo(build_rank_1_first, world_size=2, timeout_s=300)
+    for rank, names in enumerate(listings):
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(names), rank
+    assert [p.name for p in tmp_path.iterdir()] == [f"tiny-qwen2.5-vl-r{RECIPE_VERSION}"]

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,11 +20,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from pebr_lightning.cli import main
-from pebr_lightning.testing.processes import free_port
+from pebr_lightning.testing.processes import torchrun_fit
 
 REPO = Path(__file__).resolve().parents[2]
 SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
-STRATEGY = json.dumps({"class_path": "pebr_lightning.parallel.FSDP2Strategy"})
 STEPS = 2
 LORA = json.dumps({"r": 16, "alpha": 32, "dropout": 0.0})
 
@@ -73,27 +69,7 @@ def stage_args(stage: str, train: Path) -> tuple[list[str], str]:
 
 
 def run_two_processes(args: list[str], root: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "pebr_lightning.cli",
-        "fit",
-        *args,
-        "--trainer.strategy",
-        STRATEGY,
-        "--trainer.devices",
-        "2",
-        "--trainer.default_root_dir",
-        str(root),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = torchrun_fit([*args, "--trainer.default_root_dir", str(root)], nproc=2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
