@@ -96,7 +96,7 @@ def build_trl(args, folder: Path, records: list[dict], out: Path, turn: Turn):
     from transformers import AutoConfig, AutoProcessor, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from pebr_lightning.data.manifest import load_image
+    from pebr_lightning.data.images import load_image
     from pebr_lightning.data.prompts import PromptConfig, build_messages
     from pebr_lightning.models.rollout import vision_token_ids
 

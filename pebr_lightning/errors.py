@@ -17,6 +17,13 @@ class ManifestError(PebrError):
     """A manifest (or an image it points to) is unusable."""
 
 
+class Stopped(PebrError):
+    """The run was told to stop (SIGTERM) before it finished: exit 128 + SIGTERM, as a
+    shell reports a process the signal ended, so a scheduler never reads it as done."""
+
+    exit_code = 143
+
+
 # torch's own advice in a weights_only refusal: never shown to a user, since following
 # it ("re-run with weights_only=False") is how a crafted checkpoint runs its code.
 _TORCH_ADVICE = (

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pebr_lightning.algorithms.logprobs import IGNORE_INDEX
-from pebr_lightning.data.manifest import load_image
+from pebr_lightning.data.images import load_image
 from pebr_lightning.data.prompts import PromptConfig, build_messages, record_response
 from pebr_lightning.errors import ManifestError, PebrError
 

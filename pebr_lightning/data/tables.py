@@ -176,7 +176,7 @@ def write_image_bytes(data: bytes, image_dir: Path) -> Path:
     is one file that is never rewritten. Written to a temporary file and renamed, so
     a crash or a concurrent loader (one per rank) never leaves a partial image.
     """
-    from pebr_lightning.data.manifest import open_image
+    from pebr_lightning.data.images import open_image
 
     try:
         with open_image(io.BytesIO(data)) as image:

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pebr_lightning.data.manifest import load_image
+from pebr_lightning.data.images import load_image
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.policy import unwrap
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, eos_token_ids, vision_token_ids

@@ -259,7 +259,7 @@ class _FgClipScorer:
         import torch.nn.functional as F
 
         side = self.image_size
-        from pebr_lightning.data.manifest import to_rgb
+        from pebr_lightning.data.images import to_rgb
 
         resized = [to_rgb(image).resize((side, side)) for image in images]
         pixels = self.image_processor(images=resized, return_tensors="pt")["pixel_values"]
@@ -294,6 +294,6 @@ def _image_key(sample: dict[str, Any], image: Any) -> Any:
 
 
 def _open_image(path: str | PathLike) -> Any:
-    from pebr_lightning.data.manifest import load_image
+    from pebr_lightning.data.images import load_image
 
     return load_image(path)

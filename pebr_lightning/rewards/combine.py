@@ -333,7 +333,10 @@ def _call(
     child process it can kill.
     """
     if item.timeout_s is None:
-        return item.reward(completions=completions, samples=samples, **context)
+        try:
+            return item.reward(completions=completions, samples=samples, **context)
+        except SystemExit as err:
+            raise _exited(item, err) from None
     box: dict[str, Any] = {}
 
     def work() -> None:
@@ -353,8 +356,20 @@ def _call(
             "only slow"
         )
     if "error" in box:
+        if isinstance(box["error"], SystemExit):
+            raise _exited(item, box["error"])
         raise box["error"]
     return box["output"]
+
+
+def _exited(item: WeightedReward, err: SystemExit) -> RewardError:
+    """A reward (or a library under it) called sys.exit: left alone, the run would end
+    with that code, 0 included, as if it had finished."""
+    return RewardError(
+        f"reward {item.reward.name!r} called sys.exit({err.code!r}) instead of returning "
+        "scores (it, or a library it calls, ends the process); the run stops here: fix "
+        "the reward"
+    )
 
 
 def _clean(values: Sequence[Any]) -> tuple[list[float | None], list[tuple[int, str]]]:

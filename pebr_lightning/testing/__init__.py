@@ -1,6 +1,13 @@
 """Helpers for tests of pebr_lightning and of plugins built on it."""
 
-from pebr_lightning.testing.faults import HangingReward, KillAtStep, KillBeforeHFSwap
+from pebr_lightning.testing.faults import (
+    ExitingReward,
+    GILHoggingReward,
+    HangingReward,
+    KillAtStep,
+    KillBeforeHFSwap,
+    SlowReward,
+)
 from pebr_lightning.testing.rewards import (
     RewardCheckReport,
     check_context_keys,
@@ -18,11 +25,14 @@ from pebr_lightning.testing.rewards import (
 from pebr_lightning.testing.snapshot import ParameterSnapshot
 
 __all__ = [
+    "ExitingReward",
+    "GILHoggingReward",
     "HangingReward",
     "KillAtStep",
     "KillBeforeHFSwap",
     "ParameterSnapshot",
     "RewardCheckReport",
+    "SlowReward",
     "check_context_keys",
     "check_deterministic",
     "check_lengths",

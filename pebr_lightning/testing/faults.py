@@ -1,9 +1,10 @@
-"""Callbacks that break a run on purpose, for reliability tests."""
+"""Callbacks and rewards that break a run on purpose, for reliability tests."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -69,4 +70,59 @@ class HangingReward:
                 Path(self.marker).touch()
             while True:
                 time.sleep(3600)
+        return [0.5] * len(completions)
+
+
+class SlowReward:
+    """A reward that scores 0.5 after `seconds` of sleep from step `step` on, touching
+    `marker` first: a run a test can signal mid-step without hanging it."""
+
+    name = "slow"
+
+    def __init__(self, step: int = 0, marker: str | None = None, seconds: float = 1.0) -> None:
+        self.step = step
+        self.marker = marker
+        self.seconds = seconds
+
+    def __call__(self, *, completions, samples, **context):
+        if context.get("global_step", 0) >= self.step:
+            if self.marker:
+                Path(self.marker).touch()
+            time.sleep(self.seconds)
+        return [0.5] * len(completions)
+
+
+class ExitingReward:
+    """A reward that calls `sys.exit(code)` from step `step` on (a library doing so)."""
+
+    name = "exiting"
+
+    def __init__(self, step: int = 0, code: int = 0) -> None:
+        self.step = step
+        self.code = code
+
+    def __call__(self, *, completions, samples, **context):
+        if context.get("global_step", 0) >= self.step:
+            sys.exit(self.code)
+        return [0.5] * len(completions)
+
+
+class GILHoggingReward:
+    """A reward stuck in one C call that never releases the GIL (catastrophic regex
+    backtracking) from step `step` on, touching `marker` first: neither a Python signal
+    handler nor another thread runs until it returns, in hours."""
+
+    name = "gil_hog"
+
+    def __init__(self, step: int = 0, marker: str | None = None) -> None:
+        self.step = step
+        self.marker = marker
+
+    def __call__(self, *, completions, samples, **context):
+        if context.get("global_step", 0) >= self.step:
+            import re
+
+            if self.marker:
+                Path(self.marker).touch()
+            re.match(r"(a+)+$", "a" * 64 + "b")
         return [0.5] * len(completions)

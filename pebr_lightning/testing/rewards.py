@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pebr_lightning.data.manifest import load_image, load_manifest
+from pebr_lightning.data.images import load_image
+from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import record_response
 from pebr_lightning.data.synth import write_dataset
 from pebr_lightning.rewards.combine import unpack_output, value_problem

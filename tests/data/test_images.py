@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pebr_lightning.data.manifest import load_image, load_manifest
+from pebr_lightning.data.images import load_image
+from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.errors import ManifestError
 
 
@@ -106,7 +107,7 @@ def test_a_32_bit_image_counts_its_wider_pixels_against_the_limit(tmp_path, monk
 
 MEASURE = """
 import resource, sys
-from pebr_lightning.data.manifest import load_image
+from pebr_lightning.data.images import load_image
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 image = load_image(sys.argv[1])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

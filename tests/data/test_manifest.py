@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from pebr_lightning.data.manifest import Problem, load_image, load_manifest
+from pebr_lightning.data.images import load_image
+from pebr_lightning.data.manifest import Problem, load_manifest
 from pebr_lightning.errors import ManifestError, PebrError
 
 

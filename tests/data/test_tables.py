@@ -20,7 +20,8 @@ from PIL import Image
 
 from pebr_lightning.data.commands import main
 from pebr_lightning.data.datamodule import ManifestDataModule
-from pebr_lightning.data.manifest import load_image, load_manifest
+from pebr_lightning.data.images import load_image
+from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.tables import read_table_rows
 from pebr_lightning.errors import ManifestError
 
