@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -152,7 +153,9 @@ def register_checkout() -> None:
         return
     except importlib.metadata.PackageNotFoundError:
         pass
-    site = Path(os.environ.get("PEBR_GPU_SITE", "/tmp/pebr-gpu-site"))
+    # no carried wheels: a fresh folder (a fixed one, first on the path, would import
+    # whatever anyone left there)
+    site = Path(os.environ.get("PEBR_GPU_SITE") or tempfile.mkdtemp(prefix="pebr-gpu-site-"))
     write_dist_info(site, REPO / "pyproject.toml")
     for path in (str(site), str(REPO)):
         if path not in sys.path:

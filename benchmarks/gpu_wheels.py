@@ -12,11 +12,19 @@ CUDA 13), which brings it to about 3 MiB. Versions come from constraints.txt, so
 GPU check runs what the tests ran here. The total is checked against the budget;
 optional wheels (trl and its datasets stack, for benchmarks/grpo_vs_trl.py) are
 left out, with a message, if they do not fit.
+
+Only what this list names, at the pinned version, stays in the folder (any other wheel
+is removed), and .whl/MANIFEST.json records each wheel's sha256. gpu_check.sh installs
+exactly the wheels the manifest lists, each checked against its hash:
+
+    python benchmarks/gpu_wheels.py --verify .whl   # the verified wheel paths, or exit 1
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -24,6 +32,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MANIFEST = "MANIFEST.json"
 BUDGET_BYTES = 64 * 2**20  # what one device call may carry: working tree + wheels
 # (distribution, needed for); "optional" ones are dropped first when over budget.
 NEEDED = [
@@ -67,13 +76,21 @@ def main(argv: list[str] | None = None) -> int:
         help="bitsandbytes libraries to keep, by name prefix after libbitsandbytes_",
     )
     parser.add_argument("--no-optional", action="store_true", help="leave out trl and its stack")
+    parser.add_argument(
+        "--verify", metavar="DIR", help="check DIR against its manifest; print the wheels"
+    )
     args = parser.parse_args(argv)
+    if args.verify:
+        return verify_command(Path(args.verify))
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     # gpu_check.sh installs the wheels only under this Python (a dry run elsewhere does not)
     (dest / "PYTHON_VERSION").write_text(args.python_version + "\n")
     pins = pinned_versions(REPO / "constraints.txt")
     wanted = NEEDED + ([] if args.no_optional else OPTIONAL)
+    for stale in stale_wheels(dest, [n for n, _ in wanted], pins):
+        print(f"removed {stale.name}: not a wanted wheel at its pinned version")
+        stale.unlink()
     for name, _ in wanted:
         if not any(same_name(name, w.name.split("-")[0]) for w in dest.glob("*.whl")):
             fetch(name, pins, dest, args.python_version)
@@ -88,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if any(same_name(n, wheel.name.split("-")[0]) for n in optional):
                 wheel.unlink()
         print("over the budget: the optional trl wheels were removed (grpo_vs_trl is skipped)")
+    write_manifest(dest)
     total = tree + folder_bytes(dest)
     print(table(dest, tree))
     if total > BUDGET_BYTES:
@@ -97,6 +115,79 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def wheel_name_version(wheel: Path) -> tuple[str, str]:
+    """(distribution, version) from a wheel's file name (PEP 427)."""
+    parts = wheel.name.split("-")
+    return parts[0], parts[1] if len(parts) > 1 else ""
+
+
+def stale_wheels(dest: Path, wanted: list[str], pins: dict[str, str]) -> list[Path]:
+    """Wheels in `dest` that are not one of `wanted` at its pinned version: a wheel
+    left from an older pin, or one nobody asked for, is not carried."""
+    stale = []
+    for wheel in sorted(dest.glob("*.whl")):
+        name, version = wheel_name_version(wheel)
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if not any(same_name(name, w) for w in wanted) or pins.get(key) != version:
+            stale.append(wheel)
+    return stale
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(dest: Path) -> Path:
+    """dest/MANIFEST.json: every wheel in `dest` with its sha256."""
+    wheels = [{"file": w.name, "sha256": sha256(w)} for w in sorted(dest.glob("*.whl"))]
+    path = dest / MANIFEST
+    path.write_text(json.dumps({"wheels": wheels}, indent=1) + "\n")
+    return path
+
+
+def verify(dest: Path) -> tuple[list[Path], list[str]]:
+    """(the manifest's wheels, problems): every wheel in `dest` must be listed, every
+    listed one present with its recorded sha256."""
+    present = sorted(dest.glob("*.whl"))
+    manifest = dest / MANIFEST
+    if not manifest.is_file():
+        missing = f"{manifest} is missing: rebuild the folder with `make gpu-wheels`"
+        return [], [missing] if present else []
+    try:
+        listed = {e["file"]: e["sha256"] for e in json.loads(manifest.read_text())["wheels"]}
+    except (ValueError, KeyError, TypeError) as err:
+        return [], [f"{manifest} is not a wheel manifest ({err})"]
+    problems = [
+        f"{wheel} is not in {manifest}: remove it (or rebuild with `make gpu-wheels`)"
+        for wheel in present
+        if wheel.name not in listed
+    ]
+    good = []
+    for name, digest in listed.items():
+        wheel = dest / name
+        if "/" in name or not wheel.is_file():
+            problems.append(f"{dest / name} is listed in {manifest} but missing")
+        elif sha256(wheel) != digest:
+            problems.append(f"{wheel} does not match its sha256 in {manifest}: changed since")
+        else:
+            good.append(wheel)
+    return good, problems
+
+
+def verify_command(dest: Path) -> int:
+    good, problems = verify(dest)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print("\n".join(str(w) for w in good))
     return 0
 
 

@@ -69,6 +69,11 @@ def check_checkpoint(path: str | os.PathLike) -> str | None:
     except Exception as err:  # pickle, zip and torch errors alike: the file is unusable
         reason = load_failure_reason(err)
         raise PebrError(f"{path}: not a readable checkpoint ({reason}); {hint}") from None
+    state = data.get("state_dict") if isinstance(data, dict) else None
+    if isinstance(state, dict):
+        from pebr_lightning.models.finite import refuse_nonfinite
+
+        refuse_nonfinite(state.items(), str(path))
     hparams = data.get("hyper_parameters") if isinstance(data, dict) else None
     recorded = hparams.get("_class_path") if isinstance(hparams, dict) else None
     return recorded if isinstance(recorded, str) else None

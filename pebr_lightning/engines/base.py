@@ -49,11 +49,20 @@ class RolloutConfig:
     startup_timeout_s: float = 600.0
     """vllm: how long the worker may take to load the model."""
     request_timeout_s: float = 600.0
-    """vllm: how long one generate or weight-sync request may take before the run stops."""
+    """vllm: how long one generate or weight-sync request may take, in all, before the
+    run stops."""
+    vllm_max_model_len: int | None = None
+    """vllm: prompt + completion tokens per sequence for a worker the trainer starts (its
+    KV cache must hold one); None: the model's max_position_embeddings, at most 8192. A
+    worker at vllm_url reports its own. A longer request stops the run naming the
+    sample."""
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise PebrError(f"rollout.engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.vllm_max_model_len is not None and self.vllm_max_model_len < 1:
+            length = self.vllm_max_model_len
+            raise PebrError(f"rollout.vllm_max_model_len must be >= 1, got {length}")
 
 
 @runtime_checkable
@@ -125,6 +134,7 @@ def build_engine(
             startup_timeout_s=config.startup_timeout_s,
             request_timeout_s=config.request_timeout_s,
             distributed=synced,
+            max_model_len=config.vllm_max_model_len,
         )
     raise PebrError(f"rollout.engine must be one of {ENGINES}, got {config.engine!r}")
 

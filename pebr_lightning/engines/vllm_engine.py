@@ -18,10 +18,19 @@ which writes and pushes them; each rollout gathers every rank's requests on rank
 which sends them as one batch and hands each rank its own completions. A failure on
 rank 0 reaches every rank as the same error, so none waits for an answer forever.
 
-Faults: a worker that dies, hangs (`request_timeout_s`) or answers the wrong number
-of completions is a PebrError naming the engine and the training step (`step`, set
-by the trainer); nothing is written half-way (weight folders are written beside and
-renamed).
+Faults: a worker that dies, does not answer in full within `request_timeout_s`
+(the whole request, not each read), answers more bytes than the request can need,
+something that is not JSON, the wrong number of completions, or a completion that
+cannot be (more tokens than asked, ids outside the vocabulary, log-probs that are
+not finite or above 0, lists of different lengths) is a PebrError naming the engine,
+the training step (`step`, set by the trainer) and the completion; nothing is written
+half-way (weight folders are written beside and renamed).
+
+Trust: the worker answers only requests that carry its token (engines/remote.py); the
+trainer makes a fresh one for a worker it starts and passes it in the environment,
+never on the command line. A worker reached at `vllm_url` was started with
+PEBR_VLLM_TOKEN set, and the trainer reads the same variable. LoRA adapter ids are
+random, so no id can be loaded ahead of the trainer.
 """
 
 from __future__ import annotations
@@ -31,16 +40,15 @@ import collections
 import contextlib
 import io
 import itertools
-import json
+import math
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -51,6 +59,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pebr_lightning.data.images import load_image
+from pebr_lightning.engines.remote import (
+    TOKEN_ENV,
+    RemoteError,
+    get_json,
+    new_token,
+    post_json,
+    token_from_env,
+)
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.policy import unwrap
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, eos_token_ids, vision_token_ids
@@ -58,6 +74,14 @@ from pebr_lightning.parallel.sharding import full_state_dict, is_sharded
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 READY = "PEBR_VLLM_READY"
+LOGPROB_SLACK = 1e-3
+"""How far above 0 a reported log-prob may be (float rounding) and still be taken."""
+DEFAULT_MAX_MODEL_LEN = 8192
+"""The worker's sequence length when none is given and the model allows more: its KV
+cache must hold one whole sequence, so the model's own limit (128k for Qwen2.5-VL)
+would cost gigabytes before the first request."""
+BYTES_PER_TOKEN = 64
+"""Room in an answer for one token: its id and log-prob as JSON take about 30 bytes."""
 
 
 class VLLMEngine:
@@ -74,6 +98,7 @@ class VLLMEngine:
         startup_timeout_s: float = 600.0,
         request_timeout_s: float = 600.0,
         distributed: bool = False,
+        max_model_len: int | None = None,
     ) -> None:
         """
         Args:
@@ -88,6 +113,10 @@ class VLLMEngine:
             request_timeout_s: how long one request may take before the run stops.
             distributed: every process of the default process group builds this engine
                 and makes the same calls; rank 0 alone runs and talks to the worker.
+            max_model_len: prompt + completion tokens the worker holds per sequence (a
+                worker it starts gets it; one at `vllm_url` says its own); a longer
+                request is refused here, naming the sample. None: the model's
+                max_position_embeddings, at most DEFAULT_MAX_MODEL_LEN.
         """
         if (vllm_python is None) == (vllm_url is None):
             raise PebrError("rollout: give exactly one of vllm_python and vllm_url")
@@ -99,6 +128,10 @@ class VLLMEngine:
         self.pad = self.tokenizer.pad_token_id
         self.image_pad = "<|image_pad|>"
         self.request_timeout_s = request_timeout_s
+        self.max_model_len = max_model_len or default_max_model_len(model)
+        self.vocab = len(self.tokenizer)
+        """Token ids the trainer can take (the policy's embedding rows after a sync)."""
+        self.token: str | None = None
         self.step = 0
         """The training step, for errors; a trainer sets it before each call."""
         self.syncs = 0
@@ -113,7 +146,17 @@ class VLLMEngine:
             self.folder = Path(tempfile.mkdtemp(prefix="pebr-vllm-"))
             if vllm_url is not None:
                 self.url = vllm_url.rstrip("/")
+                self.token = token_from_env()
+                if self.token is None:
+                    raise PebrError(
+                        f"rollout.vllm_url {vllm_url}: set {TOKEN_ENV} to the token the "
+                        "worker was started with (the worker refuses requests without it)"
+                    )
+                health = self._get("/health")
+                if isinstance(health, dict) and isinstance(health.get("max_model_len"), int):
+                    self.max_model_len = health["max_model_len"]
             else:
+                self.token = new_token()
                 self.url = self._start(vllm_python, model, max_lora_rank, dtype, startup_timeout_s)
 
         self._on_leader(start)
@@ -124,6 +167,7 @@ class VLLMEngine:
         start = time.perf_counter()
         base = unwrap(policy)
         self.banned = vision_token_ids(base.config)
+        self.vocab = max(self.vocab, base.get_input_embeddings().num_embeddings)
         lora = hasattr(policy, "peft_config")
         # sharded: every process gathers (a collective) and rank 0 holds the full weights
         state = full_state_dict(policy, trainable_only=lora) if is_sharded(policy) else None
@@ -135,7 +179,10 @@ class VLLMEngine:
                 target = self._write(lambda folder: save(str(folder)), f"adapter-{self.syncs}")
                 if self.lora is not None:  # requests name the new one from now on
                     shutil.rmtree(self.lora["path"], ignore_errors=True)
-                return {"name": f"pebr-{self.syncs}", "id": self.syncs, "path": str(target)}
+                # a random id: one the worker has never seen, so nothing loaded there
+                # before (by anyone) can answer for this adapter
+                lora_id = 1 + secrets.randbelow(2**31 - 2)
+                return {"name": f"pebr-{lora_id}", "id": lora_id, "path": str(target)}
 
             def write(folder: Path) -> None:
                 base.save_pretrained(str(folder), state_dict=state)
@@ -163,6 +210,7 @@ class VLLMEngine:
         g = sampling.group_size
         ids, mask = prompt["input_ids"], prompt["attention_mask"]  # [B, P]
         texts = [self.prompt_text(row[m.bool()]) for row, m in zip(ids, mask, strict=True)]
+        self._check_lengths(mask.sum(dim=1).tolist(), sampling.max_new_tokens, records)
         if keys is not None:
             seeds = [int(k) for k in keys.tolist()]  # [B*G], 32-bit values
         else:
@@ -195,14 +243,15 @@ class VLLMEngine:
         """The worker's completions of body["requests"]; distributed, every rank's
         requests go to the worker in one batch from rank 0, and each rank gets its own."""
 
+        max_tokens = body["sampling"]["max_tokens"]
+
         def post(requests: list[dict]) -> list[dict]:
-            outputs = self._post("/generate", {**body, "requests": requests})["outputs"]
-            if len(outputs) != len(requests):
-                raise PebrError(
-                    f"vllm engine (step {self.step}): asked for {len(requests)} completions, "
-                    f"got {len(outputs)}"
-                )
-            return outputs
+            room = (1 << 20) + len(requests) * max_tokens * BYTES_PER_TOKEN
+            answer = self._post("/generate", {**body, "requests": requests}, room)
+            try:
+                return check_outputs(answer, len(requests), max_tokens, self.vocab)
+            except ValueError as err:
+                raise PebrError(f"vllm engine (step {self.step}): {err}") from None
 
         if not self.distributed:
             return post(body["requests"])
@@ -257,7 +306,7 @@ class VLLMEngine:
             length = len(out["token_ids"])
             ids[row, :length] = torch.tensor(out["token_ids"], dtype=torch.long)
             mask[row, :length] = 1
-            logprobs[row, :length] = torch.tensor(out["logprobs"] or [0.0] * length)
+            logprobs[row, :length] = torch.tensor(out["logprobs"], dtype=torch.float32)
         truncated = torch.tensor([o["finish_reason"] == "length" for o in outputs])
         return Rollout(
             prompt_ids=prompt["input_ids"],
@@ -282,10 +331,12 @@ class VLLMEngine:
 
     def _start(self, python: str, model: str, rank: int, dtype: str, timeout: float) -> str:
         command = [python, str(WORKER), "--model", model, "--port", "0", "--dtype", dtype]
+        command += ["--max-model-len", str(self.max_model_len)]
         command.append("--exit-with-stdin")  # a killed trainer leaves no worker behind
         if rank:
             command += ["--max-lora-rank", str(rank)]
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        # the token goes in the environment: a command line is readable by every user
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", TOKEN_ENV: self.token}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.process = subprocess.Popen(
             command,
@@ -321,21 +372,43 @@ class VLLMEngine:
         threading.Thread(target=self.process.stdout.read, daemon=True).start()  # drained too
         return f"http://127.0.0.1:{port[0]}"
 
-    def _post(self, route: str, body: dict) -> dict:
-        data = json.dumps(body).encode()
-        request = urllib.request.Request(
-            self.url + route, data=data, headers={"Content-Type": "application/json"}
-        )
+    def _post(self, route: str, body: dict, max_bytes: int = 1 << 20) -> Any:
         try:
-            with urllib.request.urlopen(request, timeout=self.request_timeout_s) as answer:
-                return json.loads(answer.read())
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")[:500]
-            raise PebrError(f"vllm engine (step {self.step}): {route} failed: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-            dead = self.process is not None and self.process.poll() is not None
-            what = f"the worker died (exit {self.process.returncode})" if dead else str(err)
-            raise PebrError(f"vllm engine (step {self.step}): {route}: {what}") from None
+            return post_json(
+                self.url,
+                route,
+                body,
+                token=self.token,
+                deadline_s=self.request_timeout_s,
+                max_bytes=max_bytes,
+            )
+        except RemoteError as err:
+            raise PebrError(f"vllm engine (step {self.step}): {route}: {self._why(err)}") from None
+
+    def _get(self, route: str) -> Any:
+        try:
+            return get_json(self.url, route, token=self.token, deadline_s=self.request_timeout_s)
+        except RemoteError as err:
+            raise PebrError(f"vllm engine: {self.url}{route}: {self._why(err)}") from None
+
+    def _why(self, err: RemoteError) -> str:
+        dead = self.process is not None and self.process.poll() is not None
+        return f"the worker died (exit {self.process.returncode})" if dead else str(err)
+
+    def _check_lengths(
+        self, prompt_lengths: list[int], max_new_tokens: int, records: Sequence[dict]
+    ) -> None:
+        """Refuse a prompt whose completion cannot fit the worker's sequence length
+        here, naming the sample, rather than as vLLM's error mid-run."""
+        for length, record in zip(prompt_lengths, records, strict=True):
+            if length + max_new_tokens > self.max_model_len:
+                raise PebrError(
+                    f"vllm engine (step {self.step}): sample {record.get('id')}: its prompt "
+                    f"is {length} tokens, and with max_new_tokens {max_new_tokens} it needs "
+                    f"{length + max_new_tokens}, over the worker's max_model_len "
+                    f"{self.max_model_len}: raise rollout.vllm_max_model_len (memory "
+                    "allowing), or shorten the prompt or the completions"
+                )
 
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -351,6 +424,54 @@ class VLLMEngine:
             self.close()
 
 
+def default_max_model_len(model: str) -> int:
+    """The model folder's max_position_embeddings, at most DEFAULT_MAX_MODEL_LEN."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return DEFAULT_MAX_MODEL_LEN
+    text = getattr(config, "text_config", None) or config
+    limit = getattr(text, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
+    return min(int(limit), DEFAULT_MAX_MODEL_LEN)
+
+
+def check_outputs(answer: Any, asked: int, max_tokens: int, vocab: int) -> list[dict]:
+    """The worker's completions, each checked; ValueError names the first bad one.
+
+    A completion is {"token_ids": [int], "logprobs": [float], "finish_reason": str}:
+    at most `max_tokens` ids, each in [0, vocab); as many log-probs, each finite and at
+    most 0 (a log-probability; +inf or -inf would turn every importance weight of the
+    engine correction into 0 or the cap, and train on nothing without a word).
+    """
+    outputs = answer.get("outputs") if isinstance(answer, dict) else None
+    if not isinstance(outputs, list):
+        raise ValueError("the answer has no `outputs` list")
+    if len(outputs) != asked:
+        raise ValueError(f"asked for {asked} completions, got {len(outputs)}")
+    for index, out in enumerate(outputs):
+        where = f"completion {index}"
+        if not isinstance(out, dict):
+            raise ValueError(f"{where} is {type(out).__name__}, not an object")
+        ids, logprobs = out.get("token_ids"), out.get("logprobs")
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise ValueError(f"{where}: token_ids is not a list of integers")
+        if len(ids) > max_tokens:
+            raise ValueError(f"{where}: {len(ids)} tokens, {max_tokens} were asked at most")
+        if bad := [i for i in ids if not 0 <= i < vocab]:
+            raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
+        if not isinstance(logprobs, list) or len(logprobs) != len(ids):
+            raise ValueError(f"{where}: logprobs is not a list as long as its {len(ids)} tokens")
+        for value in logprobs:
+            number = type(value) in (int, float)
+            if not number or not math.isfinite(value) or value > LOGPROB_SLACK:
+                raise ValueError(f"{where}: log-prob {value!r} is not a finite number <= 0")
+        if not isinstance(out.get("finish_reason"), str):
+            raise ValueError(f"{where}: finish_reason is not a string")
+    return outputs
+
+
 def png(image: Any) -> str:
     """A PIL image as base64 PNG text."""
     buffer = io.BytesIO()
@@ -358,4 +479,4 @@ def png(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-__all__ = ["VLLMEngine", "png"]
+__all__ = ["VLLMEngine", "check_outputs", "png"]

@@ -10,9 +10,9 @@ never pebr_lightning.
                                            [--exit-with-stdin]
 
 It prints `PEBR_VLLM_READY <port>` on stdout once it serves, then answers JSON over
-HTTP, one request at a time:
+HTTP, one generation or weight load at a time:
 
-    GET  /health                -> {"ok": true, "model": DIR}
+    GET  /health                -> {"ok": true, "model": DIR, "max_model_len": N}
     POST /generate              {"requests": [{"prompt": TEXT, "images": [PNG base64],
                                                "seed": INT or null}, ...],
                                  "sampling": {"temperature", "top_p", "top_k",
@@ -27,17 +27,31 @@ Each request is one completion (n = 1) with its own seed, so a completion depend
 its seed only, not on what else the batch holds. `/reload_weights` loads full weights
 from a folder of safetensors and resets the prefix and encoder caches (without the
 encoder-cache reset the next multimodal request fails with "Encoder cache miss").
+A load that fails loads the last good weights again, so the worker keeps serving them.
+
+Who may talk to it: only a request whose `Authorization: Bearer <token>` header holds
+the token in PEBR_VLLM_TOKEN (the trainer that starts it sets a fresh one; set it
+yourself for a worker you start by hand, and give the trainer the same). Without that
+variable it refuses to start. POSTs must be `Content-Type: application/json` (a web
+page cannot send that to another origin without the browser asking first), with a
+Content-Length within --max-body-mb. Each connection is served on its own thread and
+dropped after --idle-timeout-s of silence, so a connection left open blocks no one.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import hmac
 import io
 import json
+import os
 import sys
+import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+TOKEN_ENV = "PEBR_VLLM_TOKEN"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -50,6 +64,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-batch", type=int, default=32, help="requests per vLLM call")
+    parser.add_argument("--max-body-mb", type=int, default=256, help="largest request body")
+    parser.add_argument(
+        "--idle-timeout-s", type=float, default=60.0, help="drop a connection silent this long"
+    )
     parser.add_argument(
         "--exit-with-stdin",
         action="store_true",
@@ -73,6 +91,15 @@ def exit_when_stdin_closes() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        print(
+            f"vllm_worker.py: set {TOKEN_ENV} to a secret token (the trainer sends the same "
+            "one; e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            file=sys.stderr,
+        )
+        return 2
+    expected = f"Bearer {token}".encode()
     if args.exit_with_stdin:
         exit_when_stdin_closes()
     from PIL import Image
@@ -143,18 +170,41 @@ def main(argv: list[str] | None = None) -> int:
             )
         return {"outputs": outputs}
 
-    def reload_weights(body: dict) -> dict:
-        start = time.perf_counter()
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": body["path"]})
+    good = {"path": None}  # the last folder loaded in full (None: the start model)
+
+    def load(path: str) -> None:
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         llm.reset_prefix_cache()
         llm.llm_engine.reset_encoder_cache()
+
+    def reload_weights(body: dict) -> dict:
+        start = time.perf_counter()
+        try:
+            load(body["path"])
+        except Exception as err:
+            # Half a load would leave every later request failing: serve the last good
+            # weights again, and say the load failed.
+            load(good["path"] or args.model)
+            raise RuntimeError(f"{err}; the previous weights were loaded again") from err
+        good["path"] = body["path"]
         return {"seconds": time.perf_counter() - start}
 
     routes = {"/generate": generate, "/reload_weights": reload_weights}
+    busy = threading.Lock()  # one generation or load at a time; vLLM's LLM is not shared
+    max_body = args.max_body_mb << 20
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = args.idle_timeout_s  # a silent connection is dropped, not waited on
+
         def log_message(self, *_: object) -> None:  # keep stdout for the ready line
             pass
+
+        def allowed(self) -> bool:
+            given = (self.headers.get("Authorization") or "").encode()
+            if hmac.compare_digest(given, expected):
+                return True
+            self.reply(401, {"error": "missing or wrong token (Authorization: Bearer ...)"})
+            return False
 
         def reply(self, code: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
@@ -165,23 +215,39 @@ def main(argv: list[str] | None = None) -> int:
             self.wfile.write(data)
 
         def do_GET(self) -> None:
+            if not self.allowed():
+                return
             if self.path == "/health":
-                self.reply(200, {"ok": True, "model": args.model})
+                health = {"ok": True, "model": args.model, "max_model_len": args.max_model_len}
+                self.reply(200, health)
             else:
                 self.reply(404, {"error": f"no route {self.path}"})
 
         def do_POST(self) -> None:
+            if not self.allowed():
+                return
             route = routes.get(self.path)
             if route is None:
                 self.reply(404, {"error": f"no route {self.path}"})
                 return
+            kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                self.reply(415, {"error": "Content-Type must be application/json"})
+                return
+            length = (self.headers.get("Content-Length") or "").strip()
+            if not length.isdigit() or int(length) > max_body:
+                self.reply(400, {"error": f"Content-Length must be 0..{max_body}"})
+                return
             try:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                self.reply(200, route(body))
+                body = json.loads(self.rfile.read(int(length)))
+                with busy:
+                    answer = route(body)
+                self.reply(200, answer)
             except Exception as err:  # the trainer shows it, naming the engine and step
                 self.reply(500, {"error": f"{type(err).__name__}: {err}"})
 
-    server = HTTPServer((args.host, args.port), Handler)
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
     print(f"PEBR_VLLM_READY {server.server_port}", flush=True)
     server.serve_forever()
     return 0

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from pebr_lightning.errors import PebrError, load_failure_reason
 from pebr_lightning.files import use_default_modes
+from pebr_lightning.models.finite import refuse_nonfinite
 from pebr_lightning.models.policy import PolicySpec
 
 # Module classes export rebuilds, by the class path LightningCLI records (`_class_path`).
@@ -247,6 +248,7 @@ def load_trained_policy(
         _load_sharded(ckpt.path, module, expected)
     else:
         module.load_state_dict({k: ckpt.state_dict[k] for k in expected}, strict=False)
+    refuse_nonfinite(module.named_parameters(), str(ckpt.path))
     return built
 
 

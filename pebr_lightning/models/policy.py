@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pebr_lightning.errors import PebrError
+from pebr_lightning.models.finite import refuse_nonfinite
 from pebr_lightning.models.tiny import ensure_tiny_model, is_tiny_name
 
 # LoRA targets by default: the language model's attention and MLP projections.
@@ -238,6 +239,7 @@ def build_policy(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    refuse_nonfinite(model.named_parameters(), f"model {name_or_path}")
     processor = load_processor(name_or_path, trust_remote_code)
 
     if quantization is not None:

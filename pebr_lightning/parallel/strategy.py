@@ -126,6 +126,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         model_state = {"state_dict": get_model_state_dict(module)}
         load_sharded_state(model_state, path)
         module.load_state_dict(model_state["state_dict"], strict=strict)
+        self._refuse_nonfinite(model_state["state_dict"], path)
         for index, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{index}"
             optim_state = {key: get_optimizer_state_dict(module, optimizer)}
@@ -137,6 +138,22 @@ class FSDP2Strategy(ModelParallelStrategy):
                 options=StateDictOptions(cpu_offload=True),
             )
         return _read_meta(path / "meta.pt")
+
+    def _refuse_nonfinite(self, state: dict[str, Any], path: Any) -> None:
+        """Every rank stops when any rank's shard holds NaN or inf (a rank alone raising
+        would leave the others waiting in the next collective)."""
+        import torch
+
+        from pebr_lightning.models.finite import nonfinite_names, refuse_nonfinite
+
+        bad = nonfinite_names(state.items())
+        count = torch.tensor(float(len(bad)), device=self.root_device)
+        total = int(self.reduce(count, reduce_op="sum").item())
+        if total and not bad:
+            from pebr_lightning.errors import PebrError
+
+            raise PebrError(f"{path}: {total} weight shard(s) on other ranks hold NaN or inf")
+        refuse_nonfinite(state.items(), str(path))
 
     def shard_settings(self) -> dict[str, Any]:
         """Keyword arguments of `parallel.sharding.shard_policy` (dtypes as torch dtypes)."""

@@ -51,7 +51,95 @@ def probe_wheel(folder: Path) -> Path:
             "pebr_probe-1.0.dist-info/WHEEL,,\npebr_probe-1.0.dist-info/RECORD,,\n",
         )
     (folder / "PYTHON_VERSION").write_text("{}.{}\n".format(*sys.version_info[:2]))
+    gpu_wheels.write_manifest(folder)
     return wheel
+
+
+def planted_wheel(folder: Path, marker: Path) -> Path:
+    """A wheel whose sitecustomize.py (run by Python at every start, from any folder
+    on its path) touches `marker`."""
+    wheel = folder / "helpful-1.0-py3-none-any.whl"
+    info = "helpful-1.0.dist-info"
+    files = {
+        "sitecustomize.py": f"open({str(marker)!r}, 'w').close()\n",
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: helpful\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr(f"{info}/RECORD", "".join(f"{n},,\n" for n in files) + f"{info}/RECORD,,\n")
+    return wheel
+
+
+def gpu_check_sh(tmp_path: Path, carried: Path, site: Path | None = None):
+    env = {**os.environ, "PYTHON": sys.executable, "PEBR_GPU_WHEELS": str(carried)}
+    env.pop("PEBR_GPU_SITE", None)
+    if site is not None:
+        env["PEBR_GPU_SITE"] = str(site)
+    return subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--help"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+    )  # fmt: skip
+
+
+def test_a_wheel_not_in_the_manifest_is_refused_before_anything_installs(tmp_path) -> None:
+    """Before: every *.whl in the folder was installed, and a planted wheel's
+    sitecustomize.py ran in every Python the check started."""
+    carried, marker = tmp_path / "wheels", tmp_path / "ran"
+    probe_wheel(carried)
+    planted = planted_wheel(carried, marker)
+    result = gpu_check_sh(tmp_path, carried)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"error: {planted} is not in {carried / 'MANIFEST.json'}" in result.stderr
+    assert "installing" not in result.stdout and not marker.exists()
+
+
+def test_a_wheel_changed_since_the_manifest_is_refused(tmp_path) -> None:
+    carried = tmp_path / "wheels"
+    wheel = probe_wheel(carried)
+    with zipfile.ZipFile(wheel, "a") as z:
+        z.writestr("pebr_probe/extra.py", "X = 1\n")
+    result = gpu_check_sh(tmp_path, carried)
+    assert result.returncode == 1
+    assert f"error: {wheel} does not match its sha256" in result.stderr
+
+
+def test_a_listed_wheel_that_installs_a_startup_hook_is_refused(tmp_path) -> None:
+    carried, marker, site = tmp_path / "wheels", tmp_path / "ran", tmp_path / "site"
+    probe_wheel(carried)
+    planted_wheel(carried, marker)
+    gpu_wheels.write_manifest(carried)  # even listed (the manifest rewritten too)
+    result = gpu_check_sh(tmp_path, carried, site)
+    assert result.returncode == 1
+    assert "installs sitecustomize.py, which Python would run at start: refused" in result.stderr
+    assert not marker.exists()
+
+
+def test_the_scratch_folder_must_start_empty_and_a_default_one_is_fresh(tmp_path) -> None:
+    carried, site = tmp_path / "wheels", tmp_path / "site"
+    probe_wheel(carried)
+    site.mkdir()
+    (site / "left_over.py").write_text("")
+    result = gpu_check_sh(tmp_path, carried, site)
+    assert result.returncode == 1 and f"PEBR_GPU_SITE {site} is not empty" in result.stderr
+    result = gpu_check_sh(tmp_path, carried)  # no PEBR_GPU_SITE: a new folder, removed after
+    assert result.returncode == 0, result.stderr[-2000:]
+    made = Path(result.stdout.split("installing 1 carried wheels into ")[1].split()[0])
+    assert made.name.startswith("pebr-gpu-site.") and not made.exists()
+
+
+def test_stale_wheels_are_those_not_wanted_at_their_pin(tmp_path) -> None:
+    for name in ("peft-0.1-py3-none-any.whl", "peft-9.9-py3-none-any.whl",
+                 "nltk-3.0-py3-none-any.whl", "stray-1.0-py3-none-any.whl"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"")
+    pins = {"peft": "9.9", "nltk": "3.9"}
+    stale = gpu_wheels.stale_wheels(tmp_path, ["peft", "nltk"], pins)
+    assert [w.name for w in stale] == [
+        "nltk-3.0-py3-none-any.whl",
+        "peft-0.1-py3-none-any.whl",
+        "stray-1.0-py3-none-any.whl",
+    ]
 
 
 def test_cpu_dry_run_runs_every_section_and_records_its_figures(tmp_path) -> None:

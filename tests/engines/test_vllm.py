@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from pebr_lightning.data.datamodule import ManifestDataModule
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.engines import HFEngine, RolloutConfig, complete_records
+from pebr_lightning.engines.remote import TOKEN_ENV
 from pebr_lightning.engines.vllm_engine import VLLMEngine
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.policy import LoraConfig, build_policy
@@ -237,6 +238,13 @@ class Short(BaseHTTPRequestHandler):
     def log_message(self, *_):
         pass
 
+    def do_GET(self):
+        data = json.dumps({"ok": True, "max_model_len": 4096}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         out = [{"token_ids": [1], "logprobs": [-1.0], "finish_reason": "length"}]
@@ -248,7 +256,8 @@ class Short(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def short_server():
+def short_server(monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "a-token")  # a worker at a URL needs one; this one ignores it
     server = HTTPServer(("127.0.0.1", 0), Short)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
@@ -477,3 +486,93 @@ def test_fsdp2_on_two_processes_rolls_out_through_one_worker_like_one_process(
     assert set(a) == set(b) and any(k not in start or not torch.equal(a[k], start[k]) for k in a)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def raw(url: str, method: str, route: str, headers: dict, body: bytes | None = None):
+    """(status, body) of one plain HTTP request, as any local process could send it."""
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.request(method, route, body=body, headers=headers)
+        answer = connection.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        connection.close()
+
+
+def test_the_worker_answers_only_its_trainer(tiny_path, shapes_data, tmp_path):
+    """Before: no authentication, text/plain accepted (a web page can send that without
+    a preflight), one idle connection blocked the single-threaded server, and
+    `Content-Length: -1` too. Any local process could load weights into it."""
+    import socket
+
+    records = load_manifest(shapes_data["val"]).records[:2]
+    built = build_policy(str(tiny_path))
+    engine = VLLMEngine(built.processor, str(tiny_path), str(vllm_python()), dtype="float32")
+    try:
+        with open(f"/proc/{engine.process.pid}/cmdline", "rb") as cmdline:
+            assert engine.token.encode() not in cmdline.read()  # not on the command line
+        body = json.dumps({"path": str(tmp_path)}).encode()
+        json_type = {"Content-Type": "application/json"}
+        assert raw(engine.url, "GET", "/health", {})[0] == 401
+        wrong = {"Authorization": "Bearer " + "x" * len(engine.token)}
+        assert raw(engine.url, "POST", "/reload_weights", {**json_type, **wrong}, body)[0] == 401
+        right = {"Authorization": f"Bearer {engine.token}"}
+        plain = {"Content-Type": "text/plain", **right}
+        assert raw(engine.url, "POST", "/reload_weights", plain, body)[0] == 415
+        negative = {**json_type, **right, "Content-Length": "-1"}
+        status, _ = raw(engine.url, "POST", "/generate", negative, None)
+        assert status == 400
+        before = texts(engine, built.processor, records)
+        idle = socket.create_connection(urllib_host_port(engine.url))  # opened, never used
+        try:
+            assert texts(engine, built.processor, records) == before  # served all the same
+        finally:
+            idle.close()
+    finally:
+        engine.close()
+
+
+def urllib_host_port(url: str) -> tuple[str, int]:
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname, parts.port
+
+
+def test_a_failed_weight_load_leaves_the_worker_serving_the_last_good_weights(
+    tiny_path, shapes_data, untied_path, tmp_path
+):
+    """Before: one failed /reload_weights left the worker answering 500 to every later
+    /generate. Now it loads the last good weights again and says the load failed."""
+    records = load_manifest(shapes_data["val"]).records[:2]
+    built = build_policy(str(untied_path))
+    engine = VLLMEngine(built.processor, str(untied_path), str(vllm_python()), dtype="float32")
+    try:
+        stir(built.model, 0, ("lm_head",))
+        engine.sync_weights(built.model)
+        synced = texts(engine, built.processor, records)
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+        with pytest.raises(PebrError) as failed:
+            engine._post("/reload_weights", {"path": str(broken)})
+        assert texts(engine, built.processor, records) == synced
+        assert "header too large; the previous weights were loaded again" in str(failed.value)
+    finally:
+        engine.close()
+
+
+def test_the_worker_refuses_to_start_without_a_token(tiny_path):
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    from pebr_lightning.engines.vllm_engine import WORKER
+
+    done = subprocess.run(
+        [str(vllm_python()), str(WORKER), "--model", str(tiny_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"set {TOKEN_ENV} to a secret token" in done.stderr

@@ -169,3 +169,26 @@ def test_export_refuses_a_payload_behind_a_decoy_entry(sharded, tmp_path, capsys
     assert f"error: {folder}: refused to load entry 'state_dict." in err
     assert "Traceback" not in err
     assert not marker.exists() and not out.exists()
+
+
+def test_a_sharded_checkpoint_holding_nan_is_refused_by_resume_and_export(
+    sharded, shapes_data, tmp_path, capsys
+) -> None:
+    """One NaN in one rank's shard: every rank stops (the other one is told), exit != 0,
+    nothing trained on it; `pebr export` refuses the folder too."""
+
+    def plant(state: dict) -> None:
+        key = next(k for k in state["state_dict"] if k.endswith("layers.0.mlp.up_proj.weight"))
+        state["state_dict"][key][0, 0] = float("nan")
+
+    folder = planted(sharded, tmp_path / "last.ckpt", plant)
+    run = tmp_path / "run"
+    code, out = fit([*sft_args(shapes_data["train"], run, 4), "--ckpt_path", str(folder)])
+    assert code != 0
+    assert "1 weight tensor(s) hold NaN or inf (" in out  # the rank holding it names it
+    assert "weight shard(s) on other ranks hold NaN or inf" in out
+    assert not list(run.rglob("last.hf"))
+    out_dir = tmp_path / "export"
+    assert main(["export", str(folder), "--out", str(out_dir)]) == 2
+    assert "hold NaN or inf" in capsys.readouterr().err
+    assert not out_dir.exists()

@@ -114,7 +114,7 @@ def test_sigterm_mid_schedule_exits_143_and_leaves_the_stage_unfinished(
     try:
         wait_for((stage, "lightning_logs/version_0/checkpoints/last.ckpt"), proc, "a checkpoint")
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
