@@ -119,9 +119,14 @@ def exclusive_lock(
     from pebr_lightning.errors import PebrError
 
     path = Path(folder) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # The folder itself is locked, not only the file: a lock file deleted while held
+    # would let the next run create a new one and lock that.
+    folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fd = -1
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            fcntl.flock(folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(fd)
@@ -142,7 +147,9 @@ def exclusive_lock(
         finally:
             os.ftruncate(fd, 0)  # a clean end leaves no holder behind
     finally:
-        os.close(fd)  # closing releases the flock
+        if fd != -1:
+            os.close(fd)  # closing releases the flocks
+        os.close(folder_fd)
 
 
 def _holder(fd: int) -> int | None:
@@ -154,3 +161,21 @@ def cache_dir() -> Path:
     """Where embedded models are kept: `$PEBR_CACHE` or `~/.cache/pebr_lightning`."""
     # An empty value counts as unset: Path("") would be the working directory.
     return Path(os.environ.get("PEBR_CACHE") or Path.home() / ".cache" / "pebr_lightning")
+
+
+# errno values that mean "no room": disk full, file too large, quota exceeded.
+_NO_ROOM = {28: "No space left on device", 27: "File too large", 122: "Disk quota exceeded"}
+
+
+def no_room_error(err: BaseException, path: str | Path) -> OSError | None:
+    """The OSError to report when `err`, raised while writing `path`, means the disk (or
+    a quota) is full; None otherwise. Libraries that write through their own code say so
+    without an OSError: safetensors raises `SafetensorError("... No space left on device
+    (os error 28)")`, which would reach the user as a traceback."""
+    if isinstance(err, OSError):
+        return err if err.errno in _NO_ROOM else None
+    text = str(err)
+    for number, words in _NO_ROOM.items():
+        if f"os error {number})" in text or words in text:
+            return OSError(number, words, str(path))
+    return None

@@ -46,3 +46,39 @@ def test_default_modes_undo_what_safetensors_and_mkdtemp_make(umask, tmp_path):
     use_default_modes(folder)
     assert mode(folder) == mode(folder / "sub") == 0o755
     assert mode(folder / "sub" / "model.safetensors") == 0o644
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path) -> None:
+    """Before: the lock was the file's alone, so deleting OUT/.pebr.lock while a schedule
+    held it let a second one create a new file, lock it and run beside the first."""
+    import subprocess
+    import sys
+    import time
+
+    from pebr_lightning.errors import PebrError
+    from pebr_lightning.files import LOCK_FILE, exclusive_lock
+
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time, pathlib\n"
+         "from pebr_lightning.files import exclusive_lock\n"
+         "with exclusive_lock(sys.argv[1], 'pebr schedule'):\n"
+         "    pathlib.Path(sys.argv[2]).touch()\n"
+         "    time.sleep(120)\n",
+         str(tmp_path), str(ready)],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        (tmp_path / LOCK_FILE).unlink()
+        refused = pytest.raises(PebrError, match="is in use by another pebr schedule")
+        with refused, exclusive_lock(tmp_path, "pebr schedule"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_lock(tmp_path, "pebr schedule", echo=lambda line: None):
+        pass  # free again once the holder is gone

@@ -37,7 +37,9 @@ def group_advantages(
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    grouped = _grouped(rewards, group_size)  # [B, G]
+    # float64 inside: the std of float32 rewards near their limit (3e38) squares past it,
+    # and a NaN advantage would skip every step; advantages come back in float32.
+    grouped = _grouped(rewards, group_size).double()  # [B, G]
     flat = zero_variance_groups(rewards, group_size)  # [B]
     centred = grouped - grouped.mean(-1, keepdim=True)  # [B, G]
     if scale == "group":
@@ -48,7 +50,8 @@ def group_advantages(
         std = grouped.std() if grouped.numel() > 1 else grouped.new_zeros(())
         centred = centred / (std + eps)
     advantages = centred.masked_fill(flat[:, None], 0.0)  # [B, G]
-    return advantages.reshape(-1)  # [B*G]
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    return advantages.reshape(-1).to(out_dtype)  # [B*G]
 
 
 def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:

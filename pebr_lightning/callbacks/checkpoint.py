@@ -16,6 +16,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from pebr_lightning.files import no_room_error
+
 
 def hf_dir(ckpt_path: str | Path) -> Path:
     """The Hugging Face folder that belongs to a Lightning checkpoint file."""
@@ -76,7 +78,16 @@ class HFCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("hf_checkpoint")
         # Every process calls it: with sharded weights gathering them is a collective
         # (modules/shared.py save_pretrained writes on rank 0 only).
-        module.save_pretrained(partial)
+        try:
+            module.save_pretrained(partial)
+        except BaseException as err:
+            # nothing half-written stays behind, and a full disk is said as such
+            if trainer.is_global_zero:
+                shutil.rmtree(partial, ignore_errors=True)
+            full = no_room_error(err, partial)
+            if full is not None and full is not err:
+                raise full from err
+            raise
         if trainer.is_global_zero:
             (partial / MARKER).write_text(json.dumps({"global_step": trainer.global_step}) + "\n")
             self._swap_in(partial, target)

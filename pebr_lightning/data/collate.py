@@ -7,6 +7,12 @@ knows both) and handed to the DataModule's loaders.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -57,6 +63,7 @@ class SFTCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         records = [item["record"] for item in items]
+        refuse_control_tokens(records, self.processor.tokenizer, RESPONSE_FIELDS)
         prompt = encode_prompts(self.processor, records, [i["image"] for i in items], self.prompt)
         tokenizer = self.processor.tokenizer
         end = tokenizer.eos_token  # <|im_end|> closes the assistant turn
@@ -83,6 +90,89 @@ class SFTCollator:
         return batch
 
 
+def control_tokens(tokenizer: Any) -> re.Pattern | None:
+    """A pattern matching the tokenizer's control-token strings (`<|im_end|>`,
+    `<|image_pad|>`, ...): the special tokens and the added tokens marked special."""
+    found = set(getattr(tokenizer, "all_special_tokens", []))
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            found.add(token.content)
+    found.discard("")
+    if not found:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True)))
+
+
+def refuse_control_tokens(
+    records: list[dict[str, Any]], tokenizer: Any, fields: tuple[str, ...]
+) -> None:
+    """ManifestError naming the sample and field whose text holds a control token.
+
+    The chat template pastes record text into the prompt, and the tokenizer reads a
+    control token's string as that token: `<|im_end|>` ends the user turn early (a
+    question could then forge an assistant turn the model is trained or rewarded on),
+    `<|image_pad|>` asks for image features that are not there. Data is text, so such
+    a record is refused rather than silently read as markup.
+    """
+    pattern = control_tokens(tokenizer)
+    if pattern is None:
+        return
+    for record in records:
+        for name in fields:
+            value = record.get(name)
+            texts = value if isinstance(value, list) else [value]
+            for text in texts:
+                match = pattern.search(text) if isinstance(text, str) else None
+                if match:
+                    raise ManifestError(
+                        f"sample {record.get('id')}: field {name!r} holds {match[0]!r}, a "
+                        "control token of the model's tokenizer: it would be read as that "
+                        "token, not as text (a turn ended or an image asked for); remove it "
+                        "from the data"
+                    )
+
+
+PROMPT_FIELDS = ("question",)
+"""Record fields the prompt is made of."""
+RESPONSE_FIELDS = ("description", "rationale", "reasoning", "answer")
+"""Record fields an SFT target is made of."""
+
+
+TEMPLATE_TIME_LIMIT_S = 30.0
+"""Seconds a batch of chat-template renders may take (PEBR_TEMPLATE_TIME_LIMIT_S)."""
+
+
+@contextmanager
+def template_time_limit(records: list[dict[str, Any]]) -> Iterator[None]:
+    """Stop a chat template that does not finish (a model folder's template that loops)
+    with an error naming it, instead of a run that hangs.
+
+    Rendering a template is Python code (Jinja), which a SIGALRM interrupts; milliseconds
+    are normal. Only the main thread of a process can take the alarm (the trainer's, or
+    a data-loader worker's); elsewhere the render runs unguarded.
+    """
+    seconds = float(os.environ.get("PEBR_TEMPLATE_TIME_LIMIT_S") or TEMPLATE_TIME_LIMIT_S)
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield
+        return
+
+    def expired(signum, frame) -> None:
+        first = records[0].get("id") if records else None
+        raise PebrError(
+            f"the model's chat template did not finish in {seconds:g} s (batch from sample "
+            f"{first}): it loops or is far too slow; fix chat_template in the model folder "
+            "(or raise PEBR_TEMPLATE_TIME_LIMIT_S)"
+        )
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def encode_prompts(
     processor: Any,
     records: list[dict[str, Any]],
@@ -91,12 +181,14 @@ def encode_prompts(
     padding_side: str = "right",
 ) -> dict[str, torch.Tensor]:
     """Chat-templated prompts with their image tokens expanded, padded on one side."""
-    texts = [
-        processor.apply_chat_template(
-            build_messages(r, prompt), add_generation_prompt=True, tokenize=False
-        )
-        for r in records
-    ]
+    refuse_control_tokens(records, processor.tokenizer, PROMPT_FIELDS)
+    with template_time_limit(records):
+        texts = [
+            processor.apply_chat_template(
+                build_messages(r, prompt), add_generation_prompt=True, tokenize=False
+            )
+            for r in records
+        ]
     return processor(
         text=texts, images=images, return_tensors="pt", padding=True, padding_side=padding_side
     )

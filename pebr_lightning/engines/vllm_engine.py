@@ -74,6 +74,9 @@ from pebr_lightning.parallel.sharding import full_state_dict, is_sharded
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 READY = "PEBR_VLLM_READY"
+FOLDER_PREFIX = "pebr-vllm-"
+"""Each engine's temporary folder (weights it syncs, the worker's temp files) is
+<tmp>/pebr-vllm-<trainer pid>-<random>."""
 LOGPROB_SLACK = 1e-3
 """How far above 0 a reported log-prob may be (float rounding) and still be taken."""
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -143,7 +146,8 @@ class VLLMEngine:
         self.url: str | None = None
 
         def start() -> None:
-            self.folder = Path(tempfile.mkdtemp(prefix="pebr-vllm-"))
+            remove_stale_folders()
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
             if vllm_url is not None:
                 self.url = vllm_url.rstrip("/")
                 self.token = token_from_env()
@@ -337,15 +341,26 @@ class VLLMEngine:
             command += ["--max-lora-rank", str(rank)]
         # the token goes in the environment: a command line is readable by every user
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", TOKEN_ENV: self.token}
+        # vLLM's own temporary files (a vllm_dist_* rendezvous file per start) go into
+        # this engine's folder, removed with it, or by the next engine after a kill -9
+        scratch = self.folder / "tmp"
+        scratch.mkdir(exist_ok=True)
+        env["TMPDIR"] = str(scratch)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        try:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        except OSError as err:  # a mistyped path, or not an executable
+            raise PebrError(
+                f"rollout.vllm_python {python}: cannot start it ({err.strerror}); give the "
+                "interpreter of a vLLM environment (`make vllm-env`: .vllm-env/bin/python)"
+            ) from None
         port: list[int] = []
         # stderr is drained from the start (a full pipe would stop the worker before it
         # is ready); its last lines go into the error when it never becomes ready
@@ -424,6 +439,20 @@ class VLLMEngine:
             self.close()
 
 
+def remove_stale_folders() -> list[Path]:
+    """Remove the temporary folders of engines whose trainer is gone (killed with
+    SIGKILL, it could not): a full-weight run leaves a whole model in each."""
+    from pebr_lightning.files import process_alive
+
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
+        pid = folder.name[len(FOLDER_PREFIX) :].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def default_max_model_len(model: str) -> int:
     """The model folder's max_position_embeddings, at most DEFAULT_MAX_MODEL_LEN."""
     from transformers import AutoConfig
@@ -479,4 +508,4 @@ def png(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-__all__ = ["VLLMEngine", "check_outputs", "png"]
+__all__ = ["VLLMEngine", "check_outputs", "png", "remove_stale_folders"]

@@ -12,7 +12,7 @@ never pebr_lightning.
 It prints `PEBR_VLLM_READY <port>` on stdout once it serves, then answers JSON over
 HTTP, one generation or weight load at a time:
 
-    GET  /health                -> {"ok": true, "model": DIR, "max_model_len": N}
+    GET  /health                -> {"ok": true, "max_model_len": N}
     POST /generate              {"requests": [{"prompt": TEXT, "images": [PNG base64],
                                                "seed": INT or null}, ...],
                                  "sampling": {"temperature", "top_p", "top_k",
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             if not self.allowed():
                 return
             if self.path == "/health":
-                health = {"ok": True, "model": args.model, "max_model_len": args.max_model_len}
+                # no model path: where the weights are is not the caller's business
+                health = {"ok": True, "max_model_len": args.max_model_len}
                 self.reply(200, health)
             else:
                 self.reply(404, {"error": f"no route {self.path}"})

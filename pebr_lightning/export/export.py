@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from pebr_lightning.errors import PebrError, load_failure_reason
-from pebr_lightning.files import use_default_modes
+from pebr_lightning.files import no_room_error, use_default_modes
 from pebr_lightning.models.finite import refuse_nonfinite
 from pebr_lightning.models.policy import PolicySpec
 
@@ -134,8 +134,11 @@ def export_checkpoint(
             _save_merged(lit, spec, tmp / "merged")
         use_default_modes(tmp)  # safetensors writes 0o600: others could not load the export
         _replace_dir(tmp, out, overwrite)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = no_room_error(err, tmp)
+        if full is not None and full is not err:
+            raise full from err
         raise
     return ExportResult(
         kind=kind, dtype=name, adapter=adapter, merged=merged, lora=spec.lora is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pebr_lightning.errors import PebrError
+from pebr_lightning.errors import PebrError, load_failure_reason
 from pebr_lightning.models.finite import refuse_nonfinite
 from pebr_lightning.models.tiny import ensure_tiny_model, is_tiny_name
 
@@ -238,7 +239,15 @@ def build_policy(
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        try:
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as err:
+            # peft reads an adapter_model.bin with torch.load(weights_only=True); say why
+            # it was refused without torch's advice to retry unsafely
+            raise PebrError(
+                f"cannot load the adapter in {path}: {load_failure_reason(err)}; only "
+                "adapter_model.safetensors, or a .bin of plain tensors, is read"
+            ) from None
     refuse_nonfinite(model.named_parameters(), f"model {name_or_path}")
     processor = load_processor(name_or_path, trust_remote_code)
 

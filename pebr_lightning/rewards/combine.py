@@ -103,14 +103,17 @@ class RewardSet:
         self.rewards = list(rewards)
         if not self.rewards:
             raise PebrError("no rewards configured: name at least one under `rewards`")
-        seen: set[str] = set()
+        seen: dict[str, str] = {}
         for item in self.rewards:
-            if item.reward.name in seen:
+            # compared in any case: metric keys and reports that differ only in case
+            # are easily read as one another
+            twin = seen.get(item.reward.name.casefold())
+            if twin is not None:
                 raise PebrError(
-                    f"two configured rewards are both named {item.reward.name!r}; "
+                    f"two configured rewards are named {twin!r} and {item.reward.name!r}; "
                     "give one a different name through its init_args if it supports that"
                 )
-            seen.add(item.reward.name)
+            seen[item.reward.name.casefold()] = item.reward.name
             if not math.isfinite(item.weight) or item.weight < 0:
                 raise PebrError(
                     f"reward {item.reward.name!r}: weight must be finite and >= 0, "
@@ -172,7 +175,9 @@ class RewardSet:
             # Each reward reads its own copy: one that edits a sample (an answer
             # normalised in place, say) cannot change what the rewards after it grade.
             own = copy.deepcopy(samples)
-            scores, components, faults = _run_one(item, completions, own, context, ids)
+            scores, components, faults = _run_one(
+                item, list(completions), own, _own_context(context), ids
+            )
             name = item.reward.name
             result.per_reward[name] = scores
             result.faults[name] = faults
@@ -360,6 +365,28 @@ def _call(
             raise _exited(item, box["error"])
         raise box["error"]
     return box["output"]
+
+
+def _own_context(context: dict[str, Any]) -> dict[str, Any]:
+    """The context with its lists copied and the images in them too (each distinct
+    image once: a group's members share one), so a reward that draws on an image or
+    reorders a list changes nothing for the rewards after it, nor for the trainer.
+    The tokenizer, processor and device are shared as they are."""
+    from PIL import Image
+
+    copies: dict[int, Any] = {}
+
+    def own(value: Any) -> Any:
+        if isinstance(value, Image.Image):
+            if id(value) not in copies:
+                copies[id(value)] = value.copy()
+            return copies[id(value)]
+        return value
+
+    return {
+        key: [own(v) for v in value] if isinstance(value, list | tuple) else value
+        for key, value in context.items()
+    }
 
 
 def _exited(item: WeightedReward, err: SystemExit) -> RewardError:

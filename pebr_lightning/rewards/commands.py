@@ -82,8 +82,8 @@ def _list(args: argparse.Namespace) -> int:
     for entry in registry.shadowing():
         print(
             f"warning: distribution {entry.dist!r} registers {entry.name!r}, the name of a "
-            f"built-in reward: {entry.name!r} stays the built-in, and this plugin's reward "
-            f"is {entry.qualified_name!r}",
+            "built-in reward (in some case): the plain name stays the built-in's, and this "
+            f"plugin's reward is {entry.qualified_name!r}",
             file=sys.stderr,
         )
     rows = [("NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION")]

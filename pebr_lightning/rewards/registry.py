@@ -283,14 +283,19 @@ def display_names() -> list[str]:
     counts: dict[str, int] = {}
     for entry in entries:
         counts[entry.name] = counts.get(entry.name, 0) + 1
-    return [e.name if e.builtin or counts[e.name] == 1 else e.qualified_name for e in entries]
+    shadows = {id(e) for e in shadowing()}
+    return [
+        e.name if e.builtin or (counts[e.name] == 1 and id(e) not in shadows) else e.qualified_name
+        for e in entries
+    ]
 
 
 def shadowing() -> list[RewardEntry]:
-    """Plugin entries registered under a built-in reward's name (reachable as dist:name)."""
+    """Plugin entries registered under a built-in reward's name, or that name in other
+    case (`Accuracy`): reachable as dist:name only, so no case slip picks a plugin."""
     entries = available()
-    reserved = {e.name for e in entries if e.builtin}
-    return [e for e in entries if e.name in reserved and not e.builtin]
+    reserved = {e.name.casefold() for e in entries if e.builtin}
+    return [e for e in entries if e.name.casefold() in reserved and not e.builtin]
 
 
 def resolve(name: str) -> RewardEntry:
@@ -309,6 +314,13 @@ def resolve(name: str) -> RewardEntry:
     else:
         matches = [e for e in entries if e.name == name]
         matches = [e for e in matches if e.builtin] or matches
+        builtin = [e.name for e in entries if e.builtin and e.name.casefold() == name.casefold()]
+        if builtin and not any(e.builtin for e in matches):
+            plugins = ", ".join(repr(e.qualified_name) for e in matches) or "none installed"
+            raise RewardLookupError(
+                f"reward name {name!r} differs from the built-in {builtin[0]!r} only in case: "
+                f"write {builtin[0]!r} for the built-in, or a plugin's as dist:name ({plugins})"
+            )
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:

@@ -144,6 +144,7 @@ def load_schedule(path: str | Path) -> Schedule:
                         f"stages.sample.{key}", f"unknown (expected {', '.join(SAMPLE_KEYS)})"
                     )
             sample = dict(spec)
+            _check_sample(sample, fail)  # before any stage runs, not after SFT
             continue
         allowed = {"config", "args", "split", "start_from", "manifest"}
         for key in spec:
@@ -184,6 +185,25 @@ def load_schedule(path: str | Path) -> Schedule:
         device=device,
         dtype=dtype,
     )
+
+
+def _check_sample(spec: dict[str, Any], fail: Any) -> None:
+    """The sample stage's numbers: k, easy_min, hard_max (their order), limit."""
+    from pebr_lightning.difficulty.sampler import SampleSettings
+    from pebr_lightning.difficulty.split import check_thresholds
+
+    for key in ("k", "easy_min", "hard_max", "limit", "max_new_tokens", "batch_size", "seed"):
+        value = spec.get(key)
+        nullable = key in ("easy_min", "limit")
+        if value is None and (nullable or key not in spec):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise fail(f"stages.sample.{key}", f"expected a whole number >= 0, got {value!r}")
+    k = spec.get("k", SampleSettings.k)
+    try:
+        check_thresholds(k, spec.get("easy_min"), spec.get("hard_max", SampleSettings.hard_max))
+    except PebrError as err:
+        raise fail("stages.sample", str(err).removeprefix("sample: ")) from None
 
 
 def _device_name(value: Any) -> bool:

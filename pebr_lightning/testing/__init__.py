@@ -2,6 +2,7 @@
 
 from pebr_lightning.testing.faults import (
     ExitingReward,
+    FillDiskBeforeHF,
     GILHoggingReward,
     HangingReward,
     KillAtStep,
@@ -26,6 +27,7 @@ from pebr_lightning.testing.snapshot import ParameterSnapshot
 
 __all__ = [
     "ExitingReward",
+    "FillDiskBeforeHF",
     "GILHoggingReward",
     "HangingReward",
     "KillAtStep",

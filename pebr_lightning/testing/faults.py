@@ -52,6 +52,26 @@ class KillBeforeHFSwap(HFCheckpoint):
         super()._swap_in(partial, target)
 
 
+class FillDiskBeforeHF(HFCheckpoint):
+    """HFCheckpoint that, before writing the `.hf` folder of step `step`, fills the
+    disk under its checkpoint folder up to `room` bytes left (a `filler` file beside
+    the checkpoints): the full disk lands in the `.hf` write, after the `.ckpt`."""
+
+    def __init__(self, step: int, room: int = 64 * 1024, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.step = step
+        self.room = room
+
+    def _save_hf(self, trainer, target: Path) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            stats = os.statvfs(target.parent)
+            free = stats.f_bavail * stats.f_frsize
+            with open(target.parent / "filler", "wb") as filler:
+                for _ in range(max(0, free - self.room) // (1 << 16)):
+                    filler.write(b"\0" * (1 << 16))
+        super()._save_hf(trainer, target)
+
+
 class HangingReward:
     """A reward whose call never returns (from step `step` on): the hung-plugin fault.
 

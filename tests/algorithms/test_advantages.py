@@ -99,3 +99,16 @@ def test_rewards_must_split_into_groups():
 def test_unknown_scale_is_rejected():
     with pytest.raises(ValueError, match="scale"):
         group_advantages(torch.zeros(4), group_size=2, scale="std")
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_rewards_near_the_float32_limit_give_finite_advantages(scale):
+    """Before: the std of +-3e38 squared past float32's range, every advantage was NaN
+    and every step was skipped. Hand value: rewards +-a in a group of 4 have mean 0 and
+    unbiased std a * sqrt(4/3), so each advantage is +-sqrt(3/4)."""
+    a = 3e38
+    rewards = torch.tensor([a, -a, a, -a], dtype=torch.float32)
+    advantages = group_advantages(rewards, 4, scale=scale)
+    assert advantages.dtype == torch.float32
+    expected = torch.tensor([1.0, -1.0, 1.0, -1.0]) * (3 / 4) ** 0.5
+    torch.testing.assert_close(advantages, expected)

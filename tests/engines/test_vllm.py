@@ -515,6 +515,13 @@ def test_the_worker_answers_only_its_trainer(tiny_path, shapes_data, tmp_path):
     try:
         with open(f"/proc/{engine.process.pid}/cmdline", "rb") as cmdline:
             assert engine.token.encode() not in cmdline.read()  # not on the command line
+        with open(f"/proc/{engine.process.pid}/environ", "rb") as environ:
+            # vLLM's temporary files (vllm_dist_*) go into the engine's own folder
+            assert f"TMPDIR={engine.folder / 'tmp'}".encode() in environ.read().split(b"\0")
+        status, text = raw(
+            engine.url, "GET", "/health", {"Authorization": f"Bearer {engine.token}"}
+        )
+        assert status == 200 and str(tiny_path) not in text  # the model path is not told
         body = json.dumps({"path": str(tmp_path)}).encode()
         json_type = {"Content-Type": "application/json"}
         assert raw(engine.url, "GET", "/health", {})[0] == 401

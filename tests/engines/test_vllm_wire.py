@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -305,3 +307,39 @@ def test_grpo_stops_on_impossible_engine_logprobs_instead_of_training_on_nothing
     assert code == 2, err[-3000:]
     assert "vllm engine (step 0): completion 0: log-prob inf is not a finite number <= 0" in err
     assert not list(tmp_path.rglob("*.ckpt"))  # no step was trained
+
+
+def test_folders_of_killed_trainers_are_removed_and_live_ones_kept(tiny_path, worker_of):
+    """Before: each engine's folder (a whole model on full-weight runs) and vLLM's
+    vllm_dist_* files stayed in /tmp after a kill -9. Now folders carry the trainer's
+    pid, the next engine removes those of dead trainers, and a started worker's own
+    temporary files go into its engine's folder."""
+    import subprocess
+    import sys
+    import tempfile
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    tmp = Path(tempfile.gettempdir())
+    stale = tmp / f"pebr-vllm-{int(gone.stdout)}-test"
+    (stale / "weights").mkdir(parents=True)
+    (stale / "weights" / "model.safetensors").write_bytes(b"x" * 1024)
+    live = tmp / f"pebr-vllm-{os.getpid()}-test"
+    live.mkdir()
+    try:
+        built = build_policy(str(tiny_path))
+        engine = VLLMEngine(built.processor, str(tiny_path), vllm_url=worker_of("ok").url)
+        assert not stale.exists() and live.exists()
+        assert engine.folder.name.startswith(f"pebr-vllm-{os.getpid()}-")
+        engine.close()
+        assert not engine.folder.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)
+
+
+def test_a_mistyped_vllm_python_is_one_clear_error(tiny_path, tmp_path) -> None:
+    built = build_policy(str(tiny_path))
+    missing = tmp_path / "vllm-env" / "bin" / "pyhton"
+    with pytest.raises(PebrError, match=f"rollout.vllm_python {missing}: cannot start it"):
+        VLLMEngine(built.processor, str(tiny_path), vllm_python=str(missing))

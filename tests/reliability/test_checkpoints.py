@@ -362,3 +362,50 @@ def test_a_sharded_folder_given_to_a_single_process_fit_is_a_clear_error(
     assert code == 2
     assert f"error: {folder}: a sharded checkpoint folder (written by FSDP2Strategy)" in err
     assert "Traceback" not in err and "IsADirectoryError" not in err
+
+
+def test_a_full_disk_during_the_hf_write_is_one_line_and_leaves_no_partial(small_disk, shapes_data):
+    """The disk fills after step 1's `.ckpt`, during its `.hf` folder (safetensors says
+    so as a SafetensorError, not an OSError). Before: a traceback, exit 1, and
+    `last.hf.partial` left on the full disk. Now: the one-line full-disk error, exit 2,
+    the partial folder removed, the `.ckpt` whole."""
+    root = small_disk / "run"
+    fill = {
+        "class_path": "pebr_lightning.testing.FillDiskBeforeHF",
+        "init_args": {"step": 1, "every_n_train_steps": 1, "save_last": True},
+    }
+    args = [
+        *sft_args(shapes_data["train"], root, steps=1)[:-3],
+        "--trainer.callbacks+",
+        json.dumps(fill),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "pebr_lightning.cli", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: cannot write") and "No space left" in last_line
+    assert ".hf.partial" in last_line and "Traceback" not in done.stderr
+    assert not [p for p in root.rglob("*partial*")]
+    for ckpt in root.rglob("*.ckpt"):
+        assert torch.load(ckpt, weights_only=True)["global_step"] == 1
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(
+    small_disk, tmp_path, shapes_data, capsys
+):
+    root = tmp_path / "run"
+    assert main(sft_args(shapes_data["train"], root, steps=1)) == 0
+    (ckpt,) = root.rglob("last.ckpt")
+    with open(small_disk / "filler", "wb") as filler:  # leave about 1 MB
+        stats = os.statvfs(small_disk)
+        filler.write(b"\0" * (stats.f_bavail * stats.f_frsize - (1 << 20)))
+    out = small_disk / "export"
+    capsys.readouterr()
+    assert main(["export", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write") and "No space left" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # nothing half-written

@@ -248,8 +248,11 @@ def test_component_faults(components: dict, bad: int, words: str) -> None:
 
 
 def test_reward_set_checks_its_configuration() -> None:
-    with pytest.raises(PebrError, match="both named 'a'"):
+    with pytest.raises(PebrError, match="rewards are named 'a' and 'a'"):
         rewards((Fixed("a", []), 1.0), (Fixed("a", []), 1.0))
+    # metric keys that differ only in case would be read as one another
+    with pytest.raises(PebrError, match="rewards are named 'accuracy' and 'Accuracy'"):
+        rewards((Fixed("accuracy", []), 1.0), (Fixed("Accuracy", []), 1.0))
     with pytest.raises(PebrError, match="every reward weight is 0"):
         rewards((Fixed("a", []), 0.0))
     with pytest.raises(PebrError, match="no rewards configured"):
@@ -321,3 +324,45 @@ def test_a_reward_that_edits_samples_changes_nothing_for_the_rewards_after_it() 
     result = reward_set(completions, records)
     assert result.per_reward["accuracy"] == [1.0, 1.0]
     assert records == [{"id": "s0", "answer": "3"}, {"id": "s1", "answer": "4"}]
+
+
+class Vandal:
+    """Paints the first image black and rewrites and reorders the completions list."""
+
+    name = "vandal"
+
+    def __call__(self, *, completions, samples, images, **context):
+        images[0].paste((0, 0, 0), (0, 0, *images[0].size))
+        completions[0] = "overwritten"
+        completions.reverse()
+        return [0.0] * len(samples)
+
+
+class Witness:
+    """Scores 1 where the completion and the image's first pixel are what they were."""
+
+    name = "witness"
+
+    def __init__(self, expected: list[str]) -> None:
+        self.expected = expected
+
+    def __call__(self, *, completions, samples, images, **context):
+        return [
+            float(text == want and image.getpixel((0, 0)) == (200, 100, 50))
+            for text, want, image in zip(completions, self.expected, images, strict=True)
+        ]
+
+
+def test_a_reward_that_edits_images_or_completions_changes_nothing_after_it() -> None:
+    """Before, only `samples` were copied per reward: one that drew on an image or
+    rewrote the completions list changed what the next reward scored, and the images
+    the trainer keeps. (The two completions share one image, as a group's members do.)"""
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    completions = ["first", "second"]
+    reward_set = rewards((Vandal(), 0.5), (Witness(["first", "second"]), 0.5))
+    result = reward_set(completions, [{"id": "s0"}, {"id": "s1"}], images=[image, image])
+    assert result.per_reward["witness"] == [1.0, 1.0]
+    assert completions == ["first", "second"]
+    assert image.getpixel((0, 0)) == (200, 100, 50)

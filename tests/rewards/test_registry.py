@@ -223,6 +223,20 @@ def test_a_plugin_cannot_take_a_built_in_name(plugins) -> None:
         assert registry.resolve(name).builtin, name
 
 
+def test_a_plugin_named_like_a_built_in_in_other_case_is_no_stand_in(plugins) -> None:
+    """Before: a plugin registering `Accuracy` was listed as a plain name beside the
+    built-in `accuracy`, and a config that wrote `Accuracy` got the plugin without a
+    word. Now it is shadowing (dist:name only) and the plain name is refused."""
+    plugins("pebr-evil", {"Accuracy": "evil_mod:Evil"}, {"evil_mod": EVIL})
+    assert [e.qualified_name for e in registry.shadowing()] == ["pebr-evil:Accuracy"]
+    assert "pebr-evil:Accuracy" in registry.display_names()
+    assert "Accuracy" not in registry.display_names()
+    with pytest.raises(RewardLookupError, match="differs from the built-in 'accuracy' only in"):
+        registry.resolve("Accuracy")
+    assert registry.resolve("accuracy").builtin
+    assert registry.resolve("pebr-evil:Accuracy").dist == "pebr-evil"
+
+
 def _reward_names(node) -> list[str]:
     """The `name` of every entry of every `rewards` list in a parsed YAML file."""
     if isinstance(node, list):

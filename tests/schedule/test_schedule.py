@@ -260,6 +260,14 @@ def test_a_missing_device_stops_the_schedule_before_any_stage(shapes_data, tmp_p
         ({"device": 0}, r"field 'device': expected auto or a torch device"),
         ({"dtype": "fp8"}, r"field 'dtype': expected one of auto, float32, bfloat16, float16"),
         ({"eval": {"device": "cuda"}}, r"field 'eval.device': set `device` at the top level"),
+        # Before: found only after SFT had run, when the sample stage started
+        (
+            {"stages": {"sample": {"k": 4, "easy_min": 6}}},
+            r"field 'stages.sample': thresholds need 0 <= hard_max < easy_min <= k",
+        ),
+        ({"stages": {"sample": {"k": 0}}}, r"field 'stages.sample': k must be >= 1"),
+        ({"stages": {"sample": {"k": "8"}}}, r"field 'stages.sample.k': expected a whole"),
+        ({"stages": {"sample": {"hard_max": -1}}}, r"field 'stages.sample.hard_max': expected"),
     ],
 )
 def test_bad_schedule_names_file_and_field(change, message, tmp_path):
