@@ -31,7 +31,8 @@ from pebr_lightning.rewards.registry import RewardSpec, build_reward
 
 MAX_LISTED_IDS = 5
 FLOAT32_MAX = 3.4028234663852886e38
-"""The largest |score| accepted: totals and advantages are computed in float32."""
+"""The largest |score| accepted: totals are kept in float32 (group statistics are
+computed in float64, so scores up to this limit still give finite advantages)."""
 
 
 class RewardError(PebrError):

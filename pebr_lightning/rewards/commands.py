@@ -79,11 +79,17 @@ def _list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no rewards installed (entry-point group {registry.GROUP!r})")
         return 0
+    builtins = {e.name for e in entries if e.builtin}
     for entry in registry.shadowing():
+        what = (
+            f"{entry.name!r}, the name of a built-in reward: {entry.name!r} stays the built-in"
+            if entry.name in builtins
+            else f"{entry.name!r}, a built-in reward's name in other case: it is refused as a "
+            "plain name"
+        )
         print(
-            f"warning: distribution {entry.dist!r} registers {entry.name!r}, the name of a "
-            "built-in reward (in some case): the plain name stays the built-in's, and this "
-            f"plugin's reward is {entry.qualified_name!r}",
+            f"warning: distribution {entry.dist!r} registers {what}, and this plugin's reward "
+            f"is {entry.qualified_name!r}",
             file=sys.stderr,
         )
     rows = [("NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION")]

@@ -539,6 +539,22 @@ def test_the_worker_answers_only_its_trainer(tiny_path, shapes_data, tmp_path):
             assert texts(engine, built.processor, records) == before  # served all the same
         finally:
             idle.close()
+        # a 169-megapixel PNG of a few hundred KB: refused from its header, not decoded
+        import base64
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("1", (13000, 13000)).save(buffer, format="PNG")
+        request = {
+            "prompt": "<|image_pad|>",
+            "images": [base64.b64encode(buffer.getvalue()).decode()],
+        }
+        body = {"requests": [request], "sampling": {"temperature": 0.0, "max_tokens": 2}}
+        with pytest.raises(PebrError, match="13000 x 13000 pixels is over --max-image-pixels"):
+            engine._post("/generate", body)
+        assert texts(engine, built.processor, records) == before
     finally:
         engine.close()
 

@@ -121,10 +121,13 @@ class Worker:
             handler.send_response(200)
             handler.send_header("Content-Length", str(len(data)))
             handler.end_headers()
-            for byte in data:
-                handler.wfile.write(bytes([byte]))
-                handler.wfile.flush()
-                time.sleep(0.5)
+            try:
+                for byte in data:
+                    handler.wfile.write(bytes([byte]))
+                    handler.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass  # the trainer hung up at its deadline, as it should
         elif self.behaviour == "huge":  # 1 GiB of padding inside a JSON string
             handler.send_response(200)
             handler.send_header("Content-Length", str(1 << 30))

@@ -192,3 +192,17 @@ def test_a_sharded_checkpoint_holding_nan_is_refused_by_resume_and_export(
     assert main(["export", str(folder), "--out", str(out_dir)]) == 2
     assert "hold NaN or inf" in capsys.readouterr().err
     assert not out_dir.exists()
+
+
+def test_a_truncated_shard_is_one_line_naming_the_folder(sharded, tmp_path, capsys) -> None:
+    """Before: DCP's CheckpointException derives from BaseException and went past every
+    handler: a traceback from `pebr export`."""
+    folder = tmp_path / "cut.ckpt"
+    shutil.copytree(sharded, folder)
+    shard = sorted(folder.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:1024])  # the weights of this rank cut off
+    out = tmp_path / "out"
+    assert main(["export", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {folder}: cannot read the shards: ")
+    assert "Traceback" not in err and not out.exists()
