@@ -8,6 +8,7 @@ from pebr_lightning.testing.faults import (
     KillAtStep,
     KillBeforeHFSwap,
     SlowReward,
+    TouchPayload,
 )
 from pebr_lightning.testing.rewards import (
     RewardCheckReport,
@@ -35,6 +36,7 @@ __all__ = [
     "ParameterSnapshot",
     "RewardCheckReport",
     "SlowReward",
+    "TouchPayload",
     "check_context_keys",
     "check_deterministic",
     "check_lengths",

@@ -146,3 +146,14 @@ class GILHoggingReward:
                 Path(self.marker).touch()
             re.match(r"(a+)+$", "a" * 64 + "b")
         return [0.5] * len(completions)
+
+
+class TouchPayload:
+    """Pickles to `os.system("touch MARKER")`: what a crafted checkpoint, adapter or
+    shard would run if it were ever unpickled; a test checks that MARKER never appears."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

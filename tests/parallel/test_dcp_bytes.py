@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -28,19 +27,10 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from pebr_lightning.cli import main
 from pebr_lightning.parallel.dcp_metadata import read_dcp_metadata
+from pebr_lightning.testing import TouchPayload
 from pebr_lightning.testing.processes import torchrun_fit
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Payload:
-    """Unpickles to `os.system("touch MARKER")`."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 # A checkpoint folder every 2 steps, each kept (epoch=0-step=2.ckpt, ...), and last.hf.
@@ -126,7 +116,7 @@ def test_resume_refuses_a_payload_in_the_optimizer_state(sharded, shapes_data, t
     marker = tmp_path / "ran"
 
     def plant(state: dict) -> None:
-        state["optimizer_0"]["param_groups"][0]["lr"] = Payload(marker)
+        state["optimizer_0"]["param_groups"][0]["lr"] = TouchPayload(marker)
 
     folder = planted(sharded, tmp_path / "last.ckpt", plant)
     run = tmp_path / "run"
@@ -146,7 +136,7 @@ def decoy_folder(clean: Path, folder: Path, marker: Path) -> Path:
     meta = read_dcp_metadata(folder)
     key = next(k for k, v in meta.state_dict_metadata.items() if k.startswith("state_dict."))
     blob = io.BytesIO()
-    torch.save(Payload(marker), blob)
+    torch.save(TouchPayload(marker), blob)
     (folder / "__payload.distcp").write_bytes(blob.getvalue())
     meta.state_dict_metadata["decoy"] = meta.state_dict_metadata[key]  # listed after `key`
     meta.planner_data["decoy"] = meta.planner_data[key]

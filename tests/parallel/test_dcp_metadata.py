@@ -7,7 +7,6 @@ before any of its bytes are unpickled the ordinary way, and a real one must stil
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -19,18 +18,9 @@ from pebr_lightning.cli import main
 from pebr_lightning.errors import PebrError
 from pebr_lightning.parallel import FSDP2Strategy
 from pebr_lightning.parallel.dcp_metadata import SafeFileSystemReader, read_dcp_metadata
+from pebr_lightning.testing import TouchPayload
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Payload:
-    """Unpickles to `os.system("touch MARKER")`."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def real_folder(folder: Path) -> Path:
@@ -47,7 +37,7 @@ def real_folder(folder: Path) -> Path:
 
 def crafted_folder(folder: Path, marker: Path) -> Path:
     real_folder(folder)
-    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    (folder / ".metadata").write_bytes(pickle.dumps(TouchPayload(marker)))
     return folder
 
 

@@ -3,21 +3,11 @@ one line that says why, never with torch's advice to load it unsafely."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
 from pebr_lightning.cli import main
 from pebr_lightning.models.policy import LoraConfig, build_policy
-
-
-class Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from pebr_lightning.testing import TouchPayload
 
 
 def test_a_pickled_adapter_is_refused_without_unsafe_advice(
@@ -30,7 +20,7 @@ def test_a_pickled_adapter_is_refused_without_unsafe_advice(
     built.model.save_pretrained(adapter, safe_serialization=False)
     assert (adapter / "adapter_model.bin").is_file()
     marker = tmp_path / "ran"
-    torch.save({"base_model.model.x": Payload(marker)}, adapter / "adapter_model.bin")
+    torch.save({"base_model.model.x": TouchPayload(marker)}, adapter / "adapter_model.bin")
     capsys.readouterr()
     code = main(
         ["eval", "--model", str(adapter), "--manifest", str(shapes_data["val"]),

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pebr_lightning.cli import main
+from pebr_lightning.testing import TouchPayload
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -323,14 +324,6 @@ def test_killed_between_checkpoint_and_its_hf_folder(tmp_path, shapes_data):
     torch.testing.assert_close(saved["model.embed_tokens.weight"], ours, rtol=0, atol=0)
 
 
-class Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_pickle_payload_is_refused_naming_it_without_torchs_unsafe_advice(
     tmp_path, shapes_data, capsys
 ):
@@ -339,7 +332,7 @@ def test_a_pickle_payload_is_refused_naming_it_without_torchs_unsafe_advice(
     the object the file asked for."""
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload(marker)}}, evil)
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": TouchPayload(marker)}}, evil)
     assert main([*sft_args(shapes_data["train"], tmp_path / "run"), "--ckpt_path", str(evil)]) == 2
     err = capsys.readouterr().err
     assert f"error: {evil}: not a readable checkpoint (" in err

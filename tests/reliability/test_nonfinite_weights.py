@@ -16,23 +16,15 @@ from safetensors.torch import load_file, save_file
 from pebr_lightning.cli import main
 from pebr_lightning.models.finite import nonfinite_names
 
-REPO = Path(__file__).resolve().parents[2]
+from .test_checkpoints import sft_args as checkpoint_args
+
 POISONED = "policy.model.language_model.layers.0.mlp.up_proj.weight"
 
 
 def sft_args(train: Path, root: Path, steps: int) -> list[str]:
-    return [
-        "fit",
-        "--config", str(REPO / "configs/demo/sft.yaml"),
-        "--data.init_args.train_manifest", str(train),
-        "--data.init_args.val_manifest", "null",
-        "--data.init_args.batch_size", "2",
-        "--data.init_args.num_workers", "0",
-        "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", "null",
-        "--trainer.limit_val_batches", "0",
-        "--trainer.default_root_dir", str(root),
-    ]  # fmt: skip
+    """The demo SFT config as test_checkpoints runs it, with the config's own single
+    checkpoint callback (one last.ckpt, one last.hf)."""
+    return checkpoint_args(train, root, steps)[:-3]
 
 
 @pytest.fixture(scope="module")

@@ -23,27 +23,11 @@ from pebr_lightning.cli import main
 from pebr_lightning.rewards.combine import RewardError, RewardSet, WeightedReward
 from pebr_lightning.testing import ExitingReward
 
+from .test_checkpoints import sft_args  # a checkpoint (and .hf) every step
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 PEBR = str(Path(sys.executable).with_name("pebr"))
-
-
-def sft_args(train: Path, root: Path, steps: int) -> list[str]:
-    """The demo SFT config, small batches, a checkpoint every step, no validation."""
-    return [
-        "--config", str(REPO / "configs/demo/sft.yaml"),
-        "--data.init_args.train_manifest", str(train),
-        "--data.init_args.val_manifest", "null",
-        "--data.init_args.batch_size", "2",
-        "--data.init_args.num_workers", "0",
-        "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", "null",
-        "--trainer.limit_val_batches", "0",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.callbacks+=pebr_lightning.callbacks.HFCheckpoint",
-        "--trainer.callbacks.every_n_train_steps=1",
-        "--trainer.callbacks.save_last=true",
-    ]  # fmt: skip
 
 
 def grpo_args(train: Path, root: Path, reward: dict, steps: int = 3) -> list[str]:
@@ -78,7 +62,7 @@ def test_sigterm_mid_fit_exits_143_and_says_where_it_stopped(tiny_path, shapes_d
     `pebr fit` exited 0, as a finished run does."""
     root = tmp_path / "run"
     proc = subprocess.Popen(
-        [PEBR, "fit", *sft_args(shapes_data["train"], root, 400)],
+        [PEBR, *sft_args(shapes_data["train"], root, 400)],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
