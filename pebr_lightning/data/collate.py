@@ -7,6 +7,7 @@ knows both) and handed to the DataModule's loaders.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -90,6 +91,7 @@ class SFTCollator:
         return batch
 
 
+@functools.lru_cache(maxsize=8)  # one pattern per tokenizer, not one per batch
 def control_tokens(tokenizer: Any) -> re.Pattern | None:
     """A pattern matching the tokenizer's control-token strings (`<|im_end|>`,
     `<|image_pad|>`, ...): the special tokens and the added tokens marked special."""

@@ -10,7 +10,8 @@ What the trainer asks of a worker's HTTP answer, whatever the engine behind it:
   other local process, and no web page, can drive the worker.
 
 Every failure is a `RemoteError` whose message says what went wrong in a few words;
-the engine adds its name and the training step.
+the engine adds its name and the training step. `check_outputs` checks the
+completions a worker answers (our worker protocol), whatever engine sent for them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import math
 import os
 import secrets
 import socket
@@ -29,6 +31,10 @@ TOKEN_ENV = "PEBR_VLLM_TOKEN"
 """The environment variable that holds a worker's token, on both sides: the trainer
 sets it for a worker it starts (a fresh token each time); a worker started by hand
 (`rollout.vllm_url`) reads it, and the trainer sends the same value."""
+
+
+LOGPROB_SLACK = 1e-3
+"""How far above 0 a reported log-prob may be (float rounding) and still be taken."""
 
 
 class RemoteError(Exception):
@@ -127,4 +133,47 @@ def _request(
         raise RemoteError(f"answered something that is not JSON: {start!r}") from None
 
 
-__all__ = ["TOKEN_ENV", "RemoteError", "get_json", "new_token", "post_json", "token_from_env"]
+def check_outputs(answer: Any, asked: int, max_tokens: int, vocab: int) -> list[dict]:
+    """The worker's completions, each checked; ValueError names the first bad one.
+
+    A completion is {"token_ids": [int], "logprobs": [float], "finish_reason": str}:
+    at most `max_tokens` ids, each in [0, vocab); as many log-probs, each finite and at
+    most 0 (a log-probability; +inf or -inf would turn every importance weight of the
+    engine correction into 0 or the cap, and train on nothing without a word).
+    """
+    outputs = answer.get("outputs") if isinstance(answer, dict) else None
+    if not isinstance(outputs, list):
+        raise ValueError("the answer has no `outputs` list")
+    if len(outputs) != asked:
+        raise ValueError(f"asked for {asked} completions, got {len(outputs)}")
+    for index, out in enumerate(outputs):
+        where = f"completion {index}"
+        if not isinstance(out, dict):
+            raise ValueError(f"{where} is {type(out).__name__}, not an object")
+        ids, logprobs = out.get("token_ids"), out.get("logprobs")
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise ValueError(f"{where}: token_ids is not a list of integers")
+        if len(ids) > max_tokens:
+            raise ValueError(f"{where}: {len(ids)} tokens, {max_tokens} were asked at most")
+        if bad := [i for i in ids if not 0 <= i < vocab]:
+            raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
+        if not isinstance(logprobs, list) or len(logprobs) != len(ids):
+            raise ValueError(f"{where}: logprobs is not a list as long as its {len(ids)} tokens")
+        for value in logprobs:
+            number = type(value) in (int, float)
+            if not number or not math.isfinite(value) or value > LOGPROB_SLACK:
+                raise ValueError(f"{where}: log-prob {value!r} is not a finite number <= 0")
+        if not isinstance(out.get("finish_reason"), str):
+            raise ValueError(f"{where}: finish_reason is not a string")
+    return outputs
+
+
+__all__ = [
+    "TOKEN_ENV",
+    "RemoteError",
+    "check_outputs",
+    "get_json",
+    "new_token",
+    "post_json",
+    "token_from_env",
+]

@@ -40,7 +40,6 @@ import collections
 import contextlib
 import io
 import itertools
-import math
 import os
 import re
 import secrets
@@ -62,6 +61,7 @@ from pebr_lightning.data.images import load_image
 from pebr_lightning.engines.remote import (
     TOKEN_ENV,
     RemoteError,
+    check_outputs,
     get_json,
     new_token,
     post_json,
@@ -77,8 +77,6 @@ READY = "PEBR_VLLM_READY"
 FOLDER_PREFIX = "pebr-vllm-"
 """Each engine's temporary folder (weights it syncs, the worker's temp files) is
 <tmp>/pebr-vllm-<trainer pid>-<random>."""
-LOGPROB_SLACK = 1e-3
-"""How far above 0 a reported log-prob may be (float rounding) and still be taken."""
 DEFAULT_MAX_MODEL_LEN = 8192
 """The worker's sequence length when none is given and the model allows more: its KV
 cache must hold one whole sequence, so the model's own limit (128k for Qwen2.5-VL)
@@ -466,41 +464,6 @@ def default_max_model_len(model: str) -> int:
     return min(int(limit), DEFAULT_MAX_MODEL_LEN)
 
 
-def check_outputs(answer: Any, asked: int, max_tokens: int, vocab: int) -> list[dict]:
-    """The worker's completions, each checked; ValueError names the first bad one.
-
-    A completion is {"token_ids": [int], "logprobs": [float], "finish_reason": str}:
-    at most `max_tokens` ids, each in [0, vocab); as many log-probs, each finite and at
-    most 0 (a log-probability; +inf or -inf would turn every importance weight of the
-    engine correction into 0 or the cap, and train on nothing without a word).
-    """
-    outputs = answer.get("outputs") if isinstance(answer, dict) else None
-    if not isinstance(outputs, list):
-        raise ValueError("the answer has no `outputs` list")
-    if len(outputs) != asked:
-        raise ValueError(f"asked for {asked} completions, got {len(outputs)}")
-    for index, out in enumerate(outputs):
-        where = f"completion {index}"
-        if not isinstance(out, dict):
-            raise ValueError(f"{where} is {type(out).__name__}, not an object")
-        ids, logprobs = out.get("token_ids"), out.get("logprobs")
-        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
-            raise ValueError(f"{where}: token_ids is not a list of integers")
-        if len(ids) > max_tokens:
-            raise ValueError(f"{where}: {len(ids)} tokens, {max_tokens} were asked at most")
-        if bad := [i for i in ids if not 0 <= i < vocab]:
-            raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
-        if not isinstance(logprobs, list) or len(logprobs) != len(ids):
-            raise ValueError(f"{where}: logprobs is not a list as long as its {len(ids)} tokens")
-        for value in logprobs:
-            number = type(value) in (int, float)
-            if not number or not math.isfinite(value) or value > LOGPROB_SLACK:
-                raise ValueError(f"{where}: log-prob {value!r} is not a finite number <= 0")
-        if not isinstance(out.get("finish_reason"), str):
-            raise ValueError(f"{where}: finish_reason is not a string")
-    return outputs
-
-
 def png(image: Any) -> str:
     """A PIL image as base64 PNG text."""
     buffer = io.BytesIO()
@@ -508,4 +471,4 @@ def png(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-__all__ = ["VLLMEngine", "check_outputs", "png", "remove_stale_folders"]
+__all__ = ["VLLMEngine", "png", "remove_stale_folders"]

@@ -32,7 +32,11 @@ def nonfinite_names(named: Iterable[tuple[str, Tensor]]) -> list[str]:
 
 def refuse_nonfinite(named: Iterable[tuple[str, Tensor]], source: str) -> None:
     """PebrError naming `source` and its first bad tensors when any is not finite."""
-    bad = nonfinite_names(named)
+    refuse_names(nonfinite_names(named), source)
+
+
+def refuse_names(bad: list[str], source: str) -> None:
+    """The PebrError of `refuse_nonfinite` for the bad tensor names already found."""
     if bad:
         listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise PebrError(
@@ -42,4 +46,4 @@ def refuse_nonfinite(named: Iterable[tuple[str, Tensor]], source: str) -> None:
         )
 
 
-__all__ = ["nonfinite_names", "refuse_nonfinite"]
+__all__ = ["nonfinite_names", "refuse_names", "refuse_nonfinite"]

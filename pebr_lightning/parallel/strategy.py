@@ -144,7 +144,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         would leave the others waiting in the next collective)."""
         import torch
 
-        from pebr_lightning.models.finite import nonfinite_names, refuse_nonfinite
+        from pebr_lightning.models.finite import nonfinite_names, refuse_names
 
         bad = nonfinite_names(state.items())
         count = torch.tensor(float(len(bad)), device=self.root_device)
@@ -153,7 +153,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             from pebr_lightning.errors import PebrError
 
             raise PebrError(f"{path}: {total} weight shard(s) on other ranks hold NaN or inf")
-        refuse_nonfinite(state.items(), str(path))
+        refuse_names(bad, str(path))
 
     def shard_settings(self) -> dict[str, Any]:
         """Keyword arguments of `parallel.sharding.shard_policy` (dtypes as torch dtypes)."""

@@ -7,7 +7,6 @@ from pebr_lightning.testing.faults import (
     HangingReward,
     KillAtStep,
     KillBeforeHFSwap,
-    SlowReward,
     TouchPayload,
 )
 from pebr_lightning.testing.rewards import (
@@ -35,7 +34,6 @@ __all__ = [
     "KillBeforeHFSwap",
     "ParameterSnapshot",
     "RewardCheckReport",
-    "SlowReward",
     "TouchPayload",
     "check_context_keys",
     "check_deterministic",

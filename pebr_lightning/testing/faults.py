@@ -72,13 +72,11 @@ class FillDiskBeforeHF(HFCheckpoint):
         super()._save_hf(trainer, target)
 
 
-class HangingReward:
-    """A reward whose call never returns (from step `step` on): the hung-plugin fault.
+class _FaultFromStep:
+    """A reward that scores 0.5 until `step`, then does its fault (`fault()`); it
+    touches `marker` (when given) first, so a test knows when to act."""
 
-    It touches `marker` (when given) on entering the hang, so a test knows when to act.
-    """
-
-    name = "hanging"
+    name = "fault"
 
     def __init__(self, step: int = 0, marker: str | None = None) -> None:
         self.step = step
@@ -88,64 +86,47 @@ class HangingReward:
         if context.get("global_step", 0) >= self.step:
             if self.marker:
                 Path(self.marker).touch()
-            while True:
-                time.sleep(3600)
+            self.fault()
         return [0.5] * len(completions)
 
-
-class SlowReward:
-    """A reward that scores 0.5 after `seconds` of sleep from step `step` on, touching
-    `marker` first: a run a test can signal mid-step without hanging it."""
-
-    name = "slow"
-
-    def __init__(self, step: int = 0, marker: str | None = None, seconds: float = 1.0) -> None:
-        self.step = step
-        self.marker = marker
-        self.seconds = seconds
-
-    def __call__(self, *, completions, samples, **context):
-        if context.get("global_step", 0) >= self.step:
-            if self.marker:
-                Path(self.marker).touch()
-            time.sleep(self.seconds)
-        return [0.5] * len(completions)
+    def fault(self) -> None:
+        raise NotImplementedError
 
 
-class ExitingReward:
+class HangingReward(_FaultFromStep):
+    """A reward whose call never returns (from step `step` on): the hung-plugin fault."""
+
+    name = "hanging"
+
+    def fault(self) -> None:
+        while True:
+            time.sleep(3600)
+
+
+class ExitingReward(_FaultFromStep):
     """A reward that calls `sys.exit(code)` from step `step` on (a library doing so)."""
 
     name = "exiting"
 
     def __init__(self, step: int = 0, code: int = 0) -> None:
-        self.step = step
+        super().__init__(step)
         self.code = code
 
-    def __call__(self, *, completions, samples, **context):
-        if context.get("global_step", 0) >= self.step:
-            sys.exit(self.code)
-        return [0.5] * len(completions)
+    def fault(self) -> None:
+        sys.exit(self.code)
 
 
-class GILHoggingReward:
+class GILHoggingReward(_FaultFromStep):
     """A reward stuck in one C call that never releases the GIL (catastrophic regex
-    backtracking) from step `step` on, touching `marker` first: neither a Python signal
-    handler nor another thread runs until it returns, in hours."""
+    backtracking) from step `step` on: neither a Python signal handler nor another
+    thread runs until it returns, in hours."""
 
     name = "gil_hog"
 
-    def __init__(self, step: int = 0, marker: str | None = None) -> None:
-        self.step = step
-        self.marker = marker
+    def fault(self) -> None:
+        import re
 
-    def __call__(self, *, completions, samples, **context):
-        if context.get("global_step", 0) >= self.step:
-            import re
-
-            if self.marker:
-                Path(self.marker).touch()
-            re.match(r"(a+)+$", "a" * 64 + "b")
-        return [0.5] * len(completions)
+        re.match(r"(a+)+$", "a" * 64 + "b")
 
 
 class TouchPayload:

@@ -19,8 +19,8 @@ import pytest
 from pebr_lightning.cli import main
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.engines import complete_records
-from pebr_lightning.engines.remote import TOKEN_ENV
-from pebr_lightning.engines.vllm_engine import VLLMEngine, check_outputs
+from pebr_lightning.engines.remote import TOKEN_ENV, check_outputs
+from pebr_lightning.engines.vllm_engine import VLLMEngine
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.policy import LoraConfig, build_policy
 from pebr_lightning.models.rollout import SamplingConfig
