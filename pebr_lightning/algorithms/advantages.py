@@ -1,13 +1,19 @@
-"""Group-relative advantages for GRPO.
+"""Group-relative advantages for GRPO, and the estimators a config chooses from.
 
-Every prompt is sampled G times; a completion's advantage is its reward minus the
-mean reward of its own group, optionally divided by a standard deviation:
+Every prompt is sampled G times; a completion's advantage is its reward minus a
+baseline made of its own group's rewards, optionally divided by a standard deviation:
 
-    scale="group"  A = (r - mean_group) / (std_group + eps)   GRPO (DeepSeekMath), PeBR-R1
-    scale="batch"  A = (r - mean_group) / (std_batch + eps)   std of all B*G rewards (TRL)
-    scale="none"   A =  r - mean_group                        Dr. GRPO (no std bias)
+    GroupNormalized  A = (r - mean_group) / (std_group + eps)   GRPO (DeepSeekMath), PeBR-R1
+    BatchNormalized  A = (r - mean_group) / (std_batch + eps)   std of all B*G rewards (TRL)
+    GroupCentred     A =  r - mean_group                        Dr. GRPO (no std bias)
+    LeaveOneOut      A =  r - mean of the other G - 1 rewards   RLOO (Ahmadian et al. 2024)
+                       = G / (G - 1) * (r - mean_group)
 
 Standard deviations are unbiased (Bessel), as in the paper's EasyR1/verl code.
+
+An estimator is any class whose instances map rewards [B*G] and G to advantages
+[B*G] (`AdvantageEstimator`); `loss.advantage` names one by class path
+(algorithms/variants.py), so a new one needs no change here.
 
 A group whose rewards are all equal carries no learning signal. Its advantages are
 set to exactly 0 rather than left to floating-point luck: the mean of equal floats
@@ -17,6 +23,8 @@ group, so G = 1 gives zeros rather than the NaN of an unbiased std over one elem
 """
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -54,6 +62,63 @@ def group_advantages(
     return advantages.reshape(-1).to(out_dtype)  # [B*G]
 
 
+def leave_one_out_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO advantages [B*G] from rewards [B*G]: each reward minus the mean of the other
+    G - 1 rewards of its group. Zero-variance groups and G = 1 give exactly 0."""
+    grouped = _grouped(rewards, group_size).double()  # [B, G]
+    flat = zero_variance_groups(rewards, group_size)  # [B]
+    if group_size == 1:
+        advantages = torch.zeros_like(grouped)
+    else:
+        others = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)  # [B, G]
+        advantages = (grouped - others).masked_fill(flat[:, None], 0.0)  # [B, G]
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    return advantages.reshape(-1).to(out_dtype)  # [B*G]
+
+
+@runtime_checkable
+class AdvantageEstimator(Protocol):
+    """Maps rewards [B*G] (each group's G completions contiguous, no NaN) to advantages [B*G]."""
+
+    def __call__(self, rewards: Tensor, group_size: int) -> Tensor: ...
+
+
+class GroupNormalized:
+    """GRPO's advantage: (r - group mean) / (group std + eps). The default."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = eps
+
+    def __call__(self, rewards: Tensor, group_size: int) -> Tensor:
+        return group_advantages(rewards, group_size, scale="group", eps=self.eps)
+
+
+class BatchNormalized:
+    """(r - group mean) / (std of every reward of the batch + eps), as TRL scales."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = eps
+
+    def __call__(self, rewards: Tensor, group_size: int) -> Tensor:
+        return group_advantages(rewards, group_size, scale="batch", eps=self.eps)
+
+
+class GroupCentred:
+    """Dr. GRPO's advantage: r - group mean, not divided by a std (a lucky right answer
+    in a group of wrong ones gets no extra weight)."""
+
+    def __call__(self, rewards: Tensor, group_size: int) -> Tensor:
+        return group_advantages(rewards, group_size, scale="none")
+
+
+class LeaveOneOut:
+    """RLOO: r - mean of the group's other G - 1 rewards (an unbiased baseline, since
+    it does not depend on the completion it is subtracted from)."""
+
+    def __call__(self, rewards: Tensor, group_size: int) -> Tensor:
+        return leave_one_out_advantages(rewards, group_size)
+
+
 def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
     """BoolTensor [B]: True where every reward of the group is equal (vanishing advantage).
 
@@ -78,16 +143,25 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
 
 
 def step_advantages(
-    rewards: Tensor, group_size: int, scale: str = "group", drop_zero_variance: bool = False
+    rewards: Tensor,
+    group_size: int,
+    estimator: AdvantageEstimator | None = None,
+    drop_zero_variance: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """A GRPO step's advantages [B*G] and the rows that enter the loss [B*G] bool.
 
     rewards [B*G] may hold NaN (no reward applied): such a row is filled with its
-    group's mean (advantage 0) and left out of the loss; with `drop_zero_variance`,
-    so are the groups whose rewards are all equal.
+    group's mean and left out of the loss; with `drop_zero_variance`, so are the
+    groups whose rewards are all equal. `estimator` defaults to GroupNormalized.
     """
+    estimator = GroupNormalized() if estimator is None else estimator
     filled, missing = fill_missing(rewards, group_size)  # [B*G], [B*G] bool
-    advantages = group_advantages(filled, group_size, scale=scale)  # [B*G]
+    advantages = estimator(filled, group_size)  # [B*G]
+    if advantages.shape != filled.shape:
+        raise ValueError(
+            f"advantage estimator {type(estimator).__name__} returned shape "
+            f"{tuple(advantages.shape)} for {tuple(filled.shape)} rewards"
+        )
     keep = ~missing
     if drop_zero_variance:
         keep &= ~zero_variance_groups(filled, group_size).repeat_interleave(group_size)

@@ -29,7 +29,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from pebr_lightning.algorithms.advantages import step_advantages
+from pebr_lightning.algorithms.advantages import AdvantageEstimator, step_advantages
+from pebr_lightning.algorithms.variants import build_variant
 from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, prompt_limit
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.engines import RolloutConfig, RolloutEngine, build_engine, timed_sync
@@ -179,6 +180,9 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         self.rollout_cfg = rollout
         self.engine: RolloutEngine | None = None
         self.loss_cfg = loss
+        self.advantage = build_variant(
+            loss.advantage, AdvantageEstimator, "model.init_args.loss.advantage"
+        )
         self.optim = optim
         self.micro_batch_size = micro_batch_size
         self.prompts_per_update = prompts_per_update
@@ -274,7 +278,7 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             part = self.resample(part)
         cfg, g = self.loss_cfg, self.sampling.group_size  # advantages [B*G], rows to train [B*G]
         advantages, keep = step_advantages(
-            part.scores.rewards, g, cfg.advantage_scale, cfg.drop_zero_variance
+            part.scores.rewards, g, self.advantage, cfg.drop_zero_variance
         )
         ref = self.reference_logprobs(part.prompt, part.rollout, part.features)
         # logprobs(rows [n]) -> [n, T] under the current policy, with gradients

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -24,10 +24,13 @@ from torch import Tensor
 
 from pebr_lightning.algorithms.engine_correction import engine_weights
 from pebr_lightning.algorithms.losses import accumulation_share, policy_loss
+from pebr_lightning.algorithms.variants import variant_spec
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.rollout import Rollout, SamplingConfig
 from pebr_lightning.modules.grpo_parts import Scores
 from pebr_lightning.parallel.sharding import any_across, clip_grad_norm, is_distributed, sum_across
+
+DEFAULT_ADVANTAGE = "pebr_lightning.algorithms.advantages.GroupNormalized"  # GRPO
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,12 @@ class GRPOLossConfig:
     """Reduction; dapo = token mean over the update batch of all processes (paper)."""
     importance_level: Literal["token", "sequence"] = "token"
     """Importance ratio per token (GRPO) or per sequence (GSPO)."""
-    advantage_scale: Literal["group", "batch", "none"] = "group"
-    """Divide advantages by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+    advantage: dict[str, Any] = field(default_factory=lambda: {"class_path": DEFAULT_ADVANTAGE})
+    """The advantage estimator, by class path (algorithms/advantages.py): GroupNormalized
+    (GRPO, the paper), BatchNormalized, GroupCentred (Dr. GRPO), LeaveOneOut (RLOO), or
+    any class of your own with the same call."""
+    advantage_scale: str | None = None
+    """Replaced by `advantage` (2026-12-05); set, it stops with the new key to write."""
     drop_zero_variance: bool = False
     """Leave groups whose rewards are all equal out of the loss (their advantage is 0)."""
     engine_correction: Literal[
@@ -67,6 +74,12 @@ class GRPOLossConfig:
     (algorithms/sections.py)."""
 
     def __post_init__(self) -> None:
+        if self.advantage_scale is not None:
+            raise PebrError(
+                f"loss.advantage_scale ({self.advantage_scale}) was replaced by loss.advantage; "
+                f"write advantage: {{class_path: {_former_advantage(self.advantage_scale)}}}"
+            )
+        object.__setattr__(self, "advantage", variant_spec(self.advantage, "loss.advantage"))
         if self.mu < 1:
             raise PebrError(f"loss.mu must be >= 1, got {self.mu}")
         if self.beta < 0:
@@ -75,6 +88,22 @@ class GRPOLossConfig:
             raise PebrError(
                 f"loss.engine_correction_cap must be > 0, got {self.engine_correction_cap}"
             )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Checkpoints written before 2026-12-05 hold advantage_scale: they load with
+        # the estimator it meant (pickle restores attributes without __init__).
+        state = dict(state)
+        scale = state.pop("advantage_scale", None)
+        if "advantage" not in state:
+            state["advantage"] = {"class_path": _former_advantage(scale), "init_args": {}}
+        state["advantage_scale"] = None
+        self.__dict__.update(state)
+
+
+def _former_advantage(scale: Any) -> str:
+    """The estimator an `advantage_scale` value (before 2026-12-05) selected."""
+    name = {"batch": "BatchNormalized", "none": "GroupCentred"}.get(str(scale), "GroupNormalized")
+    return f"pebr_lightning.algorithms.advantages.{name}"
 
 
 @dataclass(frozen=True)

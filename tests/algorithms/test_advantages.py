@@ -3,7 +3,17 @@ import math
 import pytest
 import torch
 
-from pebr_lightning.algorithms.advantages import group_advantages, zero_variance_groups
+from pebr_lightning.algorithms.advantages import (
+    AdvantageEstimator,
+    BatchNormalized,
+    GroupCentred,
+    GroupNormalized,
+    LeaveOneOut,
+    group_advantages,
+    leave_one_out_advantages,
+    step_advantages,
+    zero_variance_groups,
+)
 
 
 def test_group_scale_hand_values():
@@ -112,3 +122,53 @@ def test_rewards_near_the_float32_limit_give_finite_advantages(scale):
     assert advantages.dtype == torch.float32
     expected = torch.tensor([1.0, -1.0, 1.0, -1.0]) * (3 / 4) ** 0.5
     torch.testing.assert_close(advantages, expected)
+
+
+def test_leave_one_out_hand_values():
+    """RLOO: each reward minus the mean of the group's other rewards.
+
+    Group [3, 0, 0] (G = 3): 3 - (0 + 0) / 2 = 3; 0 - (3 + 0) / 2 = -1.5 (twice).
+    Group [1, 0, 0, 1] (G = 4): 1 - 1/3 = 2/3; 0 - 2/3 = -2/3.
+    Group [2, 2, 2]: all equal -> exactly 0.
+    """
+    torch.testing.assert_close(
+        leave_one_out_advantages(torch.tensor([3.0, 0.0, 0.0, 2.0, 2.0, 2.0]), 3),
+        torch.tensor([3.0, -1.5, -1.5, 0.0, 0.0, 0.0]),
+    )
+    torch.testing.assert_close(
+        LeaveOneOut()(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4),
+        torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]),
+    )
+    # the identity in the module docstring: G / (G - 1) times the group-centred value
+    rewards = torch.tensor([0.3, 0.9, 0.1, 0.5, 1.0, 0.0, 0.2, 0.7])
+    torch.testing.assert_close(
+        leave_one_out_advantages(rewards, 4), 4 / 3 * group_advantages(rewards, 4, scale="none")
+    )
+    assert leave_one_out_advantages(torch.tensor([1.0, 5.0]), 1).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "estimator, scale",
+    [(GroupNormalized(), "group"), (BatchNormalized(), "batch"), (GroupCentred(), "none")],
+    ids=["GroupNormalized", "BatchNormalized", "GroupCentred"],
+)
+def test_each_estimator_class_is_its_scale(estimator, scale):
+    rewards = torch.tensor([0.3, 0.9, 0.1, 0.5, 1.0, 0.0, 0.2, 0.7])
+    assert isinstance(estimator, AdvantageEstimator)
+    torch.testing.assert_close(estimator(rewards, 4), group_advantages(rewards, 4, scale=scale))
+
+
+def test_step_advantages_uses_the_estimator_it_is_given_and_checks_its_shape():
+    rewards = torch.tensor([1.0, 0.0, float("nan"), 1.0])  # one reward did not apply
+    advantages, keep = step_advantages(rewards, 4, LeaveOneOut())
+    # the missing row counts as its group's mean, 2/3: 1 - (0 + 2/3 + 1) / 3 = 4/9,
+    # 0 - (1 + 2/3 + 1) / 3 = -8/9, and the filled row 2/3 - (1 + 0 + 1) / 3 = 0
+    torch.testing.assert_close(advantages, torch.tensor([4 / 9, -8 / 9, 0.0, 4 / 9]))
+    assert keep.tolist() == [True, True, False, True]
+
+    class Halves:
+        def __call__(self, rewards, group_size):
+            return rewards[: rewards.numel() // 2]
+
+    with pytest.raises(ValueError, match=r"Halves returned shape \(2,\) for \(4,\) rewards"):
+        step_advantages(rewards, 4, Halves())

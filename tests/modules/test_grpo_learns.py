@@ -39,7 +39,13 @@ MARGIN = 0.04  # vowel-share points between the first and last window
 
 
 def train(
-    tiny_path, shapes_data, tmp_path: Path, reward: str, max_new_tokens: int, **init_args
+    tiny_path,
+    shapes_data,
+    tmp_path: Path,
+    reward: str,
+    max_new_tokens: int,
+    advantage: str = "GroupNormalized",
+    **init_args,
 ) -> list[float]:
     """The mean reward of each step of a short GRPO run with one reward of testing/."""
     name = {"VowelShareReward": "vowel_share", "LeadingVowelReward": "leading_vowel"}[reward]
@@ -56,7 +62,10 @@ def train(
         sampling=SamplingConfig(
             group_size=8, temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens
         ),
-        loss=GRPOLossConfig(beta=0.0),
+        loss=GRPOLossConfig(
+            beta=0.0,
+            advantage={"class_path": f"pebr_lightning.algorithms.advantages.{advantage}"},
+        ),
         optim=OptimConfig(lr=2e-3, weight_decay=0.0, schedule="constant"),
         micro_batch_size=32,
         log_samples_every_n_steps=0,
@@ -87,12 +96,23 @@ def first_last(values: list[float]) -> tuple[float, float]:
     return sum(values[:WINDOW]) / WINDOW, sum(values[-WINDOW:]) / WINDOW
 
 
-@pytest.mark.parametrize("negate", [False, True], ids=["raise", "lower"])
+@pytest.mark.parametrize(
+    "negate, advantage",
+    [(False, "GroupNormalized"), (True, "GroupNormalized"), (False, "LeaveOneOut")],
+    ids=["raise", "lower", "raise-rloo"],
+)
 def test_grpo_moves_a_movable_reward_in_the_direction_it_is_told(
-    negate, tiny_path, shapes_data, tmp_path
+    negate, advantage, tiny_path, shapes_data, tmp_path
 ):
+    """With GRPO's advantages (the default) and with RLOO's, chosen by class path."""
     rewards = train(
-        tiny_path, shapes_data, tmp_path, "VowelShareReward", max_new_tokens=12, negate=negate
+        tiny_path,
+        shapes_data,
+        tmp_path,
+        "VowelShareReward",
+        max_new_tokens=12,
+        advantage=advantage,
+        negate=negate,
     )
     # The logged reward is what the trainer maximised; compare the share itself.
     first, last = first_last([-r for r in rewards] if negate else rewards)

@@ -1,0 +1,127 @@
+"""Algorithm variants by class path: built from YAML, checked with errors that name the
+key, and stored in checkpoints as plain data."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pebr_lightning.algorithms.advantages import AdvantageEstimator, LeaveOneOut
+from pebr_lightning.algorithms.variants import build_variant
+from pebr_lightning.errors import PebrError, wrapped_user_error
+from pebr_lightning.modules.grpo_update import GRPOLossConfig
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "model.init_args.loss.advantage"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"class_path": "Nope"}, "'Nope' is not a dotted path to a class"),
+        ({"class_path": "no_such_pkg.Est"}, "failed to import: ModuleNotFoundError"),
+        ({"class_path": "math.pi"}, "is a float, not a class"),
+        (
+            {
+                "class_path": "pebr_lightning.algorithms.advantages.LeaveOneOut",
+                "init_args": {"x": 1},
+            },
+            "could not be constructed with init_args {'x': 1}: TypeError",
+        ),
+        ({"class_path": "collections.OrderedDict"}, "is not a AdvantageEstimator (Maps rewards"),
+        ({"class_path": "a.B", "args": {}}, "unknown keys ['args']"),
+        ({"init_args": {}}, ".class_path must be a dotted path to a class, got None"),
+        ("a.B", "must be a mapping with class_path"),
+    ],
+    ids=[
+        "no-dot",
+        "no-module",
+        "not-a-class",
+        "bad-args",
+        "wrong-kind",
+        "typo-key",
+        "no-path",
+        "str",
+    ],
+)
+def test_a_bad_variant_is_one_error_naming_the_key(spec, message):
+    with pytest.raises(PebrError) as info:
+        build_variant(spec, AdvantageEstimator, KEY)
+    assert str(info.value).startswith(KEY), str(info.value)
+    assert message in str(info.value)
+
+
+def _overlay(tmp_path: Path, loss: str) -> Path:
+    path = tmp_path / "variant.yaml"
+    path.write_text(f"model:\n  init_args:\n    loss:\n{textwrap.indent(loss, ' ' * 6)}")
+    return path
+
+
+def test_rloo_and_a_users_own_estimator_are_chosen_from_yaml(tmp_path, monkeypatch):
+    """Through LightningCLI, as `pebr fit --config` reads it; the user's class lives in
+    a module of their own that no pebr file names."""
+    from pebr_lightning.cli import cli
+
+    base = str(REPO / "configs" / "demo" / "reasoning.yaml")
+    rloo = _overlay(
+        tmp_path, "advantage:\n  class_path: pebr_lightning.algorithms.advantages.LeaveOneOut\n"
+    )
+    built = cli(["--config", base, "--config", str(rloo)], run=False)
+    assert isinstance(built.model.advantage, LeaveOneOut)
+    # what checkpoints keep: the path, as data
+    assert built.model.hparams["loss"]["advantage"]["class_path"].endswith(".LeaveOneOut")
+
+    (tmp_path / "my_estimators.py").write_text(
+        "class Sign:\n"
+        "    def __init__(self, scale=1.0):\n"
+        "        self.scale = scale\n"
+        "    def __call__(self, rewards, group_size):\n"
+        "        return self.scale * (rewards - rewards.view(-1, group_size).mean(-1)"
+        ".repeat_interleave(group_size)).sign()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    own = _overlay(
+        tmp_path, "advantage:\n  class_path: my_estimators.Sign\n  init_args: {scale: 2.0}\n"
+    )
+    built = cli(["--config", base, "--config", str(own)], run=False)
+    assert type(built.model.advantage).__name__ == "Sign" and built.model.advantage.scale == 2.0
+    out = built.model.advantage(torch.tensor([1.0, 0.0, 0.5, 0.5]), 2)
+    assert out.tolist() == [2.0, -2.0, 0.0, 0.0]
+
+
+def test_the_former_advantage_scale_key_stops_naming_the_new_one(tmp_path):
+    from pebr_lightning.cli import cli
+
+    old = _overlay(tmp_path, "advantage_scale: none\n")
+    base = str(REPO / "configs" / "demo" / "reasoning.yaml")
+    with pytest.raises(BaseException) as info:
+        cli(["--config", base, "--config", str(old)], run=False)
+    cause = wrapped_user_error(info.value)
+    assert cause is not None, info.value
+    assert str(cause) == (
+        "loss.advantage_scale (none) was replaced by loss.advantage; write advantage: "
+        "{class_path: pebr_lightning.algorithms.advantages.GroupCentred}"
+    )
+
+
+def test_a_config_pickled_before_the_change_loads_with_the_estimator_it_meant(tmp_path):
+    """A GRPOLossConfig saved with advantage_scale (before 2026-12-05), read back the way
+    checkpoints are read: weights_only, with pebr's config classes allowed."""
+    from pebr_lightning.export.export import _torch_load
+
+    old = GRPOLossConfig(beta=0.02)
+    state = dict(old.__dict__)
+    del state["advantage"]
+    state["advantage_scale"] = "batch"
+    object.__setattr__(old, "__dict__", state)  # the attributes an old pickle holds
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": {"loss": old}}, path)
+    loaded = _torch_load(path)["hyper_parameters"]["loss"]
+    assert loaded.beta == 0.02 and loaded.advantage_scale is None
+    assert loaded.advantage == {
+        "class_path": "pebr_lightning.algorithms.advantages.BatchNormalized",
+        "init_args": {},
+    }
