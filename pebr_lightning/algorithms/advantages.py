@@ -67,11 +67,9 @@ def leave_one_out_advantages(rewards: Tensor, group_size: int) -> Tensor:
     G - 1 rewards of its group. Zero-variance groups and G = 1 give exactly 0."""
     grouped = _grouped(rewards, group_size).double()  # [B, G]
     flat = zero_variance_groups(rewards, group_size)  # [B]
-    if group_size == 1:
-        advantages = torch.zeros_like(grouped)
-    else:
-        others = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)  # [B, G]
-        advantages = (grouped - others).masked_fill(flat[:, None], 0.0)  # [B, G]
+    # G = 1: every group is flat, so the 0 / 1 below is masked like the rest
+    others = (grouped.sum(-1, keepdim=True) - grouped) / max(group_size - 1, 1)  # [B, G]
+    advantages = (grouped - others).masked_fill(flat[:, None], 0.0)  # [B, G]
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     return advantages.reshape(-1).to(out_dtype)  # [B*G]
 

@@ -18,10 +18,10 @@ jsonargparse reads `class_path` in a typed field as a subclass to build.)
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from pebr_lightning.class_paths import NotDotted, import_dotted
 from pebr_lightning.errors import PebrError
 
 
@@ -51,13 +51,12 @@ def build_variant(spec: Mapping[str, Any], base: type, key: str) -> Any:
     spec = variant_spec(spec, key)
     class_path, init_args = spec["class_path"], spec["init_args"]
     where = f"{key}: class_path {class_path!r}"
-    module_name, sep, attr = class_path.partition(":")
-    if not sep:
-        module_name, _, attr = class_path.rpartition(".")
-    if not module_name or not attr:
-        raise PebrError(f"{where} is not a dotted path to a class, like my_pkg.module.MyClass")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
+        cls = import_dotted(class_path)
+    except NotDotted:
+        raise PebrError(
+            f"{where} is not a dotted path to a class, like my_pkg.module.MyClass"
+        ) from None
     except Exception as err:
         raise PebrError(f"{where} failed to import: {type(err).__name__}: {err}") from err
     if not isinstance(cls, type):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import importlib
 import inspect
 import math
 import re
@@ -37,6 +36,7 @@ from typing import Any, Literal
 
 from jsonargparse.typing import register_type
 
+from pebr_lightning.class_paths import NotDotted, import_dotted
 from pebr_lightning.errors import PebrError
 
 GROUP = "pebr_lightning.rewards"
@@ -347,15 +347,12 @@ def load_class(name: str) -> type:
 def import_class_path(class_path: str) -> type:
     """Import and check the class at a dotted path (`pkg.mod.Class` or `pkg.mod:Class`)."""
     origin = f"class_path {class_path!r}"
-    module_name, sep, attr = class_path.partition(":")
-    if not sep:
-        module_name, _, attr = class_path.rpartition(".")
-    if not module_name or not attr:
+    try:
+        target = import_dotted(class_path)
+    except NotDotted:
         raise PluginValidationError(
             f"{origin} is not a dotted path to a class, like my_pkg.rewards.MyReward"
-        )
-    try:
-        target = getattr(importlib.import_module(module_name), attr)
+        ) from None
     except Exception as err:
         raise PluginValidationError(
             f"reward {origin} failed to import: {type(err).__name__}: {err}"
