@@ -1,6 +1,7 @@
 """Deterministic synthetic "shapes" VQA data for the CPU demo and the tests.
 
-Each sample is a 112×112 picture of 1–5 coloured shapes on a light background,
+Each sample is a 112×112 picture of 1–4 coloured shapes on a light background,
+one per column of a grid of 28-px cells (one image token each),
 with a question about it and the perception targets that PeBR-R1 trains on: a
 short description, a one-sentence rationale, a few reasoning steps and keywords.
 The description lists the shapes left to right and states their number after the
@@ -61,11 +62,10 @@ PALETTE = {
     "yellow": (230, 195, 20),
 }
 
-_MIN_SIZE, _MAX_SIZE = 20, 30  # sides in px; 14-26 left colours unlearned (docs/RESULTS.md)
-_BORDER = 2  # free pixels kept between a shape and the image edge
-_GAP = 3  # free pixels kept between the bounding boxes of two shapes
-_MIN_X_GAP = 8  # centres this far apart in x keep "left to right" unambiguous
-_PLACEMENT_TRIES = 200
+_GRID = 4  # cells per side: 112 px / 28 px, the merged image tokens of Qwen-VL
+_CELL = IMAGE_SIZE // _GRID
+_MIN_SIZE, _MAX_SIZE = 18, 26  # sides in px, inside a 28-px cell with its border
+_BORDER = 1  # free pixels kept between a shape and its cell's edge
 _LETTERS = "ABCD"
 _RARE_ABSENT_COLOUR = 0.2  # share of count_colour questions that may ask for an absent colour
 
@@ -182,33 +182,32 @@ def _pick_question(shapes: list[dict], rng: random.Random) -> tuple[str, _Questi
 
 
 def _place_shapes(rng: random.Random) -> list[dict]:
-    """Rejection-sample 1–5 non-overlapping shapes with distinct x-centres, sorted left to right."""
-    shapes: list[dict] = []
-    for _ in range(rng.randint(1, 5)):
+    """1–4 shapes, one per column of a 4×4 grid of 28-px cells, each inside its cell.
+
+    The cells are the image tokens' own: Qwen-VL merges 2×2 patches of 14 px, so a
+    112-px picture becomes 4×4 tokens of 28×28 px. A shape that lies inside one token
+    is seen whole by it, and left to right is the token's column. Placed anywhere, a
+    shape straddled up to four tokens and the tiny model rarely told its kind
+    (docs/RESULTS.md). Distinct columns keep "left to right" unambiguous.
+    """
+    columns = sorted(rng.sample(range(_GRID), rng.randint(1, _GRID)))
+    shapes = []
+    for column in columns:
+        row = rng.randrange(_GRID)
+        size = rng.randint(_MIN_SIZE, _MAX_SIZE)
+        left = column * _CELL + rng.randint(_BORDER, _CELL - _BORDER - size)
+        top = row * _CELL + rng.randint(_BORDER, _CELL - _BORDER - size)
         kind, colour = rng.choice(SHAPE_KINDS), rng.choice(COLOURS)
-        for _try in range(_PLACEMENT_TRIES):
-            size = rng.randint(_MIN_SIZE, _MAX_SIZE)
-            low = _BORDER + size // 2
-            high = IMAGE_SIZE - 1 - _BORDER - (size - 1 - size // 2)
-            x, y = rng.randint(low, high), rng.randint(low, high)
-            if all(_apart(x, y, size, other) for other in shapes):
-                shapes.append({"kind": kind, "colour": colour, "x": x, "y": y, "size": size})
-                break
-        # A shape that finds no room after all tries is left out: the scene just has fewer.
-    return sorted(shapes, key=lambda s: s["x"])
-
-
-def _apart(x: int, y: int, size: int, other: dict) -> bool:
-    if abs(x - other["x"]) < _MIN_X_GAP:
-        return False
-    left, top, right, bottom = _box(x, y, size)
-    o_left, o_top, o_right, o_bottom = _box(other["x"], other["y"], other["size"])
-    return (
-        left > o_right + _GAP
-        or o_left > right + _GAP
-        or top > o_bottom + _GAP
-        or o_top > bottom + _GAP
-    )
+        shapes.append(
+            {
+                "kind": kind,
+                "colour": colour,
+                "x": left + size // 2,
+                "y": top + size // 2,
+                "size": size,
+            }
+        )
+    return shapes
 
 
 def _box(x: int, y: int, size: int) -> tuple[int, int, int, int]:

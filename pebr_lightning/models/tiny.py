@@ -109,7 +109,7 @@ TINY_MODELS: dict[str, TinySpec] = {
 }
 
 # Bump when the recipe changes, so stale cache folders are never reused.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 SEED = 0
 
 

@@ -43,7 +43,7 @@ from pebr_lightning.files import cache_dir, use_default_modes
 
 TINY_CLIP = "tiny-clip"
 # Bump when the recipe changes, so stale cache folders are never reused.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 SEED = 0
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"

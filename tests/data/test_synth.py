@@ -146,22 +146,24 @@ def test_count_colour_sometimes_asks_for_an_absent_colour(records: list[dict]) -
 
 def test_scenes_are_valid(records: list[dict]) -> None:
     counts = Counter(len(r["shapes"]) for r in records)
-    assert set(counts) == {1, 2, 3, 4, 5}
+    assert set(counts) == {1, 2, 3, 4}
+    cell = IMAGE_SIZE // 4  # one merged image token of Qwen-VL: 2x2 patches of 14 px
     for record in records:
         shapes = record["shapes"]
         xs = [s["x"] for s in shapes]
         assert xs == sorted(xs) and len(set(xs)) == len(xs)  # left to right, no ties
+        columns = []
         for s in shapes:
             assert s["kind"] in SHAPE_KINDS and s["colour"] in COLOURS
-            assert 20 <= s["size"] <= 30
-            half = s["size"] // 2
-            assert s["x"] - half >= 0 and s["x"] - half + s["size"] <= IMAGE_SIZE
-            assert s["y"] - half >= 0 and s["y"] - half + s["size"] <= IMAGE_SIZE
-        for i, a in enumerate(shapes):
-            for b in shapes[i + 1 :]:
-                apart_x = abs(a["x"] - b["x"]) * 2 > a["size"] + b["size"]
-                apart_y = abs(a["y"] - b["y"]) * 2 > a["size"] + b["size"]
-                assert apart_x or apart_y, (record["id"], a, b)
+            assert 18 <= s["size"] <= 26
+            left, top = s["x"] - s["size"] // 2, s["y"] - s["size"] // 2
+            right, bottom = left + s["size"] - 1, top + s["size"] - 1
+            # wholly inside one cell, one pixel clear of its edges
+            assert left // cell == right // cell and top // cell == bottom // cell, s
+            assert left % cell >= 1 and right % cell <= cell - 2, s
+            assert top % cell >= 1 and bottom % cell <= cell - 2, s
+            columns.append(left // cell)
+        assert columns == sorted(set(columns)), record["id"]  # one shape per column
 
 
 def test_images_show_exactly_the_listed_colours() -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from pebr_lightning.data import synth
 from pebr_lightning.data.collate import RecordDataset
 from pebr_lightning.data.synth import draw_scene, make_record
 from pebr_lightning.evaluation.greedy import grade_answers, greedy_answers
@@ -29,10 +28,8 @@ from pebr_lightning.schedule.report import majority_baseline
 STEPS = 300
 
 
-def single_shape_colour_set(out: Path, n: int, seed: int, monkeypatch) -> Path:
+def single_shape_colour_set(out: Path, n: int, seed: int) -> Path:
     """A manifest of `n` single large-shape colour questions (from the synthetic stream)."""
-    monkeypatch.setattr(synth, "_MIN_SIZE", 60)
-    monkeypatch.setattr(synth, "_MAX_SIZE", 90)
     (out / "images").mkdir(parents=True)
     lines, index = [], 0
     while len(lines) < n:
@@ -40,6 +37,8 @@ def single_shape_colour_set(out: Path, n: int, seed: int, monkeypatch) -> Path:
         index += 1
         if len(record["shapes"]) != 1 or record["type"] != "colour":
             continue
+        # The same shape, drawn large in the middle (60-90 px, varying with the index).
+        record["shapes"][0].update(x=56, y=56, size=60 + 7 * index % 31)
         draw_scene(record["shapes"]).save(out / record["image"])
         record["rationale"], record["reasoning"] = "", []
         lines.append(json.dumps(record))
@@ -58,12 +57,12 @@ def heldout_loss(module: SFTModule, records: list[dict]) -> float:
     return float(mean)
 
 
-def test_sft_lowers_heldout_loss_and_beats_the_majority_answer(tiny_path, tmp_path, monkeypatch):
+def test_sft_lowers_heldout_loss_and_beats_the_majority_answer(tiny_path, tmp_path):
     from pebr_lightning.data.datamodule import ManifestDataModule
     from pebr_lightning.data.manifest import load_manifest
 
-    train = single_shape_colour_set(tmp_path / "train", 200, 0, monkeypatch)
-    test = load_manifest(single_shape_colour_set(tmp_path / "test", 48, 1, monkeypatch)).records
+    train = single_shape_colour_set(tmp_path / "train", 200, 0)
+    test = load_manifest(single_shape_colour_set(tmp_path / "test", 48, 1)).records
     module = SFTModule(
         model=str(tiny_path),
         lora=None,
