@@ -22,6 +22,7 @@ import contextlib
 import difflib
 import errno
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -102,6 +103,19 @@ def unknown_command(word: str) -> str:
     return f"unknown command {word!r}{hint} (commands: {', '.join(names)}; see pebr --help)"
 
 
+class _NoAdvertisement(logging.Filter):
+    """Drops Lightning's "Tip: try installing litlogger" line, which every run printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_advertisements() -> None:
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvertisement) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdvertisement())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pebr` console script."""
     from pebr_lightning.errors import PebrError, wrapped_user_error
@@ -109,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     # Transformers' load/save progress bars only clutter the logs of a run.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quiet_advertisements()
     if not args or args[0] in ("-h", "--help"):
         print(overview())
         return 0 if args else 2

@@ -381,3 +381,28 @@ def test_a_misspelt_reward_is_one_error_line_from_pebr_fit(tmp_path, shapes_data
     ]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "lightning_logs").exists()
+
+
+def test_pebr_test_without_a_test_manifest_names_the_command_and_prints_no_tip(
+    tmp_path, shapes_data, capsys, caplog
+):
+    caplog.set_level("INFO")
+    code = main(
+        [
+            "test",
+            "--config",
+            str(REPO / "configs" / "demo" / "sft.yaml"),
+            "--data.init_args.train_manifest",
+            str(shapes_data["train"]),
+            "--data.init_args.num_workers",
+            "0",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 2
+    # before: "`pebr TrainerFn.TESTING` needs ..." (the enum's repr)
+    assert "error: `pebr test` needs data.init_args.test_manifest" in capsys.readouterr().err
+    # Lightning logged a litlogger advertisement at every Trainer it built
+    assert caplog.records, "the Trainer's own INFO lines are captured"
+    assert not [r for r in caplog.records if "litlogger" in r.getMessage()]

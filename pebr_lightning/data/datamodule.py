@@ -90,7 +90,8 @@ class ManifestDataModule(L.LightningDataModule):
             if path is None:
                 if split in ("val",):
                     continue
-                raise PebrError(f"`pebr {stage}` needs data.init_args.{split}_manifest")
+                command = getattr(stage, "value", stage)  # Lightning passes a TrainerFn
+                raise PebrError(f"`pebr {command}` needs data.init_args.{split}_manifest")
             if split in self.datasets:
                 continue
             loaded = load_manifest(

@@ -105,6 +105,23 @@ def write_dataset(out_dir: str | Path, n: int, seed: int) -> Path:
     return manifest
 
 
+def written_differently(manifest: str | Path, n: int, seed: int) -> str | None:
+    """Why an existing `manifest` is not what `write_dataset(..., n, seed)` writes now
+    (its record count, or its first record: data of an older layout or question set),
+    or None when it matches. Reads only the text, not the images."""
+    lines = Path(manifest).read_text(encoding="utf-8").splitlines()
+    if len(lines) != n:
+        return f"holds {len(lines)} records, not {n}"
+    expected = json.loads(json.dumps(make_record(0, seed), ensure_ascii=False))
+    try:
+        first = json.loads(lines[0])
+    except json.JSONDecodeError as err:
+        return f"line 1 is not JSON ({err.msg})"
+    if first != expected:
+        return "line 1 is not the record this version writes for it"
+    return None
+
+
 def corpus_texts(n: int = 2000, seed: int = 0) -> Iterator[str]:
     """Yield every text string of `n` records without rendering their images (tokenizer data)."""
     for index in range(n):

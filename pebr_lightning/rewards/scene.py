@@ -5,12 +5,18 @@ record's `shapes`: kind, colour, position), the description section of a respons
 read back into the shapes it names (evaluation/perception.py, the same reading as
 `pebr eval`'s perception metrics) and scored:
 
-    score = (count right + colours right + kinds right) / 3
+    score = (count right + colours right + kinds right + placed) / 4
 
 count right: it names exactly as many shapes as the picture has; colours right: the
 colours it names, as a multiset, are the picture's; kinds right: the same for the
-kinds (circle, square, triangle). Kinds are where the tiny model's descriptions went
-wrong most (docs/RESULTS.md), and the corner questions need them. Unlike the paper's keyword reward,
+kinds (circle, square, triangle); placed: the share of places, left to right, where
+the description names the picture's shape there with its colour and kind, out of the
+longer of the two lists (so a shape too many or too few costs its place). Kinds were
+where the tiny model's descriptions went wrong most (docs/RESULTS.md), and the corner
+questions need them. The first three terms are all or nothing per description; once
+a model reads small scenes right they are 1 for most samples and the reward stops
+telling a better description of a large scene from a worse one, so `placed` gives
+one share per shape. Unlike the paper's keyword reward,
 which counts only the reference keywords a response finds (recall), naming a shape
 that is not there costs here. Samples without `shapes` (real datasets) score None,
 not applicable.
@@ -24,16 +30,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pebr_lightning.evaluation.perception import perception_scores
+from pebr_lightning.evaluation.perception import described_shapes, perception_scores
 from pebr_lightning.rewards.protocol import RewardOutput
 
 
 class SceneReward:
-    """Scores the description against the record's `shapes`: right count, colours, kinds.
+    """Scores the description against the record's `shapes`: right count, colours,
+    kinds, and the share of shapes named in their place.
 
-    score = (count right + colours right + kinds right) / 3, each 0 or 1; None for a
-    sample without a `shapes` list. Components: `count`, `colours` and `kinds` (each
-    0/1, None alike).
+    score = (count right + colours right + kinds right + placed) / 4, the first three 0
+    or 1, placed in [0, 1]; None for a sample without a `shapes` list. Components:
+    `count`, `colours`, `kinds` and `placed` (None alike).
     """
 
     name = "scene"
@@ -42,7 +49,12 @@ class SceneReward:
         self, *, completions: list[str], samples: list[dict[str, Any]], **context: Any
     ) -> RewardOutput:
         scores: list[float | None] = []
-        parts: dict[str, list[float | None]] = {"count": [], "colours": [], "kinds": []}
+        parts: dict[str, list[float | None]] = {
+            "count": [],
+            "colours": [],
+            "kinds": [],
+            "placed": [],
+        }
         for text, sample in zip(completions, samples, strict=True):
             shapes = sample.get("shapes")
             if not isinstance(shapes, list):
@@ -60,8 +72,20 @@ class SceneReward:
                     f"scene reward: sample {sample.get('id', '?')}: every entry of `shapes` "
                     "must be an object with 'colour' and 'kind' strings (the synthetic layout)"
                 )
-            right = perception_scores(text, shapes)
-            scores.append((right["count"] + right["colours"] + right["kinds"]) / 3)
+            right = {**perception_scores(text, shapes), "placed": placed_share(text, shapes)}
+            scores.append(sum(float(right[key]) for key in parts) / len(parts))
             for key, values in parts.items():
                 values.append(float(right[key]))
         return RewardOutput(scores=scores, components=parts)
+
+
+def placed_share(text: str, shapes: list[dict[str, Any]]) -> float:
+    """Share of places i where the description's i-th shape is the picture's i-th
+    (colour and kind; `shapes` sorted left to right), out of the longer list; 1.0 for
+    an empty picture described as empty."""
+    named = described_shapes(text)
+    truth = [(s["colour"], s["kind"]) for s in shapes]
+    longest = max(len(named), len(truth))
+    if longest == 0:
+        return 1.0
+    return sum(a == b for a, b in zip(named, truth, strict=False)) / longest

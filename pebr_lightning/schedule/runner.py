@@ -279,14 +279,28 @@ def stage_precision(stage: FitStage) -> str | None:
 
 
 def _ensure_data(schedule: Schedule, echo: Echo) -> None:
-    """Write the synthetic shapes data where the schedule expects it, if missing."""
-    from pebr_lightning.data.synth import write_dataset
+    """Write the synthetic shapes data where the schedule expects it, if missing.
+
+    Data already there is used only if it is what these settings write now: data
+    from an older version of the synthetic layout, or with another record count,
+    would otherwise train and score every stage on the old task without a word."""
+    from pebr_lightning.data.synth import write_dataset, written_differently
 
     seed = int(schedule.synth.get("seed", 0))
     for offset, split in enumerate(DATA_KEYS):
         path = schedule.data.get(split)
         n = schedule.synth.get(split)
-        if path is None or n is None or Path(path).exists():
+        if path is None or n is None:
+            continue
+        if Path(path).exists():
+            why = written_differently(path, int(n), seed + offset)
+            if why is not None:
+                raise PebrError(
+                    f"{schedule.path}: field 'data.{split}': {path} {why}, so it was"
+                    f" written by another version of the synthetic data or with other"
+                    f" `synth` settings. Remove {Path(path).parent} to have it written"
+                    f" again, or drop synth.{split} to use the file as it is."
+                )
             continue
         echo(f"[schedule] writing {n} synthetic {split} records to {Path(path).parent}")
         written = write_dataset(Path(path).parent, n=int(n), seed=seed + offset)

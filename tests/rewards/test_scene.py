@@ -27,25 +27,39 @@ def response(description: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("description", "count", "colours", "kinds"),
+    ("description", "count", "colours", "kinds", "placed"),
     [
-        ("left to right: a red circle, a blue circle, a green square. 3 shapes.", 1, 1, 1),
-        # one shape too many: what keyword recall alone rewards, and this does not
-        ("left to right: a red circle, a blue circle, a green square, a red circle.", 0, 0, 0),
-        # the right number, one colour wrong
-        ("left to right: a red circle, a red circle, a green square.", 1, 0, 1),
-        # the right colours in another order are still the right multiset
-        ("left to right: a green square, a blue circle, a red circle.", 1, 1, 1),
-        # one missing
-        ("left to right: a red circle, a green square.", 0, 0, 0),
-        # right count and colours, one kind wrong: (1 + 1 + 0) / 3
-        ("left to right: a red circle, a blue triangle, a green square.", 1, 1, 0),
+        ("left to right: a red circle, a blue circle, a green square. 3 shapes.", 1, 1, 1, 1),
+        # one shape too many: what keyword recall alone rewards, and this does not; the
+        # three named in place count 3 of the 4 places
+        (
+            "left to right: a red circle, a blue circle, a green square, a red circle.",
+            0,
+            0,
+            0,
+            3 / 4,
+        ),
+        # the right number, one colour wrong: 2 of 3 in place
+        ("left to right: a red circle, a red circle, a green square.", 1, 0, 1, 2 / 3),
+        # the right shapes in another order: the multisets are right, 1 of 3 in place
+        ("left to right: a green square, a blue circle, a red circle.", 1, 1, 1, 1 / 3),
+        # one missing: the first is in place, the second is not the picture's second
+        ("left to right: a red circle, a green square.", 0, 0, 0, 1 / 3),
+        # right count and colours, one kind wrong
+        ("left to right: a red circle, a blue triangle, a green square.", 1, 1, 0, 2 / 3),
+        # no description of shapes at all
+        ("nothing to see.", 0, 0, 0, 0),
     ],
 )
-def test_hand_worked_scores(description, count, colours, kinds) -> None:
+def test_hand_worked_scores(description, count, colours, kinds, placed) -> None:
     out = SceneReward()(completions=[response(description)], samples=[SCENE])
-    assert out.scores == [pytest.approx((count + colours + kinds) / 3)]
-    assert out.components == {"count": [count], "colours": [colours], "kinds": [kinds]}
+    assert out.scores == [pytest.approx((count + colours + kinds + placed) / 4)]
+    assert out.components == {
+        "count": [count],
+        "colours": [colours],
+        "kinds": [kinds],
+        "placed": [pytest.approx(placed)],
+    }
 
 
 def test_only_the_description_section_counts() -> None:
@@ -66,7 +80,7 @@ def test_the_synthetic_reference_response_scores_one(tmp_path) -> None:
 def test_without_shapes_it_is_not_applicable() -> None:
     out = SceneReward()(completions=[response("a red circle.")], samples=[{"id": "real-1"}])
     assert out.scores == [None]
-    assert out.components == {"count": [None], "colours": [None], "kinds": [None]}
+    assert out.components == {"count": [None], "colours": [None], "kinds": [None], "placed": [None]}
 
 
 def test_malformed_shapes_name_the_sample() -> None:

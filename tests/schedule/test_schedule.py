@@ -277,3 +277,43 @@ def test_bad_schedule_names_file_and_field(change, message, tmp_path):
     with pytest.raises(PebrError, match=rf"bad.yaml: {message}"):
         load_schedule(path)
     assert main(["schedule", "--config", str(path)]) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        # an older layout: the same ids and questions over shapes placed elsewhere
+        ("layout", "line 1 is not the record this version writes for it"),
+        # written with another synth.train
+        ("count", "holds 5 records, not 6"),
+    ],
+)
+def test_synthetic_data_of_another_version_is_refused_not_reused(change, why, tmp_path, capsys):
+    from pebr_lightning.data.synth import write_dataset, written_differently
+
+    manifest = write_dataset(tmp_path / "data" / "train", n=6, seed=0)
+    assert written_differently(manifest, 6, 0) is None  # what this version writes
+    lines = manifest.read_text().splitlines()
+    if change == "layout":
+        first = json.loads(lines[0])
+        first["shapes"][0]["x"] += 3
+        lines[0] = json.dumps(first)
+    else:
+        lines = lines[:5]
+    manifest.write_text("\n".join(lines) + "\n")
+    before = manifest.read_bytes()
+    path = tmp_path / "schedule.yaml"
+    schedule = {
+        "out": str(tmp_path / "out"),
+        "model": "tiny-qwen2.5-vl",
+        "data": {"train": str(manifest)},
+        "synth": {"train": 6, "seed": 0},
+        "stages": {"sft": {"config": str(small_sft_config(tmp_path / "sft.yaml"))}},
+    }
+    path.write_text(yaml.safe_dump(schedule))
+    assert main(["schedule", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: field 'data.train': {manifest} {why}" in err
+    assert f"Remove {manifest.parent} to have it written again" in err
+    assert manifest.read_bytes() == before  # nothing rewritten
+    assert not (tmp_path / "out" / "sft").exists()  # no stage ran on it
