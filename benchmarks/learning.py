@@ -16,7 +16,7 @@ and writes OUT/learning.md, OUT/learning.json and each seed's reward curves,
 OUT/seed<N>/rewards.png. Finished stages are skipped on a second run, as
 `pebr schedule` does, so an interrupted run continues where it stopped.
 
-    python benchmarks/learning.py                       # 3 seeds + ablation, ~75 min on 2 cores
+    python benchmarks/learning.py                       # 3 seeds + ablation, ~50 min on 2 cores
     python benchmarks/learning.py --seeds 0 --no-ablation --out runs/learning-1
 """
 

@@ -28,16 +28,18 @@ HELDOUT = (
     ("perception/count", "desc. count"),
     ("perception/colours", "desc. colours"),
     ("perception/shapes", "desc. shapes right"),
+    ("perception/shapes_ordered", "desc. shapes in order"),
     ("accuracy/desc_right", r"acc. \| desc. right"),
     ("accuracy/desc_wrong", r"acc. \| desc. wrong"),
 )
 """Held-out figures of each stage's evaluation (evaluation/greedy.py), with their column
 titles: greedy accuracy, mean accuracy of 8 sampled answers and pass@8; the share of
 greedy descriptions with the right shape count, colour multiset and (colour, kind)
-multiset; and greedy accuracy given a right and given a wrong description (the "|" of
-"acc. | desc. right" is escaped: a bare one would split the Markdown cell). Stage 1
-should raise the share of right descriptions, Stage 2 the accuracy given one
-(evaluation/perception.py, `decomposition_metrics`)."""
+multiset, and the (colour, kind) pairs in their order; and greedy accuracy given a
+right and given a wrong description (the "|" of "acc. | desc. right" is escaped: a
+bare one would split the Markdown cell). Stage 1 should raise the share of right
+descriptions, Stage 2 the accuracy given one (evaluation/perception.py,
+`decomposition_metrics`)."""
 
 
 def metric_series(stage_dir: Path, name: str) -> list[tuple[int, float]]:

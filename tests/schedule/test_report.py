@@ -27,6 +27,7 @@ def test_table_shows_accuracy_given_a_right_and_a_wrong_description():
             "heldout": {
                 "accuracy": 0.575,
                 "perception/shapes": 0.25,
+                "perception/shapes_ordered": 0.125,
                 "accuracy/desc_right": 0.8,
                 "accuracy/desc_wrong": 0.5,
             },
@@ -49,6 +50,7 @@ def test_table_shows_accuracy_given_a_right_and_a_wrong_description():
         "desc. count",
         "desc. colours",
         "desc. shapes right",
+        "desc. shapes in order",
         r"acc. \| desc. right",
         r"acc. \| desc. wrong",
     ]
@@ -57,6 +59,7 @@ def test_table_shows_accuracy_given_a_right_and_a_wrong_description():
     sft, perception = table["sft"], table["perception"]
     assert (sft["desc. shapes right"], sft[r"acc. \| desc. right"]) == ("0.250", "0.800")
     assert sft[r"acc. \| desc. wrong"] == "0.500"
+    assert (sft["desc. shapes in order"], perception["desc. shapes in order"]) == ("0.125", "—")
     assert perception[r"acc. \| desc. right"] == "—"
     assert perception[r"acc. \| desc. wrong"] == "0.400"
     assert table["(majority answer per type)"]["greedy"] == "0.355"

@@ -120,6 +120,7 @@ def test_stages_chain_then_a_second_run_skips_them(tiny_path, shapes_data, tmp_p
         "desc. count",
         "desc. colours",
         "desc. shapes right",
+        "desc. shapes in order",
         r"acc. \| desc. right",
         r"acc. \| desc. wrong",
     ]
