@@ -53,11 +53,38 @@ def vllm_python() -> Path:
     return Path(os.environ.get("PEBR_VLLM_PYTHON") or REPO / ".vllm-env" / "bin" / "python")
 
 
+def vllm_missing() -> str | None:
+    """Why the vLLM tests cannot run here (None when they can): the line `make vllm-env`
+    left in the environment folder, or a generic one."""
+    if vllm_python().exists():
+        return None
+    from pebr_lightning.engines.vllm_setup import UNAVAILABLE
+
+    note = vllm_python().parent.parent / UNAVAILABLE
+    if note.is_file():
+        return note.read_text().strip()
+    return f"no vLLM environment at {vllm_python()}: make vllm-env"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The one visible line, at the end of every run (-q too), saying the vLLM tests
+    were skipped and why."""
+    missing = vllm_missing()
+    if missing is not None and terminalreporter.stats.get("skipped"):
+        terminalreporter.write_line(f"vLLM tests SKIPPED: {missing}", yellow=True, bold=True)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `vllm`-marked tests without the vLLM environment (`make test` builds it, so
-    CI runs them), and `gpu`-marked ones where the CUDA device they need is absent."""
-    if not vllm_python().exists():
-        skip = pytest.mark.skip(reason=f"no vLLM environment at {vllm_python()}: make vllm-env")
+    """Skip `vllm`-marked tests without the vLLM environment (`make test` builds it where
+    the CPU torch it pins can be had; under CI a missing one is an error, so CI runs
+    them), and `gpu`-marked ones where the CUDA device they need is absent."""
+    from pebr_lightning.engines.vllm_setup import in_ci
+
+    missing = vllm_missing()
+    if missing is not None and any(item.get_closest_marker("vllm") for item in items):
+        if in_ci(dict(os.environ)):
+            raise pytest.UsageError(f"CI is set and the vLLM tests cannot run: {missing}")
+        skip = pytest.mark.skip(reason=missing)
         for item in items:
             if item.get_closest_marker("vllm"):
                 item.add_marker(skip)

@@ -45,19 +45,24 @@ def described_shapes(text: str) -> list[tuple[str, str]]:
     return [(c.lower(), k.lower()) for c, k in _NAMED_SHAPE.findall(description_section(text))]
 
 
-def perception_scores(text: str, shapes: Sequence[dict[str, Any]]) -> dict[str, bool]:
-    """Whether the description matches `shapes` (sorted left to right): its shape count
-    ("count"), colour multiset ("colours"), kind multiset ("kinds", the scene reward's
-    third term), (colour, kind) multiset ("shapes") and (colour, kind) sequence
-    ("shapes_ordered")."""
+def perception_scores(text: str, shapes: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """How the description matches `shapes` (sorted left to right), each 0.0 or 1.0 but
+    the last: its shape count ("count"), colour multiset ("colours"), kind multiset
+    ("kinds"), (colour, kind) multiset ("shapes") and (colour, kind) sequence
+    ("shapes_ordered") are right or not; "placed" is the share of places i where the
+    i-th shape named is the picture's i-th, out of the longer of the two lists (a shape
+    too many or too few costs its place; 1.0 for an empty picture described as empty)."""
     named = described_shapes(text)
     truth = [(s["colour"], s.get("kind")) for s in shapes]
+    longest = max(len(named), len(truth))
+    placed = sum(a == b for a, b in zip(named, truth, strict=False)) / longest if longest else 1.0
     return {
-        "count": len(named) == len(shapes),
-        "colours": Counter(c for c, _ in named) == Counter(c for c, _ in truth),
-        "kinds": Counter(k for _, k in named) == Counter(k for _, k in truth),
-        "shapes": Counter(named) == Counter(truth),
-        "shapes_ordered": named == truth,
+        "count": float(len(named) == len(shapes)),
+        "colours": float(Counter(c for c, _ in named) == Counter(c for c, _ in truth)),
+        "kinds": float(Counter(k for _, k in named) == Counter(k for _, k in truth)),
+        "shapes": float(Counter(named) == Counter(truth)),
+        "shapes_ordered": float(named == truth),
+        "placed": placed,
     }
 
 

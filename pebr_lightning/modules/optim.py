@@ -7,7 +7,8 @@ AdamW comes from torch, or from bitsandbytes for the memory-saving variants
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
@@ -56,6 +57,11 @@ class OptimConfig:
     """Shape after warm-up."""
     min_lr_ratio: float = 0.0
     """Cosine floor as a fraction of lr."""
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter name: each key is a regular expression
+    searched in the parameter's name (the first key that matches wins), its value the
+    factor on `lr` for those parameters, e.g. `{"visual": 0.1}` to train a vision
+    tower ten times slower than the language model. Unmatched parameters train at `lr`."""
 
     def __post_init__(self) -> None:
         if self.name not in get_args(OptimizerName):
@@ -66,6 +72,25 @@ class OptimConfig:
             raise PebrError(f"optim.lr must be positive, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise PebrError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for pattern, factor in self.lr_scale.items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise PebrError(
+                    f"optim.lr_scale key {pattern!r} is not a regular expression: {err}"
+                ) from err
+            if not factor > 0:
+                raise PebrError(
+                    f"optim.lr_scale[{pattern!r}] must be positive, got {factor}"
+                    " (freeze parameters with the module's own switches instead)"
+                )
+
+    def scale_of(self, name: str) -> float:
+        """The lr factor of parameter `name`: the first `lr_scale` key found in it, else 1."""
+        for pattern, factor in self.lr_scale.items():
+            if re.search(pattern, name):
+                return factor
+        return 1.0
 
 
 def configure_adamw(
@@ -75,11 +100,28 @@ def configure_adamw(
     trainable = [(n, p) for n, p in params if p.requires_grad]
     if not trainable:
         raise PebrError("no trainable parameters: check lora / freeze_vision settings")
+    unused = [k for k in cfg.lr_scale if not any(re.search(k, n) for n, _ in trainable)]
+    if unused:
+        raise PebrError(
+            f"optim.lr_scale: {', '.join(map(repr, unused))} matches no trainable parameter"
+            f" (names look like {trainable[0][0]!r})"
+        )
+    # One group per (decayed?, lr factor); LambdaLR scales each group's own lr. The
+    # unscaled decayed group comes first: progress printers and monitors show group 0.
+    by_key: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, param in trainable:
+        by_key.setdefault((param.ndim >= 2, cfg.scale_of(name)), []).append(param)
     groups = [
-        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {
+            "params": params,
+            "weight_decay": cfg.weight_decay if decayed else 0.0,
+            "lr": cfg.lr * factor,
+        }
+        for (decayed, factor), params in sorted(
+            by_key.items(), key=lambda kv: (not kv[0][0], kv[0][1] != 1.0, kv[0][1])
+        )
     ]
-    optimizer = build_optimizer([g for g in groups if g["params"]], cfg)
+    optimizer = build_optimizer(groups, cfg)
     warmup = (
         cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     )

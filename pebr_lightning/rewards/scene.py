@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pebr_lightning.evaluation.perception import described_shapes, perception_scores
+from pebr_lightning.evaluation.perception import perception_scores
 from pebr_lightning.rewards.protocol import RewardOutput
 
 
@@ -72,20 +72,8 @@ class SceneReward:
                     f"scene reward: sample {sample.get('id', '?')}: every entry of `shapes` "
                     "must be an object with 'colour' and 'kind' strings (the synthetic layout)"
                 )
-            right = {**perception_scores(text, shapes), "placed": placed_share(text, shapes)}
-            scores.append(sum(float(right[key]) for key in parts) / len(parts))
+            right = perception_scores(text, shapes)
+            scores.append(sum(right[key] for key in parts) / len(parts))
             for key, values in parts.items():
-                values.append(float(right[key]))
+                values.append(right[key])
         return RewardOutput(scores=scores, components=parts)
-
-
-def placed_share(text: str, shapes: list[dict[str, Any]]) -> float:
-    """Share of places i where the description's i-th shape is the picture's i-th
-    (colour and kind; `shapes` sorted left to right), out of the longer list; 1.0 for
-    an empty picture described as empty."""
-    named = described_shapes(text)
-    truth = [(s["colour"], s["kind"]) for s in shapes]
-    longest = max(len(named), len(truth))
-    if longest == 0:
-        return 1.0
-    return sum(a == b for a, b in zip(named, truth, strict=False)) / longest

@@ -40,28 +40,32 @@ EXTRA = "a red circle, a blue square, a red circle, a red circle."
 
 
 @pytest.mark.parametrize(
-    ("description", "count", "colours", "kinds", "shapes", "in_order"),
+    ("description", "count", "colours", "kinds", "shapes", "in_order", "placed"),
     [
-        (RIGHT, True, True, True, True, True),
+        (RIGHT, True, True, True, True, True, 1.0),
         # the right shapes out of order: the multisets are right, the sequence is not
-        (OUT_OF_ORDER, True, True, True, True, False),
+        # (only the third place holds its shape)
+        (OUT_OF_ORDER, True, True, True, True, False, 1 / 3),
         # right number, wrong kind (a red square for a red circle): colours still right
-        (WRONG_KIND, True, True, False, False, False),
+        (WRONG_KIND, True, True, False, False, False, 2 / 3),
         # right number, one colour wrong: kinds still right
-        (WRONG_COLOUR, True, False, True, False, False),
+        (WRONG_COLOUR, True, False, True, False, False, 2 / 3),
         # a shape missing: all wrong (the stated "3" does not count)
-        (MISSING, False, False, False, False, False),
-        # one too many
-        (EXTRA, False, False, False, False, False),
+        (MISSING, False, False, False, False, False, 2 / 3),
+        # one too many: three places right out of the four named
+        (EXTRA, False, False, False, False, False, 3 / 4),
     ],
 )
-def test_perception_scores_hand_worked(description, count, colours, kinds, shapes, in_order):
+def test_perception_scores_hand_worked(
+    description, count, colours, kinds, shapes, in_order, placed
+):
     assert perception_scores(response(description), SHAPES) == {
         "count": count,
         "colours": colours,
         "kinds": kinds,
         "shapes": shapes,
         "shapes_ordered": in_order,
+        "placed": pytest.approx(placed),
     }
 
 

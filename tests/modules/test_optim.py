@@ -140,3 +140,49 @@ def test_unknown_name_is_rejected_by_the_cli_and_known_ones_parse(capsys):
     assert "optim.name" in capsys.readouterr().err
     built = cli(["--config", config, "--model.init_args.optim.name", "adamw_8bit"], run=False)
     assert built.model.optim.name == "adamw_8bit"
+
+
+class _TwoTowers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.visual = nn.Linear(8, 8)
+        self.language = nn.Linear(8, 8)
+
+
+def test_lr_scale_trains_the_matched_parameters_at_their_factor():
+    """Adam's first step moves every element by lr * factor (see the hand-worked test
+    above, no decay here): 1e-2 for the language layer, 1e-3 for the visual one, also
+    after the warm-up's LambdaLR has scaled each group."""
+    model = _TwoTowers()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = OptimConfig(lr=LR, warmup_steps=2, schedule="constant", lr_scale={"^visual": 0.1})
+    built = configure_adamw(list(model.named_parameters()), cfg, total_steps=10)
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # stepping the schedule before any step
+        scheduler.step()
+        scheduler.step()  # warm-up over: each group at its full lr
+    # Matrices then vectors; within each the unscaled group first (what printers show).
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([LR, LR * 0.1, LR, LR * 0.1])
+    optimizer.zero_grad()
+    model.language(model.visual(torch.randn(4, 8))).pow(2).sum().backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        moved = (param.detach() - before[name]).abs()
+        expected = LR * (0.1 if name.startswith("visual") else 1.0)
+        torch.testing.assert_close(moved, torch.full_like(moved, expected), atol=1e-7, rtol=0)
+
+
+def test_lr_scale_key_that_matches_nothing_is_an_error():
+    cfg = OptimConfig(lr=LR, lr_scale={"vision_tower": 0.1})
+    with pytest.raises(PebrError, match=r"'vision_tower' matches no trainable parameter"):
+        configure_adamw(list(_TwoTowers().named_parameters()), cfg, total_steps=10)
+
+
+@pytest.mark.parametrize(
+    ("key", "factor", "message"), [("(", 0.1, "not a regular"), ("v", 0.0, "positive")]
+)
+def test_lr_scale_bad_values_are_rejected(key, factor, message):
+    with pytest.raises(PebrError, match=message):
+        OptimConfig(lr_scale={key: factor})
