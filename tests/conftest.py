@@ -26,6 +26,8 @@ def pebr_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     else:
         cache = tmp_path_factory.mktemp("pebr-cache")
     os.environ["PEBR_CACHE"] = str(cache)
+    # `datasets` caches what it loads (Parquet as Arrow); keep it out of the home folder.
+    os.environ["HF_DATASETS_CACHE"] = str(cache / "datasets")
     return cache
 
 

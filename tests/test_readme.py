@@ -128,7 +128,7 @@ def tiny(args: list[str]) -> list[str]:
 def test_using_it_runs_as_written_in_order_on_a_fresh_copy(tmp_path):
     """Every command of the first block, in order, in a copy of the tracked files:
     each exits 0, and each writes what the next one reads."""
-    (embedded, real) = using_it_blocks()
+    (embedded, real, _own_data) = using_it_blocks()
     tracked = subprocess.run(
         ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -182,3 +182,52 @@ def test_using_it_runs_as_written_in_order_on_a_fresh_copy(tmp_path):
 
             assert args[1:3] == ["schedule", "--config"]
             load_schedule(copy / args[3])
+
+
+def test_bring_your_own_data_validates_each_format_as_written(tmp_path, monkeypatch, capsys):
+    """The "Bring your own data" block on a tiny copy of each format, made from the
+    synthetic data: every command exits 0 and finds all 4 records valid."""
+    import datasets
+
+    from pebr_lightning.cli import main
+    from pebr_lightning.data.synth import write_dataset
+
+    (_, _, own_data) = using_it_blocks()
+    monkeypatch.chdir(tmp_path)
+    manifest = write_dataset(tmp_path / "my", n=4, seed=0)
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    manifest.rename(tmp_path / "my" / "questions.jsonl")
+    conversations = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"<image>{r['question']}"},
+                {"from": "gpt", "value": f"The answer is {r['answer']}."},
+            ],
+            "images": [r["image"]],
+        }
+        for r in records
+    ]
+    (tmp_path / "my" / "sharegpt.json").write_text(json.dumps(conversations))
+    rows = [
+        {
+            "id": r["id"],
+            "problem": r["question"],
+            "answer": r["answer"],
+            "images": [{"bytes": (tmp_path / "my" / r["image"]).read_bytes(), "path": None}],
+        }
+        for r in records
+    ]
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(tmp_path / "my" / "geometry.parquet"))
+    ours = table.rename_columns({"problem": "question"}).map(
+        lambda row: {"image": row["images"][0]}, remove_columns=["images"]
+    )
+    ours = ours.cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": ours}).save_to_disk(str(tmp_path / "my" / "saved"))
+    (tmp_path / "acme" / "geometry" / "data").mkdir(parents=True)
+    ours.to_parquet(str(tmp_path / "acme" / "geometry" / "data" / "train-00000-of-00001.parquet"))
+
+    assert [args[:3] for args in own_data] == [["pebr", "data", "validate"]] * 5
+    for args in own_data:
+        assert main(args[1:]) == 0, args
+        assert capsys.readouterr().out.strip() == f"{args[3]}: 4 records OK", args

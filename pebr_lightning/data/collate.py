@@ -20,13 +20,17 @@ import torch
 from torch.utils.data import Dataset
 
 from pebr_lightning.algorithms.logprobs import IGNORE_INDEX
-from pebr_lightning.data.images import load_image
+from pebr_lightning.data.conversations import chat_messages, conversation_key
+from pebr_lightning.data.images import image_paths, load_image
 from pebr_lightning.data.prompts import PromptConfig, build_messages, record_response
 from pebr_lightning.errors import ManifestError, PebrError
 
 
 class RecordDataset(Dataset):
-    """Validated manifest records; images are decoded when an item is read."""
+    """Validated manifest records; images are decoded when an item is read.
+
+    An item is {"record", "images": [PIL images, in order]} and, for a record of one
+    image, also "image" (that image)."""
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
         self.records = records
@@ -37,7 +41,7 @@ class RecordDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         try:
-            image = load_image(record["image"])
+            images = [load_image(path) for path in image_paths(record)]
         except ManifestError as err:
             # validated at start-up, so the file changed since (or the disk failed):
             # say which sample, and that checkpoints keep what was trained
@@ -45,7 +49,9 @@ class RecordDataset(Dataset):
                 f"sample {record['id']}: {err}; fix or drop that record, then resume "
                 "with --ckpt_path last"
             ) from None
-        return {"record": record, "image": image}
+        if "images" in record:  # several images, or a conversation record
+            return {"record": record, "images": images}
+        return {"record": record, "image": images[0], "images": images}
 
 
 class SFTCollator:
@@ -55,6 +61,8 @@ class SFTCollator:
     tokens, the assistant header), so the loss covers the response and its
     closing <|im_end|> only. The response is tokenized on its own and appended to
     the prompt ids, which is exactly the token sequence generation continues from.
+    A conversation record (ShareGPT / messages, data/conversations.py) trains on its
+    assistant turns as written, every other token masked (`encode_conversation`).
     """
 
     def __init__(self, processor: Any, prompt: PromptConfig, max_length: int = 4096) -> None:
@@ -63,9 +71,11 @@ class SFTCollator:
         self.max_length = max_length
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if any(conversation_key(item["record"]) is not None for item in items):
+            return self._one_by_one(items)
         records = [item["record"] for item in items]
         refuse_control_tokens(records, self.processor.tokenizer, RESPONSE_FIELDS)
-        prompt = encode_prompts(self.processor, records, [i["image"] for i in items], self.prompt)
+        prompt = encode_prompts(self.processor, records, item_images(items), self.prompt)
         tokenizer = self.processor.tokenizer
         end = tokenizer.eos_token  # <|im_end|> closes the assistant turn
         responses = tokenizer(
@@ -89,6 +99,124 @@ class SFTCollator:
         batch["image_grid_thw"] = prompt["image_grid_thw"]
         batch["ids"] = [r["id"] for r in records]
         return batch
+
+    def _one_by_one(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch holding conversation records: each sample encoded alone, then padded
+        (their images in sample order, as the image tokens come)."""
+        encoded = []
+        for item in items:
+            if conversation_key(item["record"]) is not None:
+                encoded.append(encode_conversation(self.processor, item["record"], item["images"]))
+            else:
+                one = self([item])
+                length = int(one["attention_mask"][0].sum())
+                encoded.append(
+                    {
+                        "input_ids": one["input_ids"][0, :length].tolist(),
+                        "labels": one["labels"][0, :length].tolist(),
+                        "pixel_values": one["pixel_values"],
+                        "image_grid_thw": one["image_grid_thw"],
+                    }
+                )
+        for sample, item in zip(encoded, items, strict=True):
+            if len(sample["input_ids"]) > self.max_length:
+                raise PebrError(
+                    f"sample {item['record']['id']}: the conversation is "
+                    f"{len(sample['input_ids'])} tokens, over max_length={self.max_length}"
+                )
+        tokenizer = self.processor.tokenizer
+        batch = pad_right(
+            [e["input_ids"] for e in encoded],
+            [e["labels"] for e in encoded],
+            tokenizer.pad_token_id,
+        )
+        batch["mm_token_type_ids"] = mm_token_types(batch["input_ids"], self.processor)
+        with_images = [e for e in encoded if e["pixel_values"] is not None]
+        if with_images:
+            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
+            batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+        batch["ids"] = [item["record"]["id"] for item in items]
+        return batch
+
+
+def encode_conversation(
+    processor: Any, record: dict[str, Any], images: list[Any]
+) -> dict[str, Any]:
+    """One conversation record as input_ids and labels (lists), pixel_values and
+    image_grid_thw (None without images): the labels are its assistant turns, each with
+    the chat template's end-of-turn token (not the whitespace after it), and
+    IGNORE_INDEX everywhere else.
+
+    Each assistant turn's span is found from the template itself: the conversation up
+    to the turn's user message, rendered with the generation prompt, must be a prefix
+    of the conversation up to and with the turn; the tokens between the two are the
+    turn's. A template for which that does not hold (one that rewrites earlier turns) is
+    an error naming the sample.
+    """
+    messages = chat_messages(record)
+    refuse_conversation_control_tokens(record, messages, processor.tokenizer)
+
+    def encode(upto: int, generation_prompt: bool) -> dict[str, Any]:
+        shown = messages[:upto]
+        with template_time_limit([record]):
+            text = processor.apply_chat_template(
+                shown, add_generation_prompt=generation_prompt, tokenize=False
+            )
+        count = sum(
+            part.get("type") == "image"
+            for m in shown
+            if isinstance(m["content"], list)
+            for part in m["content"]
+        )
+        inputs = processor(text=[text], images=images[:count] or None, return_tensors="pt")
+        return inputs
+
+    full = encode(len(messages), False)
+    ids = full["input_ids"][0].tolist()
+    labels = [IGNORE_INDEX] * len(ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = encode(index, True)["input_ids"][0].tolist()
+        end = encode(index + 1, False)["input_ids"][0].tolist()
+        if ids[: len(start)] != start or ids[: len(end)] != end or len(end) <= len(start):
+            raise PebrError(
+                f"sample {record['id']}: the chat template does not render the conversation "
+                f"turn by turn (turn {index} changes what comes before it), so its assistant "
+                "turns cannot be told from the rest; use a template that appends turns"
+            )
+        stop = len(end)
+        # The template's newline after the end-of-turn token belongs to what follows
+        # (generation stops at the end of turn): trained as in the question records.
+        while stop > len(start) and not processor.tokenizer.decode(ids[stop - 1]).strip():
+            stop -= 1
+        labels[len(start) : stop] = ids[len(start) : stop]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_values": full.get("pixel_values"),
+        "image_grid_thw": full.get("image_grid_thw"),
+    }
+
+
+def refuse_conversation_control_tokens(
+    record: dict[str, Any], messages: list[dict[str, Any]], tokenizer: Any
+) -> None:
+    """ManifestError when a turn's text holds a control token (see refuse_control_tokens)."""
+    pattern = control_tokens(tokenizer)
+    if pattern is None:
+        return
+    for index, message in enumerate(messages):
+        content = message["content"]
+        texts = [content] if isinstance(content, str) else [p.get("text") for p in content]
+        for text in texts:
+            match = pattern.search(text) if isinstance(text, str) else None
+            if match:
+                raise ManifestError(
+                    f"sample {record.get('id')}: turn {index} ({message['role']}) holds "
+                    f"{match[0]!r}, a control token of the model's tokenizer: it would be read "
+                    "as that token, not as text; remove it from the data"
+                )
 
 
 @functools.lru_cache(maxsize=8)  # one pattern per tokenizer, not one per batch
@@ -183,6 +311,12 @@ def encode_prompts(
     padding_side: str = "right",
 ) -> dict[str, torch.Tensor]:
     """Chat-templated prompts with their image tokens expanded, padded on one side."""
+    for record in records:
+        if conversation_key(record) is not None:
+            raise ManifestError(
+                f"sample {record['id']}: a conversation record (ShareGPT / messages) is SFT "
+                "data; GRPO, sampling and evaluation need a question and an answer to grade"
+            )
     refuse_control_tokens(records, processor.tokenizer, PROMPT_FIELDS)
     with template_time_limit(records):
         texts = [
@@ -220,8 +354,26 @@ def mm_token_types(input_ids: torch.Tensor, processor: Any) -> torch.Tensor:
     return torch.tensor(processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.int32)
 
 
-PROMPT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-"""The model inputs of a PromptCollator batch (the rest are records and images)."""
+PROMPT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "pixel_values",
+    "image_grid_thw",
+    "image_counts",
+)
+"""The model inputs of a PromptCollator batch, with how many images each prompt holds
+(models/rollout.py: images_of); the rest are records and images."""
+
+
+def item_images(items: list[dict[str, Any]]) -> list[Any]:
+    """Every image of a batch, sample after sample: the processor's order."""
+    return [image for item in items for image in images_of_item(item)]
+
+
+def images_of_item(item: dict[str, Any]) -> list[Any]:
+    """A dataset item's images: its `images`, or its one `image`."""
+    return item["images"] if "images" in item else [item["image"]]
 
 
 def prompt_limit(
@@ -264,7 +416,7 @@ class PromptCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         records = [item["record"] for item in items]
-        images = [item["image"] for item in items]
+        images = item_images(items)
         batch = dict(encode_prompts(self.processor, records, images, self.prompt, "left"))
         if self.max_prompt_tokens is not None:
             lengths = batch["attention_mask"].sum(-1).tolist()  # [B]
@@ -276,6 +428,9 @@ class PromptCollator:
                         "it, shorten the question or use a smaller image"
                     )
         batch["mm_token_type_ids"] = mm_token_types(batch["input_ids"], self.processor)
+        lists = [images_of_item(item) for item in items]
+        batch["image_counts"] = torch.tensor([len(own) for own in lists])  # [B]
         batch["records"] = records
-        batch["images"] = images
+        batch["images"] = [own[0] for own in lists]  # each sample's first (rewards' `images`)
+        batch["image_lists"] = lists
         return batch

@@ -61,15 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser(
         "validate",
         help="check a manifest and every image it points to",
-        description="Check every record of a manifest (a .jsonl file, a .parquet file, or "
-        "a folder written by `datasets.Dataset.save_to_disk`) against the schema in "
+        description="Check every record of a manifest (a .jsonl file, a .parquet file, a "
+        "dataset folder, or a hub id such as owner/name@split) against the schema in "
         "docs/data.md and open every image it points to. Image bytes in a table are "
         "written to files first.",
     )
     validate.add_argument(
         "manifest",
         metavar="MANIFEST",
-        help="a .jsonl manifest, a .parquet file, or a saved Hugging Face dataset folder",
+        help="a .jsonl manifest, a .parquet file, a dataset folder[@split] or owner/name[@split]",
     )
     validate.add_argument(
         "--skip-invalid",

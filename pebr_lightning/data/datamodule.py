@@ -48,7 +48,8 @@ class ManifestDataModule(L.LightningDataModule):
         """
         Args:
             train_manifest: manifest of the training split: a .jsonl file, a .parquet
-                file, or a folder written by `datasets.Dataset.save_to_disk`.
+                file, a dataset folder (`folder@split` for a saved DatasetDict), or a
+                hub id `owner/name[:config][@split]` (docs/data.md).
             val_manifest: manifest evaluated during fit and by `pebr validate`.
             test_manifest: manifest for `pebr test`.
             predict_manifest: manifest for `pebr predict`.

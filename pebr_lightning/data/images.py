@@ -180,3 +180,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def image_paths(record: dict[str, Any]) -> list[str]:
+    """A record's images in order: its `images` list, or its one `image`."""
+    images = record.get("images")
+    if isinstance(images, list):
+        return list(images)
+    image = record.get("image")
+    return [image] if isinstance(image, str) and image else []

@@ -21,7 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pebr_lightning.data import tables
-from pebr_lightning.data.images import IMAGE_ERRORS, image_problem, open_image, resizing
+from pebr_lightning.data.conversations import (
+    IMAGE_PLACEHOLDER,
+    conversation_key,
+    conversation_problems,
+)
+from pebr_lightning.data.images import (
+    IMAGE_ERRORS,
+    image_paths,
+    image_problem,
+    open_image,
+    resizing,
+)
 from pebr_lightning.errors import ManifestError
 
 REQUIRED_FIELDS = ("id", "image", "question", "answer")
@@ -45,11 +56,11 @@ class Problem:
     sample_id: str | None
     """The record's `id` where the line has one."""
     unit: str = "line"
-    """What `line` counts: "line" (JSONL) or "row" (Parquet, saved dataset)."""
+    """What `line` counts: "line" (JSONL), "row" (a table) or "record" (a JSON array)."""
 
     def __str__(self) -> str:
-        # Rows say so, because row N of a table is not line N of any file.
-        number = f"row {self.line}" if self.unit == "row" else str(self.line)
+        # Rows and records say so, because row N of a table is not line N of any file.
+        number = str(self.line) if self.unit == "line" else f"{self.unit} {self.line}"
         where = f"{self.path}:{number}: "
         if self.field is not None:
             where += f"field '{self.field}': "
@@ -62,7 +73,7 @@ class LoadedManifest:
     """The valid records of a manifest and the problems of the lines that were skipped."""
 
     path: Path
-    """The manifest file (or saved-dataset folder)."""
+    """The manifest file, dataset folder or hub id, as given."""
     records: list[dict]
     """Valid records in file order; `image` holds the absolute image path."""
     problems: list[Problem]
@@ -85,9 +96,11 @@ def load_manifest(
     """Read and validate a manifest: JSONL, a Parquet file, or a saved HF dataset folder.
 
     Args:
-        path: A `.jsonl` file, a `.parquet` file, or a folder written by
-            `datasets.Dataset.save_to_disk`; relative `image` paths are resolved
-            against the file's folder (the folder itself for a saved dataset).
+        path: A `.jsonl` file, a `.parquet` file, a folder written by
+            `datasets.Dataset.save_to_disk` (`folder@split` for a DatasetDict), a
+            folder laid out as a hub dataset repository, or a hub id
+            (`owner/name[:config][@split]`, tables.py); relative `image` paths are
+            resolved against the file's folder (the folder itself for a folder).
         check_images: Open and fully decode every image, so that a missing, unreadable
             or truncated file is reported here rather than during training.
         skip_invalid: Drop invalid records and return their problems instead of raising.
@@ -100,16 +113,21 @@ def load_manifest(
         ManifestError: The file is missing or empty, it has invalid records and
             `skip_invalid` is False, or no valid record is left.
     """
-    path = Path(path)
     field_map = dict(field_map or {})
-    if tables.is_table_source(path):
-        base = Path(os.path.abspath(path if path.is_dir() else path.parent))
-        rows = _table_records(path, field_map, image_dir, base)
+    table = tables.table_source(path)
+    if table is not None:
+        base = table.base
+        rows = _table_records(table, field_map, image_dir)
         unit = "row"
     else:
+        path = Path(path)
         base = Path(os.path.abspath(path.parent))
-        rows = _jsonl_records(path, field_map)
-        unit = "line"
+        if path.suffix.lower() == ".json":
+            rows = _json_array_records(path, field_map)
+            unit = "record"
+        else:
+            rows = _jsonl_records(path, field_map)
+            unit = "line"
 
     source = _Source(str(path), base, unit, check_images, field_map)
     records: list[dict] = []
@@ -134,7 +152,7 @@ def load_manifest(
         )
     if not records:
         raise ManifestError(f"{path} has no valid records; {_summary(problems)}")
-    return LoadedManifest(path=path, records=records, problems=problems)
+    return LoadedManifest(path=Path(path), records=records, problems=problems)
 
 
 @dataclass
@@ -174,6 +192,26 @@ def _jsonl_records(path: Path, field_map: dict[str, str]) -> _Rows:
             yield number, _apply_field_map(record, field_map), []
 
 
+def _json_array_records(path: Path, field_map: dict[str, str]) -> _Rows:
+    """A `.json` file holding one array of records, as LLaMA-Factory's data files do."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except FileNotFoundError:
+        raise tables.manifest_not_found(path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"cannot read {path} as one JSON array of records: {err}") from None
+    if not isinstance(data, list):
+        raise ManifestError(
+            f"{path}: expected a JSON array of records, got {_type_name(data)} "
+            "(one record per line is a .jsonl manifest)"
+        )
+    for number, record in enumerate(data, start=1):
+        if isinstance(record, dict):
+            yield number, _apply_field_map(record, field_map), []
+        else:
+            yield number, {}, [(None, f"expected a JSON object, got {_type_name(record)}")]
+
+
 def _parse_line(raw: bytes, number: int) -> tuple[dict, str | None]:
     """Parse one JSONL line into a record, or say why it is not one."""
     try:
@@ -190,9 +228,11 @@ def _parse_line(raw: bytes, number: int) -> tuple[dict, str | None]:
 
 
 def _table_records(
-    path: Path, field_map: dict[str, str], image_dir: str | Path | None, base: Path
+    source: tables.TableSource, field_map: dict[str, str], image_dir: str | Path | None
 ) -> _Rows:
-    schema = tables.table_schema(path)
+    path = source.spec
+    opened = tables.open_table(source)
+    schema = tables.table_schema(opened)
     columns = schema.names
     absent = {ours: theirs for ours, theirs in field_map.items() if theirs not in columns}
     if absent and columns:
@@ -204,6 +244,8 @@ def _table_records(
     # A whole column missing is one problem, not one per row.
     mapped = {ours for ours, theirs in field_map.items() if theirs in columns}
     lacking = [name for name in REQUIRED_FIELDS if name not in columns and name not in mapped]
+    if "images" in columns or "images" in mapped:  # several images per row: `images` is theirs
+        lacking = [name for name in lacking if name != "image"]
     # Many public datasets have no id column: the row number names the sample then.
     number_ids = "id" in lacking
     lacking = [name for name in lacking if name != "id"]
@@ -214,14 +256,17 @@ def _table_records(
             "with field_map (--field-map question=problem,image=images)"
         )
     # Binary columns (a second image, audio) cannot be written as JSON; they are not ours.
-    binary = tables.binary_columns(schema) - {field_map.get("image", "image")}
+    binary = tables.binary_columns(schema) - {
+        field_map.get("image", "image"),
+        field_map.get("images", "images"),
+    }
     image_dir = Path(image_dir) if image_dir is not None else tables.default_image_dir()
-    for number, row in enumerate(tables.iter_table_rows(path), start=1):
+    for number, row in enumerate(tables.iter_rows(opened), start=1):
         row = {k: v for k, v in row.items() if k not in binary}
         record = _apply_field_map(row, field_map)
         if number_ids:
-            record["id"] = f"{path.stem}-{number}"
-        record, known = _table_record(record, image_dir, base)
+            record["id"] = f"{source.stem}-{number}"
+        record, known = _table_record(record, image_dir, source.base)
         # Name the column too where it differs, since that is what the user looks at.
         known = [
             (name, f"{message} (column '{field_map[name]}')" if name in field_map else message)
@@ -245,11 +290,22 @@ def _table_record(
             known.append(("answer", f"expected a string or a finite number, got {answer}"))
         else:
             record["answer"] = _number_text(answer)
+    if isinstance(record.get("image"), list) and len(record["image"]) > 1:
+        record["images"] = record.pop("image")  # a list column of several: the record's images
     if "image" in record:
         try:
             record["image"] = tables.extract_image(record["image"], image_dir=image_dir, base=base)
         except tables.ImageValueError as err:
             known.append(("image", str(err)))
+    elif "images" in record:
+        cells = record["images"]
+        try:
+            record["images"] = [
+                tables.extract_image(cell, image_dir=image_dir, base=base)
+                for cell in (cells if isinstance(cells, list) else [cells])
+            ]
+        except tables.ImageValueError as err:
+            known.append(("images", str(err)))
     return record, known
 
 
@@ -284,8 +340,15 @@ def _check_record(
     if any(name is None for name, _ in known):
         return record, found
     done = {name for name, _ in known}
+    if conversation_key(record) is not None:
+        return _check_conversation(record, number, source, found)
 
+    several = "images" in record
+    if several and "image" in record:
+        found.append(source.problem(number, "images", "give `image` or `images`, not both", record))
     for name in REQUIRED_FIELDS:
+        if name == "image" and several:
+            continue
         if name not in record and name not in done:
             message = "required field is missing"
             if name in source.field_map:
@@ -296,14 +359,9 @@ def _check_record(
             got = "an empty string" if record[name] == "" else _type_name(record[name])
             found.append(source.problem(number, name, f"expected {expected}, got {got}", record))
 
-    sample_id = _sample_id(record)
-    if sample_id is not None:
-        if sample_id in source.seen_ids:
-            first = source.seen_ids[sample_id]
-            message = f"duplicate id, first used on {source.unit} {first}"
-            found.append(source.problem(number, "id", message, record))
-        else:
-            source.seen_ids[sample_id] = number
+    _check_id(record, number, source, found)
+    if several and "images" not in done:
+        return _check_images(record, number, source, found)
 
     image = record.get("image")
     if isinstance(image, str) and image and "image" not in done:
@@ -314,6 +372,71 @@ def _check_record(
                 found.append(source.problem(number, "image", message, record))
         record = {**record, "image": resolved}
     return record, found
+
+
+def _check_conversation(
+    record: dict, number: int, source: _Source, found: list[Problem]
+) -> tuple[dict, list[Problem]]:
+    """The checks of a ShareGPT / messages record (data/conversations.py): its turns,
+    its images (resolved and opened like `image`), and an id from the line number where
+    it has none, as such data rarely carries ids."""
+    if "id" not in record:
+        record = {**record, "id": f"{Path(source.path).stem}-{number}"}
+    for name, message in conversation_problems(record):
+        found.append(source.problem(number, name, message, record))
+    for name in ("id", "type"):
+        check, expected = _FIELD_CHECKS[name]
+        if name in record and not check(record[name]):
+            found.append(source.problem(number, name, f"expected {expected}", record))
+    _check_id(record, number, source, found)
+    if found:
+        return record, found
+    resolved = [os.path.normpath(source.base / p) for p in image_paths(record)]
+    if source.check_images:
+        for index, path in enumerate(resolved):
+            message = _image_problem(path)
+            if message is not None:
+                found.append(source.problem(number, f"images[{index}]", message, record))
+    record = {k: v for k, v in record.items() if k != "image"}
+    return {**record, "images": resolved}, found
+
+
+def _check_images(
+    record: dict, number: int, source: _Source, found: list[Problem]
+) -> tuple[dict, list[Problem]]:
+    """A question record's `images`: a non-empty list of paths, resolved and opened
+    like `image`; `<image>` placeholders in the question, if any, one per image."""
+    images = record["images"]
+    if not isinstance(images, list) or not images or not all(_is_nonempty_str(p) for p in images):
+        message = "expected a non-empty list of image paths (non-empty strings)"
+        found.append(source.problem(number, "images", message, record))
+        return record, found
+    question = record.get("question")
+    marks = question.count(IMAGE_PLACEHOLDER) if isinstance(question, str) else 0
+    if marks and marks != len(images):
+        message = (
+            f"the question holds {marks} {IMAGE_PLACEHOLDER} placeholder(s) for "
+            f"{len(images)} images (put one per image, or none: the images then come first)"
+        )
+        found.append(source.problem(number, "question", message, record))
+    resolved = [os.path.normpath(source.base / p) for p in images]
+    if source.check_images:
+        for index, path in enumerate(resolved):
+            message = _image_problem(path)
+            if message is not None:
+                found.append(source.problem(number, f"images[{index}]", message, record))
+    return {**record, "images": resolved}, found
+
+
+def _check_id(record: dict, number: int, source: _Source, found: list[Problem]) -> None:
+    sample_id = _sample_id(record)
+    if sample_id is not None:
+        if sample_id in source.seen_ids:
+            first = source.seen_ids[sample_id]
+            message = f"duplicate id, first used on {source.unit} {first}"
+            found.append(source.problem(number, "id", message, record))
+        else:
+            source.seen_ids[sample_id] = number
 
 
 def _sample_id(record: dict) -> str | None:

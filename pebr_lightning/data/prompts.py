@@ -13,11 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pebr_lightning.data.images import image_paths
+
 DESCRIPTION_HEADER = "### Image Description:"
 RATIONALE_HEADER = "### Rationales:"
 THINK_HEADER = "### Let's think step by step."
 STEP_HEADER = "### Step {n}:"
 ANSWER_HEADER = "### The final answer is:"
+IMAGE_PLACEHOLDER = "<image>"
+"""Where an image goes in a question or a conversation turn (LLaMA-Factory's mark)."""
 
 # Our own wording of the paper's instruction (same content, same order of demands).
 PEBR_INSTRUCTION = (
@@ -38,16 +42,31 @@ class PromptConfig:
 
 
 def build_messages(record: dict[str, Any], prompt: PromptConfig) -> list[dict[str, Any]]:
-    """Chat messages for one record: optional system turn, then image + instruction + question."""
-    text = record["question"]
-    if prompt.instruction:
-        text = f"{prompt.instruction}\n{text}"
+    """Chat messages for one record: optional system turn, then the images, the
+    instruction and the question.
+
+    A record with several `images` gets one image part each, in order, before the
+    text; where its question holds `<image>` placeholders (one per image, checked when
+    the manifest is loaded), each image goes where its placeholder is instead.
+    """
+    count = max(len(image_paths(record)), 1)
+    question = record["question"]
+    marks = question.count(IMAGE_PLACEHOLDER)
     messages: list[dict[str, Any]] = []
     if prompt.system_prompt is not None:
         messages.append({"role": "system", "content": prompt.system_prompt})
-    messages.append(
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-    )
+    if marks and marks == count:
+        head = f"{prompt.instruction}\n" if prompt.instruction else ""
+        content: list[dict[str, Any]] = []
+        for index, text in enumerate((head + question).split(IMAGE_PLACEHOLDER)):
+            if index:
+                content.append({"type": "image"})
+            if text:
+                content.append({"type": "text", "text": text})
+    else:
+        text = f"{prompt.instruction}\n{question}" if prompt.instruction else question
+        content = [*({"type": "image"} for _ in range(count)), {"type": "text", "text": text}]
+    messages.append({"role": "user", "content": content})
     return messages
 
 

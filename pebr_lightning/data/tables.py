@@ -1,31 +1,42 @@
-"""Manifests stored as tables: a Parquet file or a saved Hugging Face dataset folder.
+"""Manifests held as datasets: Parquet, saved Hugging Face datasets, hub ids.
 
-Public VLM reasoning datasets ship as Parquet, or as the folder that
-`datasets.Dataset.save_to_disk` writes (`state.json`, `dataset_info.json` and
-`data-0000i-of-0000N.arrow` files in Arrow IPC *stream* format), with the image
-stored in the table as bytes. This module reads such a table into plain record
-dicts, and writes image bytes out to files, so that a table record ends up
-exactly like a JSONL record: `image` holds an absolute path, and everything
-downstream stays path-based. `load_manifest` validates the records (docs/data.md).
+Public VLM reasoning datasets ship as Parquet, as the folder
+`datasets.Dataset.save_to_disk` writes, or as a hub repository (Parquet shards and a
+dataset card), with the image stored in the table as bytes. The `datasets` library
+reads all of them (with its caching, and the hub where there is one); this module
+names them and turns their rows into plain record dicts, writing image bytes out to
+files, so that a table record ends up exactly like a JSONL record: `image` holds an
+absolute path, and everything downstream stays path-based. `load_manifest` validates
+the records (docs/data.md). A source is one of:
+
+- a `.parquet` file;
+- a folder written by `save_to_disk` (a `DatasetDict` folder names its split:
+  `data/geo@train`);
+- a folder laid out as a hub dataset repository (data files, optional card), with
+  `@split` where it has several splits;
+- a hub id, `owner/name`, `owner/name@split` or `owner/name:config@split`
+  (default split: the only one, else `train`).
+
+Images are not decoded while loading: image columns are read as their bytes and
+written out by content hash, and decoded by the data loader when a batch needs them
+(`check_images` decodes each once to validate, and is what a very large set turns off).
 
     pebr data validate data/geo/train.parquet --field-map question=problem,image=images
-
-`datasets` is not needed: pyarrow reads both layouts.
+    pebr data validate AI4Math/MathVista@testmini --field-map question=query,image=decoded_image
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
+import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from pebr_lightning.errors import ManifestError
@@ -38,23 +49,105 @@ _BATCH_ROWS = 256
 # PIL format -> file extension; any other format uses its lower-cased name.
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 
+# owner/name, owner/name@split, owner/name:config@split (hub names: letters, digits, -_.)
+_HUB_ID = re.compile(
+    r"^(?P<name>[\w.-]+/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.\[\]:%+-]+))?$"
+)
+# A local source with a split: `folder@split`.
+_LOCAL_SPLIT = re.compile(r"^(?P<path>.+)@(?P<split>[\w.-]+)$")
+
 
 class ImageValueError(ValueError):
     """A table cell that cannot be turned into one image file; the message says why."""
 
 
+@dataclass(frozen=True)
+class TableSource:
+    """Where a table manifest comes from: a local path, or a hub id."""
+
+    spec: str
+    """The manifest as the user wrote it (messages quote it)."""
+    path: Path | None
+    """The local file or folder; None for a hub dataset."""
+    hub_id: str | None = None
+    config: str | None = None
+    split: str | None = None
+
+    @property
+    def base(self) -> Path:
+        """What relative image paths in the table are resolved against."""
+        if self.path is None:
+            return Path.cwd()
+        return Path(os.path.abspath(self.path if self.path.is_dir() else self.path.parent))
+
+    @property
+    def stem(self) -> str:
+        """A short name for ids made from row numbers."""
+        if self.path is not None:
+            return self.path.stem
+        return (self.hub_id or self.spec).rsplit("/", 1)[-1]
+
+
+def table_source(spec: str | Path) -> TableSource | None:
+    """The table source `spec` names, or None when it is a JSONL manifest."""
+    text = str(spec)
+    path = Path(text)
+    if path.exists():
+        if path.is_dir() or path.suffix.lower() == ".parquet":
+            return TableSource(text, path)
+        return None
+    local = _LOCAL_SPLIT.match(text)
+    if local and Path(local["path"]).is_dir():
+        return TableSource(text, Path(local["path"]), split=local["split"])
+    if path.suffix.lower() == ".parquet":
+        return TableSource(text, path)  # missing: reported when read
+    hub = _HUB_ID.match(text)
+    if hub and not text.lower().endswith((".jsonl", ".json")):
+        # As `datasets.load_dataset` does: a folder of that name here wins over the hub.
+        local = Path(hub["name"]) if Path(hub["name"]).is_dir() else None
+        return TableSource(text, local, hub["name"], hub["config"], hub["split"])
+    return None
+
+
 def is_table_source(path: str | Path) -> bool:
-    """Whether `path` is a Parquet file or a saved-dataset folder rather than JSONL."""
-    path = Path(path)
-    if path.is_dir():
-        return True
-    return path.suffix.lower() == ".parquet"
+    """Whether `path` names a table (Parquet, a dataset folder, a hub id) rather than JSONL."""
+    return table_source(path) is not None
+
+
+def open_table(source: TableSource) -> Any:
+    """The `datasets.Dataset` of `source` (rows are read from it undecoded, `iter_rows`)."""
+    import datasets
+
+    try:
+        if source.path is not None and not source.path.exists():
+            raise manifest_not_found(source.spec)
+        if source.path is not None and source.path.is_file():
+            loaded = datasets.load_dataset("parquet", data_files=str(source.path), split="train")
+        elif source.path is not None and _is_saved(source.path):
+            loaded = _pick_split(source, datasets.load_from_disk(str(source.path)))
+        elif source.path is not None:
+            loaded = _pick_split(source, datasets.load_dataset(str(source.path), source.config))
+        else:
+            loaded = _pick_split(
+                source, datasets.load_dataset(source.hub_id, source.config, split=source.split)
+            )
+    except ManifestError:
+        raise
+    except FileNotFoundError as err:
+        raise ManifestError(f"{source.spec}: not found: {err}") from None
+    except Exception as err:  # datasets raises many kinds: name the source and the cause
+        where = "hub dataset" if source.path is None else "dataset"
+        cause = f" ({type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ else ""
+        raise ManifestError(
+            f"cannot read {where} {source.spec}: {type(err).__name__}: {err}{cause}"
+        ) from None
+    return loaded
 
 
 def read_table_rows(path: str | Path) -> list[dict]:
-    """All rows of a Parquet file or saved-dataset folder, as dicts of Python values.
+    """All rows of a table source, as dicts of Python values.
 
-    Values are as pyarrow gives them: an HF `Image` cell is {"bytes": ..., "path": ...}.
+    An image cell is {"bytes": ..., "path": ...} (undecoded), as in `datasets`.
 
     Raises:
         ManifestError: The source is missing, is not a table, or cannot be read.
@@ -64,8 +157,13 @@ def read_table_rows(path: str | Path) -> list[dict]:
 
 def iter_table_rows(path: str | Path) -> Iterator[dict]:
     """The rows of `read_table_rows`, a batch at a time (same errors)."""
-    path = Path(path)
-    for batch in _batches(path):
+    yield from iter_rows(open_table(_require_table(path)))
+
+
+def iter_rows(table: Any) -> Iterator[dict]:
+    """The rows of an opened table, a batch at a time, as Arrow holds them: an image
+    cell stays {"bytes", "path"}, never decoded here."""
+    for batch in table.with_format("arrow").iter(batch_size=_BATCH_ROWS):
         yield from batch.to_pylist()
 
 
@@ -85,55 +183,14 @@ def manifest_not_found(path: str | Path) -> ManifestError:
     return ManifestError(f"manifest not found: {path}{hint}")
 
 
-def table_schema(path: str | Path) -> pa.Schema:
-    """The schema of a table source (column names and types), read without its rows."""
-    path = Path(path)
-    if path.is_dir():
-        with _open_arrow(arrow_files(path)[0]) as reader:
-            return reader.schema
-    try:
-        return pq.read_schema(path)
-    except FileNotFoundError:
-        raise manifest_not_found(path) from None
-    except (OSError, pa.ArrowException) as err:
-        raise ManifestError(f"cannot read Parquet file {path}: {err}") from None
+def table_schema(table: Any) -> pa.Schema:
+    """The Arrow schema of an opened table (column names and types)."""
+    return table.data.schema
 
 
 def binary_columns(schema: pa.Schema) -> set[str]:
     """Columns that hold binary data anywhere in their type (not JSON-serialisable)."""
     return {f.name for f in schema if _has_binary(f.type)}
-
-
-def arrow_files(folder: Path) -> list[Path]:
-    """The data files of a saved-dataset folder in row order.
-
-    `state.json` lists them (`_data_files`); without it, the `data-*.arrow` files
-    (or any `*.arrow`) are taken in name order, which is the order HF writes them in.
-    """
-    state = folder / "state.json"
-    if state.is_file():
-        try:
-            listed = json.loads(state.read_text(encoding="utf-8"))["_data_files"]
-            files = [folder / entry["filename"] for entry in listed]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ManifestError(
-                f"{state}: cannot read the list of data files (`_data_files`): {err!r}"
-            ) from None
-        if not files:
-            raise ManifestError(f"{state} lists no data files (`_data_files` is empty)")
-        return files
-    files = sorted(folder.glob("data-*.arrow")) or sorted(folder.glob("*.arrow"))
-    if not files:
-        splits = _saved_splits(folder)
-        hint = (
-            f"; it is a saved DatasetDict: point at one split, e.g. {folder / splits[0]}"
-            if splits
-            else ""
-        )
-        raise ManifestError(
-            f"{folder} is not a saved dataset: it has no state.json and no *.arrow files{hint}"
-        )
-    return files
 
 
 def extract_image(value: object, *, image_dir: Path, base: Path) -> str:
@@ -206,6 +263,45 @@ def default_image_dir() -> Path:
     return cache_dir() / "images"
 
 
+def _require_table(path: str | Path) -> TableSource:
+    source = table_source(path)
+    if source is None:
+        raise ManifestError(f"{path} is not a table (Parquet, a dataset folder or a hub id)")
+    return source
+
+
+def _is_saved(folder: Path) -> bool:
+    """Whether `folder` was written by `save_to_disk` (a Dataset or a DatasetDict)."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _pick_split(source: TableSource, loaded: Any) -> Any:
+    """The split `source` names of a DatasetDict (its only one, or `train`, if unnamed)."""
+    import datasets
+
+    if not isinstance(loaded, datasets.DatasetDict | dict):
+        if source.split is not None and source.path is not None:
+            raise ManifestError(f"{source.spec}: {source.path} holds one dataset, not splits")
+        return loaded
+    names = list(loaded)
+    split = source.split
+    if split is None:
+        if len(names) == 1:
+            split = names[0]
+        elif "train" in names:
+            split = "train"
+        else:
+            raise ManifestError(
+                f"{source.spec} has splits {', '.join(names)}: name one, "
+                f"e.g. {source.spec}@{names[0]}"
+            )
+    if split not in loaded:
+        raise ManifestError(
+            f"{source.spec}: no split {split!r}; its splits are: {', '.join(names)}"
+        )
+    return loaded[split]
+
+
 def _has_binary(kind: pa.DataType) -> bool:
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         return True
@@ -214,52 +310,3 @@ def _has_binary(kind: pa.DataType) -> bool:
     if pa.types.is_dictionary(kind):
         return _has_binary(kind.value_type)
     return any(_has_binary(kind.field(i).type) for i in range(kind.num_fields))
-
-
-def _batches(path: Path) -> Iterator[pa.RecordBatch]:
-    if path.is_dir():
-        for file in arrow_files(path):
-            with _open_arrow(file) as reader:
-                try:
-                    yield from reader
-                except (OSError, pa.ArrowException) as err:
-                    raise ManifestError(f"cannot read Arrow file {file}: {err}") from None
-        return
-    try:
-        parquet = pq.ParquetFile(path)
-        yield from parquet.iter_batches(batch_size=_BATCH_ROWS)
-    except FileNotFoundError:
-        raise manifest_not_found(path) from None
-    except (OSError, pa.ArrowException) as err:
-        raise ManifestError(f"cannot read Parquet file {path}: {err}") from None
-
-
-@contextmanager
-def _open_arrow(file: Path) -> Iterator[pa.RecordBatchReader]:
-    """Open an Arrow file: the stream format HF writes, else the random-access format."""
-    try:
-        source = pa.memory_map(str(file))
-    except FileNotFoundError:
-        raise ManifestError(f"data file listed in state.json not found: {file}") from None
-    except OSError as err:
-        raise ManifestError(f"cannot read Arrow file {file}: {err}") from None
-    with source:
-        try:
-            reader = ipc.open_stream(source)
-        except pa.ArrowInvalid:
-            source.seek(0)
-            try:
-                whole = ipc.open_file(source)
-            except pa.ArrowInvalid as err:
-                raise ManifestError(f"{file} is not an Arrow stream or file: {err}") from None
-            batches = (whole.get_batch(i) for i in range(whole.num_record_batches))
-            reader = pa.RecordBatchReader.from_batches(whole.schema, batches)
-        yield reader
-
-
-def _saved_splits(folder: Path) -> list[str]:
-    """The splits of a saved DatasetDict folder (dataset_dict.json), else []."""
-    try:
-        return list(json.loads((folder / "dataset_dict.json").read_text("utf-8"))["splits"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pebr_lightning.data.images import load_image
+from pebr_lightning.data.images import image_paths, load_image
 from pebr_lightning.engines.remote import (
     TOKEN_ENV,
     RemoteError,
@@ -218,9 +218,10 @@ class VLLMEngine:
         else:
             draw = torch.randint(2**31 - 1, (len(texts) * g,), generator=generator)
             seeds = draw.tolist()
-        pngs = [png(load_image(record["image"])) for record in records]
+        # Each prompt's images in order, as its text's image placeholders come.
+        pngs = [[png(load_image(path)) for path in image_paths(r)] for r in records]
         requests = [
-            {"prompt": texts[i // g], "images": [pngs[i // g]], "seed": seeds[i]}
+            {"prompt": texts[i // g], "images": pngs[i // g], "seed": seeds[i]}
             for i in range(len(texts) * g)
         ]
         greedy = sampling.temperature == 0

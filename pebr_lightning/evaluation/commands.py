@@ -95,7 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="tiny-qwen2.5-vl, a checkpoint folder, a LoRA adapter folder (.hf) or a hub id",
     )
-    parser.add_argument("--manifest", required=True, metavar="FILE", help="a .jsonl manifest")
+    parser.add_argument(
+        "--manifest",
+        required=True,
+        metavar="MANIFEST",
+        help="a .jsonl manifest, a .parquet file, a dataset folder[@split] or owner/name[@split]",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
         "--batch-size", type=positive_int, default=16, help="questions per batch (default: 16)"

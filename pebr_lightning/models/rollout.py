@@ -107,8 +107,8 @@ def image_features(base: nn.Module, pixel_values: Tensor, image_grid_thw: Tensor
 
 def features_of(base: nn.Module, prompt: dict[str, Tensor], prompts: Tensor) -> list:
     """Image features of the prompts `prompts` only (one tower pass, with gradients when
-    enabled); None in the other prompts' slots."""
-    wanted = sorted(set(prompts.tolist()))
+    enabled); None in the other images' slots (the list is indexed by image)."""
+    wanted = images_of(prompt, sorted(set(prompts.tolist())))
     patches = image_patches(prompt)
     encoded = image_features(
         base, torch.cat([patches[i] for i in wanted]), prompt["image_grid_thw"][wanted]
@@ -124,26 +124,38 @@ def image_patches(prompt: dict[str, Tensor]) -> tuple[Tensor, ...]:
     return torch.split(prompt["pixel_values"], prompt["image_grid_thw"].prod(-1).tolist())
 
 
+def images_of(prompt: dict[str, Tensor], prompts: list[int]) -> list[int]:
+    """The images (indices into `image_grid_thw`, the patches, the features) of the
+    prompts `prompts`, in that order. A prompt holds `image_counts[i]` images (one each
+    when the batch has no `image_counts`), in prompt order, as the processor lays them out."""
+    counts = prompt.get("image_counts")
+    if counts is None:
+        return list(prompts)
+    starts = [0, *torch.cumsum(counts, 0).tolist()]  # [B + 1]
+    return [j for i in prompts for j in range(starts[i], starts[i + 1])]
+
+
 def model_inputs(
     prompt: dict[str, Tensor],
     rows: Tensor,
     group_size: int,
     features: list[Tensor] | None,
 ) -> dict[str, Any]:
-    """Image inputs for sequences `rows` of a B·G batch (row r belongs to prompt r // G)."""
-    prompts = rows // group_size  # [n]
-    grid = prompt["image_grid_thw"][prompts]  # [n, 3]
+    """Image inputs for sequences `rows` of a B·G batch (row r belongs to prompt r // G):
+    the images of each sequence's prompt, sequence after sequence."""
+    images = images_of(prompt, (rows // group_size).tolist())  # n_images
+    grid = prompt["image_grid_thw"][images]  # [n_images, 3]
     if features is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        picked = tuple(features[int(i)] for i in prompts)
+        picked = tuple(features[i] for i in images)
         return {
             "image_grid_thw": grid,
             "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=picked)},
         }
     # Fallback: the image patches of each sequence's prompt, in order.
     patches = image_patches(prompt)
-    return {"image_grid_thw": grid, "pixel_values": torch.cat([patches[int(i)] for i in prompts])}
+    return {"image_grid_thw": grid, "pixel_values": torch.cat([patches[i] for i in images])}
 
 
 @torch.no_grad()
@@ -364,9 +376,12 @@ def select_groups(
     index = torch.tensor(groups, dtype=torch.long, device=rollout.prompt_ids.device)
     rows = (index[:, None] * g + torch.arange(g, device=index.device)).flatten()  # [n*G]
     patches = image_patches(prompt)
+    images = images_of(prompt, groups)
     picked = {k: prompt[k][index] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    picked["image_grid_thw"] = prompt["image_grid_thw"][index]
-    picked["pixel_values"] = torch.cat([patches[i] for i in groups])
+    picked["image_grid_thw"] = prompt["image_grid_thw"][images]
+    picked["pixel_values"] = torch.cat([patches[i] for i in images])
+    if "image_counts" in prompt:
+        picked["image_counts"] = prompt["image_counts"][index]
     return picked, Rollout(
         prompt_ids=rollout.prompt_ids[index],
         prompt_mask=rollout.prompt_mask[index],
@@ -392,6 +407,8 @@ def concat_rollouts(
         "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts]),
         "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),
     }
+    if any("image_counts" in p for p in prompts):
+        merged["image_counts"] = torch.cat([_image_counts(p) for p in prompts])
     return merged, Rollout(
         prompt_ids=merged["input_ids"],
         prompt_mask=merged["attention_mask"],
@@ -428,3 +445,10 @@ def group_keys(seed: int, step: int, attempt: int, ids: list[str], group_size: i
         prompt = zlib.crc32(f"{seed}\x1f{step}\x1f{attempt}\x1f{sample_id}".encode())
         keys += [(prompt + member * 0x9E3779B9) & 0xFFFFFFFF for member in range(group_size)]
     return torch.tensor(keys, dtype=torch.long)
+
+
+def _image_counts(prompt: dict[str, Tensor]) -> Tensor:
+    """[B] images per prompt (one each when the batch does not say)."""
+    if "image_counts" in prompt:
+        return prompt["image_counts"]
+    return torch.ones(prompt["input_ids"].shape[0], dtype=torch.long)

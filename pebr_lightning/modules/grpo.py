@@ -272,8 +272,10 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         self.phase_meter.reset()
         prompt = {k: batch[k] for k in PROMPT_KEYS}
         rollout, features = self.rollout(prompt, batch["records"])
-        scores = self.score(rollout, batch["records"], batch["images"])
-        part = ScoredRollout(prompt, rollout, features, scores, batch["records"], batch["images"])
+        scores = self.score(rollout, batch["records"], batch["image_lists"])
+        part = ScoredRollout(
+            prompt, rollout, features, scores, batch["records"], batch["image_lists"]
+        )
         if self.dynamic_sampling_tries:
             part = self.resample(part)
         cfg, g = self.loss_cfg, self.sampling.group_size  # advantages [B*G], rows to train [B*G]
@@ -337,8 +339,10 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             features = None  # trainable tower: recompute with gradients per micro-batch
         return rollout, features
 
-    def score(self, rollout: Rollout, records: list[dict], images: list[Any]) -> Scores:
-        """Decode completions and run the reward set; None totals become NaN."""
+    def score(self, rollout: Rollout, records: list[dict], images: list[list[Any]]) -> Scores:
+        """Decode completions and run the reward set; None totals become NaN. `images`
+        holds each prompt's images; rewards get each sample's first as `images` and
+        all of them as `image_lists`."""
         g = rollout.group_size
         with self.timed_phase("score"):
             texts = decode_completions(self.processor.tokenizer, rollout)
@@ -346,7 +350,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             result = self.rewards(
                 completions=texts,
                 samples=samples,
-                images=[im for im in images for _ in range(g)],
+                images=[own[0] for own in images for _ in range(g)],
+                image_lists=[own for own in images for _ in range(g)],
                 tokenizer=self.processor.tokenizer,
                 processor=self.processor,
                 global_step=self.global_step,
@@ -371,9 +376,9 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             batch = self.collator("train")([dataset[i] for i in picks])
             prompt = {k: batch[k].to(self.device) for k in PROMPT_KEYS}
             rollout, features = self.rollout(prompt, batch["records"], attempt=attempt)
-            scores = self.score(rollout, batch["records"], batch["images"])
+            scores = self.score(rollout, batch["records"], batch["image_lists"])
             return ScoredRollout(
-                prompt, rollout, features, scores, batch["records"], batch["images"]
+                prompt, rollout, features, scores, batch["records"], batch["image_lists"]
             )
 
         # Sharded, every process must roll out as often as the neediest one (each

@@ -63,8 +63,8 @@ class ScoredRollout:
     scores: Scores
     records: list[dict]
     """[B] manifest records."""
-    images: list[Any]
-    """[B] the decoded images."""
+    images: list[list[Any]]
+    """[B] each prompt's decoded images, in order."""
 
     @property
     def group_size(self) -> int:

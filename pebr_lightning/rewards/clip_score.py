@@ -32,6 +32,7 @@ import os
 from os import PathLike
 from typing import Any, Literal
 
+from pebr_lightning.data.images import image_paths
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.tiny_clip import TINY_CLIP
 from pebr_lightning.rewards.answers import description_section
@@ -53,7 +54,9 @@ class ClipScoreReward:
 
     s is the cosine similarity between the image and the response's "### Image
     Description:" section (the empty caption when the section is missing). Component:
-    `similarity`, the raw s.
+    `similarity`, the raw s. A sample with several images is scored against its first
+    (the context's `images`): one CLIP embedding cannot say whether one description
+    covers two pictures; a reward that needs that reads `image_lists`.
     """
 
     name = "clip_score"
@@ -124,7 +127,7 @@ class ClipScoreReward:
         captions = [description_section(text) for text in completions]
         images = context.get("images")
         if images is None:
-            images = [_open_image(sample["image"]) for sample in samples]
+            images = [_open_image(image_paths(sample)[0]) for sample in samples]
         if not (len(captions) == len(samples) == len(images)):
             raise ValueError(
                 f"clip_score: {len(completions)} completions, {len(samples)} samples and "
@@ -287,7 +290,7 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
 
 def _image_key(sample: dict[str, Any], image: Any) -> Any:
     """What identifies an image within a batch: its path, else the image object itself."""
-    path = sample.get("image")
+    path = sample.get("image") or (image_paths(sample) or [None])[0]
     if isinstance(path, (str, PathLike)):
         return ("path", str(path))
     return ("object", id(image))

@@ -382,6 +382,8 @@ def _own_context(context: dict[str, Any]) -> dict[str, Any]:
             if id(value) not in copies:
                 copies[id(value)] = value.copy()
             return copies[id(value)]
+        if isinstance(value, list | tuple):  # image_lists: a list per sample
+            return [own(v) for v in value]
         return value
 
     return {

@@ -22,7 +22,9 @@ from typing import Any, Protocol, runtime_checkable
 
 # Keys the trainer always passes in `context`. Rewards may rely on these.
 CONTEXT_KEYS = {
-    "images": "list[PIL.Image.Image]: the image of each sample, aligned with completions",
+    "images": "list[PIL.Image.Image]: the image of each sample (its first, where it has "
+    "several), aligned with completions",
+    "image_lists": "list[list[PIL.Image.Image]]: every image of each sample, in order",
     "tokenizer": "the policy's tokenizer (a transformers tokenizer)",
     "global_step": "int: the optimizer step at which the batch was generated",
     "device": "torch.device the policy runs on; put reward models there",

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pebr_lightning.data.images import load_image
+from pebr_lightning.data.images import image_paths, load_image
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import record_response
 from pebr_lightning.data.synth import write_dataset
@@ -154,8 +154,10 @@ def make_context(samples: list[dict[str, Any]], tokenizer: Any = None) -> dict[s
     """The trainer's context: images, tokenizer (default: the tiny model's), step 0, CPU."""
     import torch
 
+    lists = [[load_image(path) for path in image_paths(s)] for s in samples]
     return {
-        "images": [load_image(s["image"]) for s in samples],
+        "images": [own[0] for own in lists],
+        "image_lists": lists,
         "tokenizer": tokenizer if tokenizer is not None else tiny_tokenizer(),
         "global_step": 0,
         "device": torch.device("cpu"),
@@ -342,6 +344,9 @@ def _prepare(
         if isinstance(images, list) and len(images) == len(samples):
             # A context made for the given samples: give the edge cases their images too.
             context = {**context, "images": [images[i] for i in batch.sources]}
+            lists = context.get("image_lists")
+            if isinstance(lists, list) and len(lists) == len(images):
+                context["image_lists"] = [lists[i] for i in batch.sources]
         samples, completions = batch.samples, batch.completions
     if len(samples) != len(completions):
         raise ValueError(f"{len(completions)} completions but {len(samples)} samples")

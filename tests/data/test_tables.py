@@ -1,21 +1,21 @@
 """Parquet files and saved Hugging Face dataset folders as manifests.
 
-The tables are written here with pyarrow in the layouts the public datasets use
-(an HF `Image` struct of PNG bytes; `save_to_disk`'s Arrow stream files and
-state.json), and loaded without the `datasets` package.
+The tables are written here in the layouts the public datasets use (an HF `Image`
+struct of PNG bytes; Parquet written by pyarrow; folders written by `datasets` itself)
+and read through `datasets` (data/tables.py). Hub ids: test_hub_sources.py.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
+from datasets.table import InMemoryTable
 from PIL import Image
 
 from pebr_lightning.data.commands import main
@@ -68,57 +68,18 @@ def _geometry_table(images: pa.Array | None = None) -> pa.Table:
     )
 
 
+def _dataset(table: pa.Table) -> datasets.Dataset:
+    """`table` as a `datasets.Dataset`, its image struct column typed as an HF Image."""
+    dataset = datasets.Dataset(InMemoryTable(table))
+    if table.schema.field("images").type == IMAGE:
+        dataset = dataset.cast_column("images", datasets.Image())
+    return dataset
+
+
 def _save_to_disk(table: pa.Table, folder: Path, shards: int = 1) -> Path:
-    """Write `table` in the layout of `datasets.Dataset.save_to_disk`."""
-    folder.mkdir(parents=True)
-    names = [f"data-{i:05d}-of-{shards:05d}.arrow" for i in range(shards)]
-    step = -(-table.num_rows // shards)
-    for i, name in enumerate(names):
-        with ipc.new_stream(folder / name, table.schema) as writer:
-            writer.write_table(table.slice(i * step, step))
-    state = {
-        "_data_files": [{"filename": name} for name in names],
-        "_fingerprint": "0123456789abcdef",
-        "_format_type": None,
-        "_split": "train",
-    }
-    (folder / "state.json").write_text(json.dumps(state), encoding="utf-8")
-    info = {"features": {name: {"_type": "Value"} for name in table.column_names}}
-    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    """Write `table` with `datasets.Dataset.save_to_disk`, in `shards` Arrow files."""
+    _dataset(table).save_to_disk(str(folder), num_shards=shards)
     return folder
-
-
-def test_parquet_with_image_structs_and_mapped_columns(tmp_path: Path) -> None:
-    path = tmp_path / "geo" / "train.parquet"
-    path.parent.mkdir()
-    pq.write_table(_geometry_table(), path)
-    image_dir = tmp_path / "extracted"
-
-    loaded = load_manifest(path, field_map=FIELD_MAP, image_dir=image_dir)
-
-    assert loaded.problems == [] and loaded.path == path
-    assert [r["id"] for r in loaded.records] == ["g-0", "g-1", "g-2"]
-    assert [r["question"] for r in loaded.records] == [
-        "How many sides?",
-        "What is x?",
-        "Find the angle.",
-    ]
-    assert [r["answer"] for r in loaded.records] == ["3", "12", "45"]
-    for record, colour in zip(loaded.records, COLOURS, strict=True):
-        # Mapped columns are renamed, other columns pass through, binary ones are left out.
-        assert set(record) == {"id", "image", "question", "answer", "source"}
-        assert os.path.isabs(record["image"])
-        assert Path(record["image"]).parent == image_dir and record["image"].endswith(".png")
-        assert _pixels(load_image(record["image"])) == _pixels(Image.open(io.BytesIO(_png(colour))))
-    assert loaded.records[2]["source"] == "mathverse"
-
-
-def test_images_go_to_the_pebr_cache_by_default(tmp_path: Path, image_cache: Path) -> None:
-    path = tmp_path / "train.parquet"
-    pq.write_table(_geometry_table(), path)
-    loaded = load_manifest(path, field_map=FIELD_MAP)
-    assert {Path(r["image"]).parent for r in loaded.records} == {image_cache}
-    assert len(list(image_cache.iterdir())) == 3
 
 
 def test_saved_dataset_folder_gives_the_same_records(tmp_path: Path) -> None:
@@ -146,13 +107,22 @@ def test_saved_dataset_without_state_json_reads_data_files_in_order(tmp_path: Pa
 
 
 def test_saved_dataset_dict_folder_names_a_split(tmp_path: Path) -> None:
-    _save_to_disk(_geometry_table(), tmp_path / "dd" / "train")
-    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train"]}', "utf-8")
+    table = _geometry_table()
+    both = datasets.DatasetDict(
+        {"train": _dataset(table.slice(0, 2)), "test": _dataset(table.slice(2, 1))}
+    )
+    both.save_to_disk(str(tmp_path / "dd"))
+    test = load_manifest(f"{tmp_path / 'dd'}@test", field_map=FIELD_MAP)
+    assert [r["id"] for r in test.records] == ["g-2"]
+    # Unnamed: the train split, as `datasets` users expect.
+    assert [r["id"] for r in load_manifest(tmp_path / "dd", field_map=FIELD_MAP).records] == [
+        "g-0",
+        "g-1",
+    ]
     with pytest.raises(ManifestError) as info:
-        load_manifest(tmp_path / "dd", field_map=FIELD_MAP)
+        load_manifest(f"{tmp_path / 'dd'}@validation", field_map=FIELD_MAP)
     assert str(info.value) == (
-        f"{tmp_path / 'dd'} is not a saved dataset: it has no state.json and no *.arrow files; "
-        f"it is a saved DatasetDict: point at one split, e.g. {tmp_path / 'dd' / 'train'}"
+        f"{tmp_path / 'dd'}@validation: no split 'validation'; its splits are: train, test"
     )
 
 
@@ -167,23 +137,39 @@ def test_a_list_of_one_image_is_that_image(tmp_path: Path) -> None:
     ]
 
 
-def test_a_list_of_two_images_names_the_row_and_field(tmp_path: Path) -> None:
-    one = {"bytes": _png(COLOURS[0]), "path": None}
-    images = pa.array([[one], [one, one], [one]], pa.list_(IMAGE))
+def test_a_list_of_two_images_is_a_record_of_two_images(tmp_path: Path) -> None:
+    pngs = [_png(c) for c in COLOURS]
+    cells = [{"bytes": b, "path": None} for b in pngs]
+    images = pa.array([[cells[0]], [cells[1], cells[2]], [cells[2]]], pa.list_(IMAGE))
     path = tmp_path / "two.parquet"
     pq.write_table(_geometry_table(images), path)
+    records = load_manifest(path, field_map=FIELD_MAP, image_dir=tmp_path / "img").records
+    assert "images" not in records[0] and "image" not in records[1]
+    assert [_pixels(load_image(p)) for p in records[1]["images"]] == [
+        _pixels(Image.open(io.BytesIO(b))) for b in pngs[1:]
+    ]
+    # Read as `images` without a field_map too: the usual name of such a column.
+    table = _geometry_table(images).rename_columns(
+        ["id", "images", "question", "answer", "source", "thumbnail"]
+    )
+    pq.write_table(table, tmp_path / "native.parquet")
+    native = load_manifest(tmp_path / "native.parquet", image_dir=tmp_path / "img").records
+    assert [r["images"] for r in native] == [
+        [records[0]["image"]],
+        *[r["images"] for r in records[1:2]],
+        [records[2]["image"]],
+    ]
 
-    with pytest.raises(ManifestError) as info:
-        load_manifest(path, field_map=FIELD_MAP, image_dir=tmp_path / "img")
-    assert (
-        f"{path}:row 2: field 'image': expected one image per record, got a list of 2 images "
-        "(column 'images') (id g-1)"
-    ) in str(info.value)
-    assert "1 problem(s) on 1 row(s)" in str(info.value)
 
+def test_bytes_that_are_not_an_image_in_an_images_list_name_the_row(tmp_path: Path) -> None:
+    one = {"bytes": _png(COLOURS[0]), "path": None}
+    images = pa.array([[one], [one, {"bytes": b"not a png", "path": None}], [one]], pa.list_(IMAGE))
+    path = tmp_path / "bad.parquet"
+    pq.write_table(_geometry_table(images), path)
     loaded = load_manifest(path, field_map=FIELD_MAP, image_dir=tmp_path / "img", skip_invalid=True)
     assert [r["id"] for r in loaded.records] == ["g-0", "g-2"]
-    assert [(p.line, p.field, p.unit) for p in loaded.problems] == [(2, "image", "row")]
+    assert [(p.line, p.field, p.unit) for p in loaded.problems] == [(2, "images", "row")]
+    assert "the image bytes are not an image PIL can read" in str(loaded.problems[0])
 
 
 def test_plain_bytes_and_relative_paths_are_images_too(tmp_path: Path) -> None:
@@ -246,9 +232,9 @@ def test_a_missing_column_is_reported_once_with_the_columns(tmp_path: Path) -> N
     with pytest.raises(ManifestError) as info:
         load_manifest(path, image_dir=tmp_path / "img")
     assert str(info.value).startswith(
-        f"{path}: the table has no column for required field(s) image, question; "
+        f"{path}: the table has no column for required field(s) question; "
         "its columns are: id, images, problem, answer, source, thumbnail."
-    )
+    )  # an `images` column is read as the record's images
     with pytest.raises(ManifestError, match=r"field_map names column\(s\) the table does not "):
         load_manifest(path, field_map={**FIELD_MAP, "answer": "solution"})
 

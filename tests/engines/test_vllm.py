@@ -85,6 +85,30 @@ def test_after_a_sync_vllm_decodes_what_the_hf_engine_decodes(tiny_path, shapes_
         engine.close()
 
 
+def test_records_of_several_images_decode_as_the_hf_engine_decodes(
+    tiny_path, shapes_data, tmp_path
+):
+    """Prompts of 1, 2 and 3 images: each request carries its prompt's images in
+    order, and vLLM's greedy text is the HF engine's."""
+    from ..data.test_multi_image import two_image_manifest
+
+    records = load_manifest(two_image_manifest(shapes_data["val"], tmp_path)).records
+    assert sorted({len(r["images"]) for r in records}) == [1, 2, 3]
+    built = build_policy(str(tiny_path))
+    policy = built.model.eval()
+    engine = VLLMEngine(built.processor, str(tiny_path), str(vllm_python()), dtype="float32")
+    try:
+        stir(policy, 0, ("layers.1.mlp", "visual.merger"))  # the images decide the text
+        engine.sync_weights(policy)
+        hf = HFEngine(built.processor)
+        hf.sync_weights(policy)
+        expected = texts(hf, built.processor, records)
+        assert len(set(expected)) > 1
+        assert texts(engine, built.processor, records) == expected
+    finally:
+        engine.close()
+
+
 def test_a_lora_policy_syncs_its_adapter(tiny_path, shapes_data):
     records = load_manifest(shapes_data["val"]).records[:4]
     built = build_policy(str(tiny_path), lora=LoraConfig(r=4, alpha=8, dropout=0.0))
