@@ -61,7 +61,9 @@ class OptimConfig:
     """Learning-rate multipliers by parameter name: each key is a regular expression
     searched in the parameter's name (the first key that matches wins), its value the
     factor on `lr` for those parameters, e.g. `{"visual": 0.1}` to train a vision
-    tower ten times slower than the language model. Unmatched parameters train at `lr`."""
+    tower ten times slower than the language model. Unmatched parameters train at `lr`;
+    a key that matches no parameter is an error, one that matches only frozen ones is
+    not (nothing to scale)."""
 
     def __post_init__(self) -> None:
         if self.name not in get_args(OptimizerName):
@@ -100,10 +102,12 @@ def configure_adamw(
     trainable = [(n, p) for n, p in params if p.requires_grad]
     if not trainable:
         raise PebrError("no trainable parameters: check lora / freeze_vision settings")
-    unused = [k for k in cfg.lr_scale if not any(re.search(k, n) for n, _ in trainable)]
+    # A key that names no parameter at all is a typo; one that names only frozen ones
+    # (the same config with the vision tower frozen, or LoRA) has nothing to scale.
+    unused = [k for k in cfg.lr_scale if not any(re.search(k, n) for n, _ in params)]
     if unused:
         raise PebrError(
-            f"optim.lr_scale: {', '.join(map(repr, unused))} matches no trainable parameter"
+            f"optim.lr_scale: {', '.join(map(repr, unused))} matches no parameter"
             f" (names look like {trainable[0][0]!r})"
         )
     # One group per (decayed?, lr factor); LambdaLR scales each group's own lr. The

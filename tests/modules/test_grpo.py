@@ -259,8 +259,10 @@ def test_merge_parts_keeps_rewards_texts_and_records_aligned(tiny_path, shapes_d
             rollout = sample_group(
                 module.policy, base, batch, SAMPLING, [tok.eos_token_id], tok.pad_token_id
             )
-        scores = module.score(rollout, batch["records"], batch["images"])
-        parts.append(ScoredRollout(batch, rollout, None, scores, batch["records"], batch["images"]))
+        scores = module.score(rollout, batch["records"], batch["image_lists"])
+        parts.append(
+            ScoredRollout(batch, rollout, None, scores, batch["records"], batch["image_lists"])
+        )
     g = SAMPLING.group_size
     # dynamic sampling's merge: part 0's group 1, then part 1's group 2
     merged = ScoredRollout.concat([parts[0].select([1]), parts[1].select([2])], tok.pad_token_id)

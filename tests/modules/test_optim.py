@@ -174,10 +174,15 @@ def test_lr_scale_trains_the_matched_parameters_at_their_factor():
         torch.testing.assert_close(moved, torch.full_like(moved, expected), atol=1e-7, rtol=0)
 
 
-def test_lr_scale_key_that_matches_nothing_is_an_error():
+def test_lr_scale_key_that_matches_nothing_is_an_error_frozen_is_fine():
     cfg = OptimConfig(lr=LR, lr_scale={"vision_tower": 0.1})
-    with pytest.raises(PebrError, match=r"'vision_tower' matches no trainable parameter"):
+    with pytest.raises(PebrError, match=r"'vision_tower' matches no parameter"):
         configure_adamw(list(_TwoTowers().named_parameters()), cfg, total_steps=10)
+    model = _TwoTowers()
+    model.visual.requires_grad_(False)  # as with a frozen vision tower or LoRA
+    cfg = OptimConfig(lr=LR, lr_scale={"visual": 0.1})
+    built = configure_adamw(list(model.named_parameters()), cfg, total_steps=10)
+    assert [g["lr"] for g in built["optimizer"].param_groups] == [LR, LR]
 
 
 @pytest.mark.parametrize(
