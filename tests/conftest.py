@@ -58,13 +58,13 @@ def vllm_python() -> Path:
 def vllm_missing() -> str | None:
     """Why the vLLM tests cannot run here (None when they can): the line `make vllm-env`
     left in the environment folder, or a generic one."""
-    if vllm_python().exists():
-        return None
     from pebr_lightning.engines.vllm_setup import UNAVAILABLE
 
     note = vllm_python().parent.parent / UNAVAILABLE
     if note.is_file():
         return note.read_text().strip()
+    if vllm_python().exists():
+        return None
     return f"no vLLM environment at {vllm_python()}: make vllm-env"
 
 

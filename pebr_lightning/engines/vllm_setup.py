@@ -120,13 +120,15 @@ def has_cpu_torch(python: Path, source: Source, env: dict[str, str] | None = Non
 def build(env_dir: Path, environ: dict[str, str], echo: Callable[[str], None] = print) -> int:
     """Make `env_dir` a vLLM environment; the exit status of `make vllm-env`."""
     python = env_dir / "bin" / "python"
-    if not python.exists():
-        venv.EnvBuilder(with_pip=True).create(env_dir)
     (env_dir / UNAVAILABLE).unlink(missing_ok=True)
     candidates = sources(environ.get("PEBR_TORCH_CPU_INDEX") or TORCH_CPU_INDEX)
-    source = choose_source(candidates, lambda s: has_cpu_torch(python, s, environ))
+    # Probed with this interpreter's pip: no environment is made unless it can be built
+    # (an interpreter without vLLM where the tests look for one would fail them).
+    here = Path(sys.executable)
+    source = choose_source(candidates, lambda s: has_cpu_torch(here, s, environ))
     if source is None:
         reason = unavailable_reason(candidates)
+        env_dir.mkdir(parents=True, exist_ok=True)
         (env_dir / UNAVAILABLE).write_text(reason + "\n")
         echo(reason)
         if in_ci(environ):
@@ -134,6 +136,8 @@ def build(env_dir: Path, environ: dict[str, str], echo: Callable[[str], None] = 
             return 1
         return 0
     echo(f"vllm-env: {CPU_TORCH} from {source.name}")
+    if not python.exists():
+        venv.EnvBuilder(with_pip=True).create(env_dir)
     steps = [
         ("install", (*source.pip_args, "--quiet", VLLM_REQUIREMENT), environ),
         # PyPI only, so that the CPU wheel of pip's configuration cannot come back.

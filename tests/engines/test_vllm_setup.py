@@ -108,7 +108,8 @@ def test_probe_falls_back_to_the_pytorch_index(tmp_path):
 @pytest.mark.parametrize("ci", ["", "true"])
 def test_without_the_wheel_the_environment_is_left_unbuilt_and_says_why(tmp_path, ci):
     """The real build on a machine with plain pip: nothing has the wheel, so the folder
-    keeps only a venv and the UNAVAILABLE line; exit 0, or 1 under CI."""
+    holds only the UNAVAILABLE line, no interpreter the tests could mistake for a
+    vLLM environment; exit 0, or 1 under CI."""
     index = simple_index(tmp_path / "torch-index", [])  # reachable, but without torch
     env = plain_pip(tmp_path, PEBR_TORCH_CPU_INDEX=index, CI=ci)
     lines: list[str] = []
@@ -117,14 +118,7 @@ def test_without_the_wheel_the_environment_is_left_unbuilt_and_says_why(tmp_path
     reason = (tmp_path / "env" / UNAVAILABLE).read_text().strip()
     assert "torch==2.13.0+cpu" in reason and index in reason and "make vllm-env" in reason
     assert lines[0] == reason
-    assert not (tmp_path / "env" / ".installed").exists()
-    installed = subprocess.run(
-        [str(tmp_path / "env" / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "vllm" not in installed and "torch" not in installed
+    assert [p.name for p in (tmp_path / "env").iterdir()] == [UNAVAILABLE]
 
 
 @pytest.mark.parametrize("ci", ["", "true"])
@@ -132,6 +126,8 @@ def test_the_suite_prints_the_skip_line_or_fails_under_ci(tmp_path, ci):
     """pytest's own run of the vLLM tests with that UNAVAILABLE line in place."""
     env_dir = tmp_path / "env"
     (env_dir / "bin").mkdir(parents=True)
+    # An interpreter left there (an older build's venv) must not outweigh the line.
+    (env_dir / "bin" / "python").symlink_to(sys.executable)
     (env_dir / UNAVAILABLE).write_text("vLLM environment not built: a test reason\n")
     env = {**os.environ, "PEBR_VLLM_PYTHON": str(env_dir / "bin" / "python"), "CI": ci}
     run = subprocess.run(
