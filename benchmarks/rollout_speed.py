@@ -177,10 +177,16 @@ def measure(precision: str, folder: Path, args: argparse.Namespace, bandwidth: f
     prompt = prompt_batch(policy.processor, args)
     runs = [rollout_once(policy, prompt, args) for _ in range(args.repeats)]
     measured = runs[1:]
-    decode_s = statistics.median(r["decode_seconds"] for r in measured)
+    # The prefill is timed by a run of its own before each rollout. On a loaded machine
+    # one prefill can take longer than a whole rollout, so the decode time is the median
+    # rollout less the fastest prefill (the least disturbed), not a median of per-run
+    # differences, which a short dry run's noise made negative. Still none left: NaN.
+    decode_s = max(
+        statistics.median(r["seconds"] for r in measured)
+        - min(r["prefill_seconds"] for r in measured),
+        0.0,
+    )
     steps = args.max_new_tokens - 1  # the first token comes from the prefill
-    # The prefill is timed by a run of its own; on a loaded machine it can take longer
-    # than the whole rollout, leaving no decode time to divide by: NaN, not a crash.
     step_s = decode_s / steps if decode_s > 0 else math.nan
     kv = kv_bytes_per_step(model.config, args, prompt["input_ids"].shape[1])
     limit_s = (weight_bytes + kv) / (bandwidth * 1e9)
@@ -257,7 +263,7 @@ def prompt_batch(processor: Any, args: argparse.Namespace) -> dict[str, torch.Te
 
 
 def rollout_once(policy: Any, prompt: dict[str, torch.Tensor], args: argparse.Namespace) -> dict:
-    """One full-length rollout; total, prefill and decode seconds."""
+    """One full-length rollout and, before it, a prefill alone; their seconds."""
     from pebr_lightning.models.policy import unwrap
     from pebr_lightning.models.rollout import SamplingConfig, eos_token_ids, sample_group
 
@@ -283,7 +289,6 @@ def rollout_once(policy: Any, prompt: dict[str, torch.Tensor], args: argparse.Na
     return {
         "seconds": seconds,
         "prefill_seconds": prefill_s,
-        "decode_seconds": max(seconds - prefill_s, 0.0),
         "tokens": int(rollout.completion_mask.sum()),
     }
 

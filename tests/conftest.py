@@ -38,6 +38,37 @@ def tiny_path(pebr_cache: Path) -> Path:
     return ensure_tiny_model("tiny-qwen2.5-vl")
 
 
+def demo_sft_fit_args(
+    train: Path, out: Path, *, val: Path | None = None, steps: int = 2, **options: str
+) -> list[str]:
+    """`pebr fit` arguments for a few steps of the demo SFT config on `train`, logged
+    into `out`; `options` add `--data.init_args.NAME VALUE` pairs (skip_invalid=...)."""
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "configs" / "demo" / "sft.yaml"),
+        "--data.init_args.train_manifest",
+        str(train),
+        "--data.init_args.val_manifest",
+        str(val) if val is not None else "null",
+        "--data.init_args.batch_size",
+        "3",
+        "--data.init_args.num_workers",
+        "0",
+    ]
+    for name, value in options.items():
+        args += [f"--data.init_args.{name}", value]
+    if val is not None:
+        args += ["--trainer.limit_val_batches", "1", "--trainer.val_check_interval", str(steps)]
+    return [*args, "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(out)]
+
+
+@pytest.fixture(scope="session")
+def sft_fit_args():
+    """demo_sft_fit_args, for tests (they do not import one another)."""
+    return demo_sft_fit_args
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small synthetic train/val manifests shared by the end-to-end tests."""

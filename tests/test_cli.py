@@ -194,31 +194,11 @@ def test_fit_on_bad_manifest_fails_before_loading_the_model(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_fit_with_skip_invalid_trains_on_the_valid_records(tmp_path, shapes_data):
+def test_fit_with_skip_invalid_trains_on_the_valid_records(tmp_path, shapes_data, sft_fit_args):
     manifest = write_dataset(tmp_path / "data", n=10, seed=0)
     _break(manifest, "missing image")
     with pytest.warns(UserWarning, match=r"skipped 1 invalid record\(s\)"):
-        code = main(
-            [
-                "fit",
-                "--config",
-                str(REPO / "configs" / "demo" / "sft.yaml"),
-                "--data.init_args.train_manifest",
-                str(manifest),
-                "--data.init_args.val_manifest",
-                "null",
-                "--data.init_args.skip_invalid",
-                "true",
-                "--data.init_args.batch_size",
-                "3",
-                "--data.init_args.num_workers",
-                "0",
-                "--trainer.max_steps",
-                "3",
-                "--trainer.default_root_dir",
-                str(tmp_path / "run"),
-            ]
-        )
+        code = main(sft_fit_args(manifest, tmp_path / "run", steps=3, skip_invalid="true"))
     assert code == 0
     assert list((tmp_path / "run").rglob("last.ckpt"))
 

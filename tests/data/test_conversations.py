@@ -180,36 +180,14 @@ def test_grpo_refuses_conversation_records_by_name(processor, shapes):
 
 
 @pytest.mark.parametrize(("layout", "suffix"), [(sharegpt, ".json"), (messages, ".jsonl")])
-def test_pebr_fit_trains_sft_on_conversations(tmp_path, shapes, layout, suffix):
+def test_pebr_fit_trains_sft_on_conversations(tmp_path, shapes, layout, suffix, sft_fit_args):
     records = [layout(r) for r in shapes]
     manifest = tmp_path / f"chat{suffix}"
     if suffix == ".json":
         manifest.write_text(json.dumps(records))
     else:
         manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
-    code = main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "demo" / "sft.yaml"),
-            "--data.init_args.train_manifest",
-            str(manifest),
-            "--data.init_args.val_manifest",
-            str(manifest),
-            "--data.init_args.batch_size",
-            "3",
-            "--data.init_args.num_workers",
-            "0",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.val_check_interval",
-            "2",
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-        ]
-    )
+    code = main(sft_fit_args(manifest, tmp_path / "run", val=manifest))
     assert code == 0
     (metrics,) = (tmp_path / "run").rglob("metrics.csv")
     rows = metrics.read_text().splitlines()
