@@ -219,8 +219,8 @@ def build_ours(args, folder: Path, manifest: Path, scratch: Path, turn: Turn):
             max_new_tokens=args.max_new_tokens,
             min_new_tokens=args.max_new_tokens,
         ),
-        loss=GRPOLossConfig(
-            mu=1, eps_low=0.2, eps_high=0.3, dual_clip=None, beta=args.beta, loss_type="dapo"
+        loss=GRPOLossConfig(  # the default reduction: GlobalTokenMean, TRL's "dapo"
+            mu=1, eps_low=0.2, eps_high=0.3, dual_clip=None, beta=args.beta
         ),
         optim=OptimConfig(lr=args.lr, weight_decay=0.01, schedule="constant"),
         micro_batch_size=n,

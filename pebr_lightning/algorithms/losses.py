@@ -19,35 +19,22 @@ shares r = exp(mean over its tokens of (logp - pi_old)), the geometric mean of t
 token ratios; the gradient reaches every token's logp through that mean. GSPO clips
 such ratios with far smaller eps (3e-4 / 4e-4 in the paper) than the token level.
 
-Reductions of L [B*G, T] to a scalar (padding never counts):
-    grpo     mean over completions of each completion's token mean; completions
-             without valid tokens are left out of both sum and count
-    bnpo     sum over valid tokens / valid tokens in this batch
-    dr_grpo  sum over valid tokens / (B*G * max_completion_length) (Dr. GRPO)
-    dapo     sum over valid tokens / valid tokens on all processes * world_size (DAPO)
+The scalar is the per-token loss reduced by a `LossReduction` (algorithms/reductions.py:
+GRPO's sequence mean, BNPO's token mean, Dr. GRPO's constant length, DAPO's global
+token mean), which also says each micro-batch's share under gradient accumulation.
 
-Gradient accumulation: an update batch (the rollout's sequences of one optimizer
-step) is often split into micro-batches. `policy_loss` reduces one micro-batch as if
-it were the batch; `accumulation_share` is that micro-batch's weight in its update
-batch, so that the weighted micro-batch losses sum to the batch's loss (2 x 4
-sequences give the step 1 x 8 gives). Both are decided here, per loss type:
-    grpo     share = its completions with valid tokens / the batch's
-    bnpo     share = its valid tokens / the batch's
-    dr_grpo  share = its rows / the batch's rows with valid tokens
-    dapo     share = 1 (already divided by the global token count)
-
-PeBR-R1 (docs/paper.md, "GRPO settings") trains with verl's token-mean loss, which
-is "bnpo" on one process and "dapo" across processes, with eps_low 0.2, eps_high 0.3,
-c = 3 and beta 1e-2.
+PeBR-R1 (docs/paper.md, "GRPO settings") trains with verl's token-mean loss (TokenMean
+on one process, GlobalTokenMean across processes), eps_low 0.2, eps_high 0.3, c = 3
+and beta 1e-2.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+from pebr_lightning.algorithms.reductions import BatchCounts, LossReduction, SequenceMean
+
 IMPORTANCE_LEVELS = ("token", "sequence")
 
 
@@ -62,7 +49,7 @@ def policy_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     dual_clip: float | None = None,
-    loss_type: str = "grpo",
+    reduction: LossReduction | None = None,
     importance_level: str = "token",
     max_completion_length: int | None = None,
     num_valid_tokens_global: int | None = None,
@@ -82,14 +69,16 @@ def policy_loss(
         eps_low: the ratio is clipped below at 1 - eps_low.
         eps_high: the ratio is clipped above at 1 + eps_high.
         dual_clip: c > 1 caps the loss of a negative-advantage token at -c * A; None: off.
-        loss_type: one of "grpo", "bnpo", "dr_grpo", "dapo" (see the module docstring).
+        reduction: how the per-token losses become one scalar (algorithms/reductions.py);
+            None: SequenceMean (GRPO).
         importance_level: "token" (GRPO) or "sequence" (GSPO).
-        max_completion_length: the generation budget; the constant denominator of "dr_grpo".
-        num_valid_tokens_global: "dapo" only: the valid-token count over all processes.
+        max_completion_length: the generation budget (ConstantLength's denominator).
+        num_valid_tokens_global: the update batch's valid-token count over all processes
+            (GlobalTokenMean).
             None: all-reduced (SUM) over the default process group when torch.distributed
             is initialised, else this batch's count. Every process must then call this
             function, as it is a collective.
-        world_size: "dapo" only: how many per-process losses the gradient is averaged
+        world_size: how many per-process losses the gradient is averaged
             over. DDP and FSDP average gradients over processes, so the local loss is
             multiplied by it to turn that average into a sum; a loop that also divides by
             gradient-accumulation steps (Lightning does) should pass processes x steps
@@ -112,7 +101,8 @@ def policy_loss(
         raise ValueError(
             f"engine_weights has shape {tuple(engine_weights.shape)}, expected {tuple(logp.shape)}"
         )
-    _check_options(loss_type, importance_level, max_completion_length)
+    _check_options(importance_level)
+    reduction = SequenceMean() if reduction is None else reduction
     valid = mask.bool()  # [B*G, T]
     # Padding may hold -inf or garbage: select, never multiply, so it cannot leak as NaN.
     log_ratio = torch.where(valid, logp - old_logp.detach(), 0.0)  # [B*G, T]
@@ -140,58 +130,10 @@ def policy_loss(
         per_token = per_token + beta * kl
     per_token = torch.where(valid, per_token, 0.0)  # [B*G, T]
 
-    loss = _reduce(
-        per_token, valid, loss_type, max_completion_length, num_valid_tokens_global, world_size
-    )
+    counts = BatchCounts(max_completion_length, num_valid_tokens_global, world_size)
+    loss = reduction.reduce(per_token, valid, counts)
     metrics = _metrics(ratio, adv, valid, dual_active, kl, eps_low, eps_high)
     return loss, metrics
-
-
-def accumulation_share(loss_type: str, mask: Tensor, tokens: int, seqs: int) -> float:
-    """A micro-batch's weight in an update batch of `tokens` valid tokens and `seqs`
-    sequences with any (see the module docstring). mask [n, T] is its loss mask."""
-    if loss_type == "dapo":  # already divided by the global token count
-        return 1.0
-    if loss_type == "bnpo":
-        return float(mask.sum()) / max(tokens, 1)
-    if loss_type == "dr_grpo":  # divided by its row count, masked rows included
-        return mask.shape[0] / max(seqs, 1)
-    return float((mask.sum(-1) > 0).sum()) / max(seqs, 1)  # grpo: per sequence
-
-
-def _reduce(
-    per_token: Tensor,
-    valid: Tensor,
-    loss_type: str,
-    max_completion_length: int | None,
-    num_valid_tokens_global: int | None,
-    world_size: int | None,
-) -> Tensor:
-    if loss_type == "grpo":
-        n_tokens = valid.sum(-1)  # [B*G]
-        seq_mean = per_token.sum(-1) / n_tokens.clamp(min=1)  # [B*G]
-        return seq_mean.sum() / (n_tokens > 0).sum().clamp(min=1)
-    if loss_type == "bnpo":
-        return per_token.sum() / valid.sum().clamp(min=1)
-    if loss_type == "dr_grpo":
-        return per_token.sum() / max(per_token.shape[0] * max_completion_length, 1)
-    tokens, copies = _global_tokens(valid, num_valid_tokens_global, world_size)
-    return per_token.sum() * copies / tokens
-
-
-def _global_tokens(
-    valid: Tensor, num_valid_tokens_global: int | None, world_size: int | None
-) -> tuple[Tensor | int, int]:
-    """Valid tokens over all processes (at least 1) and the number of averaged losses."""
-    distributed = dist.is_available() and dist.is_initialized()
-    if world_size is None:
-        world_size = dist.get_world_size() if distributed else 1
-    if num_valid_tokens_global is not None:
-        return max(num_valid_tokens_global, 1), world_size
-    tokens = valid.sum()  # int64: exact, unlike a bf16 or fp32 sum of the mask
-    if distributed:
-        dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
-    return tokens.clamp(min=1), world_size
 
 
 @torch.no_grad()
@@ -263,16 +205,8 @@ def _check_inputs(
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
 
 
-def _check_options(
-    loss_type: str, importance_level: str, max_completion_length: int | None
-) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+def _check_options(importance_level: str) -> None:
     if importance_level not in IMPORTANCE_LEVELS:
         raise ValueError(
             f"importance_level must be one of {IMPORTANCE_LEVELS}, got {importance_level!r}"
-        )
-    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
-        raise ValueError(
-            f'loss_type="dr_grpo" needs max_completion_length >= 1, got {max_completion_length}'
         )

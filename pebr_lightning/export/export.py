@@ -270,11 +270,11 @@ def _module_class(kind: str) -> type:
 
 def _safe_globals() -> list[type]:
     """The classes a checkpoint's hyper-parameters may hold besides plain data."""
+    from pebr_lightning.algorithms.loss_config import GRPOLossConfig
     from pebr_lightning.data.prompts import PromptConfig
     from pebr_lightning.engines import RolloutConfig
     from pebr_lightning.models.policy import LoraConfig, QuantizationConfig
     from pebr_lightning.models.rollout import SamplingConfig
-    from pebr_lightning.modules.grpo_update import GRPOLossConfig
     from pebr_lightning.modules.optim import OptimConfig
     from pebr_lightning.rewards.registry import RewardSpec
 
@@ -292,9 +292,12 @@ def _safe_globals() -> list[type]:
 
 def _former_names() -> list[tuple[type, str]]:
     """Config classes that moved, under the names older checkpoints record."""
-    from pebr_lightning.modules.grpo_update import GRPOLossConfig
+    from pebr_lightning.algorithms.loss_config import GRPOLossConfig
 
-    return [(GRPOLossConfig, "pebr_lightning.modules.grpo.GRPOLossConfig")]  # until 2026-12-01
+    return [
+        (GRPOLossConfig, "pebr_lightning.modules.grpo.GRPOLossConfig"),  # until 2026-12-01
+        (GRPOLossConfig, "pebr_lightning.modules.grpo_update.GRPOLossConfig"),  # until 2026-12-06
+    ]
 
 
 def _torch_load(path: Path) -> Any:

@@ -29,8 +29,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from pebr_lightning.algorithms.advantages import AdvantageEstimator, step_advantages
-from pebr_lightning.algorithms.variants import build_variant
+from pebr_lightning.algorithms.advantages import step_advantages
+from pebr_lightning.algorithms.loss_config import GRPOLossConfig
 from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, prompt_limit
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.engines import RolloutConfig, RolloutEngine, build_engine, timed_sync
@@ -60,7 +60,6 @@ from pebr_lightning.models.rollout import (
 from pebr_lightning.modules.grpo_logs import publish_samples, record_step, sample_rows, step_logs
 from pebr_lightning.modules.grpo_parts import ScoredRollout, Scores, fill_groups, trained_rollout
 from pebr_lightning.modules.grpo_update import (
-    GRPOLossConfig,
     NonFiniteGuard,
     UpdateHooks,
     UpdateSettings,
@@ -180,9 +179,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         self.rollout_cfg = rollout
         self.engine: RolloutEngine | None = None
         self.loss_cfg = loss
-        self.advantage = build_variant(
-            loss.advantage, AdvantageEstimator, "model.init_args.loss.advantage"
-        )
+        self.advantage = loss.build_advantage()
+        loss.build_reduction()  # a wrong class path stops here, not at the first update
         self.optim = optim
         self.micro_batch_size = micro_batch_size
         self.prompts_per_update = prompts_per_update

@@ -1,5 +1,6 @@
-"""The policy-gradient half of a GRPO step, its settings (`GRPOLossConfig`, the
-`model.init_args.loss` of a config), and what its failures say.
+"""The policy-gradient half of a GRPO step and what its failures say. Its settings,
+`GRPOLossConfig` (the `model.init_args.loss` of a config), live beside their maths in
+algorithms/loss_config.py.
 
 `policy_update` runs mu passes of clipped updates over one rollout, in micro-batches
 with gradient accumulation, one optimizer step per `prompts_per_update` prompts. It
@@ -16,94 +17,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pebr_lightning.algorithms.engine_correction import engine_weights
-from pebr_lightning.algorithms.losses import accumulation_share, policy_loss
-from pebr_lightning.algorithms.variants import variant_spec
+from pebr_lightning.algorithms.loss_config import GRPOLossConfig
+from pebr_lightning.algorithms.losses import policy_loss
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.rollout import Rollout, SamplingConfig
 from pebr_lightning.modules.grpo_parts import Scores
 from pebr_lightning.parallel.sharding import any_across, clip_grad_norm, is_distributed, sum_across
-
-DEFAULT_ADVANTAGE = "pebr_lightning.algorithms.advantages.GroupNormalized"  # GRPO
-
-
-@dataclass(frozen=True)
-class GRPOLossConfig:
-    """Policy-gradient settings (defaults: the paper's)."""
-
-    mu: int = 1
-    """Policy-gradient passes over each rollout."""
-    eps_low: float = 0.2
-    """Lower clip range: ratios below 1 - eps_low stop pushing for A < 0."""
-    eps_high: float = 0.3
-    """Upper clip range (the paper's clip-higher 0.3)."""
-    dual_clip: float | None = 3.0
-    """Dual-clip constant c: for A < 0 the loss is capped at -c*A; null disables it."""
-    beta: float = 1e-2
-    """Weight of the k3 KL to the reference model in the loss; 0 builds no reference."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """Reduction; dapo = token mean over the update batch of all processes (paper)."""
-    importance_level: Literal["token", "sequence"] = "token"
-    """Importance ratio per token (GRPO) or per sequence (GSPO)."""
-    advantage: dict[str, Any] = field(default_factory=lambda: {"class_path": DEFAULT_ADVANTAGE})
-    """The advantage estimator, by class path (algorithms/advantages.py): GroupNormalized
-    (GRPO, the paper), BatchNormalized, GroupCentred (Dr. GRPO), LeaveOneOut (RLOO), or
-    any class of your own with the same call."""
-    advantage_scale: str | None = None
-    """Replaced by `advantage` (2026-12-05); set, it stops with the new key to write."""
-    drop_zero_variance: bool = False
-    """Leave groups whose rewards are all equal out of the loss (their advantage is 0)."""
-    engine_correction: Literal[
-        "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
-    ] = "none"
-    """Weight each token's policy-gradient term by pi_old / pi_engine, capped (truncated
-    importance sampling), for an engine that samples from a slightly different policy
-    (vLLM); none: the trainer's log-probs alone (exact GRPO when the engine is exact)."""
-    engine_correction_cap: float = 2.0
-    """The cap C of those weights (algorithms/engine_correction.py)."""
-    trained_section: Literal["all", "description", "reasoning"] = "all"
-    """Completion tokens in the loss: all (the paper), the image description alone
-    (what Stage 1's perception rewards score), or everything after it (what Stage 2's
-    answer reward scores). A completion without the section header keeps every token
-    (algorithms/sections.py)."""
-
-    def __post_init__(self) -> None:
-        if self.advantage_scale is not None:
-            raise PebrError(
-                f"loss.advantage_scale ({self.advantage_scale}) was replaced by loss.advantage; "
-                f"write advantage: {{class_path: {_former_advantage(self.advantage_scale)}}}"
-            )
-        object.__setattr__(self, "advantage", variant_spec(self.advantage, "loss.advantage"))
-        if self.mu < 1:
-            raise PebrError(f"loss.mu must be >= 1, got {self.mu}")
-        if self.beta < 0:
-            raise PebrError(f"loss.beta must be >= 0, got {self.beta}")
-        if not self.engine_correction_cap > 0:
-            raise PebrError(
-                f"loss.engine_correction_cap must be > 0, got {self.engine_correction_cap}"
-            )
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # Checkpoints written before 2026-12-05 hold advantage_scale: they load with
-        # the estimator it meant (pickle restores attributes without __init__).
-        state = dict(state)
-        scale = state.pop("advantage_scale", None)
-        if "advantage" not in state:
-            state["advantage"] = {"class_path": _former_advantage(scale), "init_args": {}}
-        state["advantage_scale"] = None
-        self.__dict__.update(state)
-
-
-def _former_advantage(scale: Any) -> str:
-    """The estimator an `advantage_scale` value (before 2026-12-05) selected."""
-    name = {"batch": "BatchNormalized", "none": "GroupCentred"}.get(str(scale), "GroupNormalized")
-    return f"pebr_lightning.algorithms.advantages.{name}"
 
 
 @dataclass(frozen=True)
@@ -117,7 +43,7 @@ class UpdateSettings:
     """Prompts (x G sequences) per optimizer step; None: the whole rollout."""
     max_grad_norm: float
     max_completion_length: int
-    """sampling.max_new_tokens (the dr_grpo denominator)."""
+    """sampling.max_new_tokens (ConstantLength's denominator, Dr. GRPO)."""
 
 
 @dataclass
@@ -152,6 +78,7 @@ def policy_update(
     grad norm and step counts.
     """
     cfg = settings.loss
+    reduction = cfg.build_reduction()
     device = advantages.device
     rows = torch.arange(rollout.completion_ids.shape[0], device=device)  # [B*G]
     loss_mask = rollout.completion_mask  # [B*G, T]
@@ -208,7 +135,7 @@ def policy_update(
                         eps_low=cfg.eps_low,
                         eps_high=cfg.eps_high,
                         dual_clip=cfg.dual_clip,
-                        loss_type=cfg.loss_type,
+                        reduction=reduction,
                         importance_level=cfg.importance_level,
                         max_completion_length=settings.max_completion_length,
                         num_valid_tokens_global=tokens,
@@ -216,7 +143,7 @@ def policy_update(
                         engine_weights=weights,
                     )
                     stats.update(correction)
-                    share = accumulation_share(cfg.loss_type, cmask, mini_tokens, seqs)
+                    share = reduction.share(cmask, mini_tokens, seqs)
                     hooks.backward(loss * share)
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(value)

@@ -11,6 +11,7 @@ import torch
 
 from pebr_lightning.algorithms.engine_correction import engine_weights
 from pebr_lightning.algorithms.losses import policy_loss
+from pebr_lightning.algorithms.reductions import TokenMean
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 # two completions of 3 tokens; the second has 2 tokens and padding holding -inf
@@ -56,7 +57,7 @@ def test_weights_scale_the_policy_gradient_term_not_the_kl_term():
     ref = torch.tensor([[-1.5, -1.0]])
     mask, adv = torch.ones(1, 2), torch.tensor([1.0])
     weights = torch.tensor([[2.0, 0.5]])
-    kwargs = {"ref_logp": ref, "beta": 0.1, "loss_type": "bnpo"}
+    kwargs = {"ref_logp": ref, "beta": 0.1, "reduction": TokenMean()}
     plain, _ = policy_loss(logp, logp.detach(), adv, mask, **kwargs)
     weighted, _ = policy_loss(logp, logp.detach(), adv, mask, engine_weights=weights, **kwargs)
     # at ratio 1 the token term is -A; k3 is the same in both
@@ -80,7 +81,7 @@ def weighted_gradient(mode: str, samples: int = 40_000, cap: float = 100.0) -> t
     mask = torch.ones(samples, 1)
     weights, _ = engine_weights(logp, q.log()[tokens][:, None], mask, mode, cap)
     loss, _ = policy_loss(
-        logp, logp.detach(), reward[tokens], mask, loss_type="bnpo", engine_weights=weights
+        logp, logp.detach(), reward[tokens], mask, reduction=TokenMean(), engine_weights=weights
     )
     (grad,) = torch.autograd.grad(loss, logits)
     return grad

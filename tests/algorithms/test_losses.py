@@ -10,6 +10,12 @@ import torch
 import torch.distributed as dist
 
 from pebr_lightning.algorithms.losses import policy_loss
+from pebr_lightning.algorithms.reductions import (
+    ConstantLength,
+    GlobalTokenMean,
+    SequenceMean,
+    TokenMean,
+)
 
 LN2 = math.log(2.0)
 LN4 = math.log(4.0)
@@ -39,7 +45,7 @@ def test_token_clip_low_and_high_hand_values():
     """
     logp = _leaf([[0.0, LN2, -LN2], [0.0, LN2, -LN2]])
     loss, metrics = policy_loss(
-        logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.ones(2, 3), loss_type="bnpo"
+        logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.ones(2, 3), reduction=TokenMean()
     )
     assert math.isclose(loss.item(), 1.1 / 6, rel_tol=1e-6)
     loss.backward()
@@ -67,7 +73,7 @@ def test_asymmetric_clip_uses_eps_high_above():
         torch.tensor([1.0, -1.0]),
         torch.ones(2, 3),
         eps_high=1.5,
-        loss_type="bnpo",
+        reduction=TokenMean(),
     )
     assert math.isclose(loss.item(), 0.05, rel_tol=1e-5)
     assert _metric(metrics, "clip_frac/high") == 0.0
@@ -88,7 +94,7 @@ def test_dual_clip_active_and_inactive():
     """
     logp = _leaf([[LN4, LN2, 0.0], [LN4, LN2, 0.0]])
     inputs = (logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.ones(2, 3))
-    loss, metrics = policy_loss(*inputs, dual_clip=3.0, loss_type="bnpo")
+    loss, metrics = policy_loss(*inputs, dual_clip=3.0, reduction=TokenMean())
     assert math.isclose(loss.item(), 2.6 / 6, rel_tol=1e-6)
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, -1.0], [0.0, 2.0, 1.0]]) / 6)
@@ -96,7 +102,7 @@ def test_dual_clip_active_and_inactive():
     assert math.isclose(_metric(metrics, "clip_frac/high"), 2 / 6, rel_tol=1e-6)
 
     logp.grad = None
-    loss, metrics = policy_loss(*inputs, loss_type="bnpo")
+    loss, metrics = policy_loss(*inputs, reduction=TokenMean())
     assert math.isclose(loss.item(), 0.6, rel_tol=1e-6)
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, -1.0], [4.0, 2.0, 1.0]]) / 6)
@@ -107,7 +113,7 @@ def test_dual_clip_above_every_ratio_changes_nothing():
     """c = 5 > max r = 4: no cap is active, so the loss equals the uncapped 0.6."""
     logp = torch.tensor([[LN4, LN2, 0.0], [LN4, LN2, 0.0]])
     inputs = (logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.ones(2, 3))
-    loss, metrics = policy_loss(*inputs, dual_clip=5.0, loss_type="bnpo")
+    loss, metrics = policy_loss(*inputs, dual_clip=5.0, reduction=TokenMean())
     assert math.isclose(loss.item(), 0.6, rel_tol=1e-6)
     assert _metric(metrics, "clip_frac/dual") == 0.0
 
@@ -133,7 +139,7 @@ def test_k3_kl_hand_values():
         torch.ones(2, 3),
         ref_logp=ref,
         beta=0.5,
-        loss_type="bnpo",
+        reduction=TokenMean(),
     )
     assert math.isclose(loss.item(), 1 / 24, rel_tol=1e-6)
     assert math.isclose(_metric(metrics, "kl"), 1 / 12, rel_tol=1e-6)
@@ -168,33 +174,33 @@ def _padded_batch():
 
 
 @pytest.mark.parametrize(
-    ("loss_type", "expected", "kwargs"),
+    ("reduction", "expected", "kwargs"),
     [
         # mean of the sequence means: (-3/3 + 2/1) / 2 = 0.5
-        ("grpo", 0.5, {}),
+        (SequenceMean(), 0.5, {}),
         # sum over the 4 valid tokens: (-3 + 2) / 4 = -0.25
-        ("bnpo", -0.25, {}),
+        (TokenMean(), -0.25, {}),
         # sum / (2 sequences x 4 max tokens) = -1 / 8
-        ("dr_grpo", -0.125, {"max_completion_length": 4}),
-        # one process: the same as bnpo
-        ("dapo", -0.25, {}),
+        (ConstantLength(), -0.125, {"max_completion_length": 4}),
+        # one process: the same as the token mean
+        (GlobalTokenMean(), -0.25, {}),
         # 10 valid tokens over 2 processes: local sum -1 / 10 x 2 = -0.2
-        ("dapo", -0.2, {"num_valid_tokens_global": 10, "world_size": 2}),
+        (GlobalTokenMean(), -0.2, {"num_valid_tokens_global": 10, "world_size": 2}),
     ],
 )
-def test_reductions_with_padding(loss_type, expected, kwargs):
+def test_reductions_with_padding(reduction, expected, kwargs):
     """See _padded_batch for the per-token losses; the expected values are in the params.
 
     Gradient: at r = 1, d(-r A)/dlogp = -A on valid tokens, 0 on padding; bnpo divides by
     the 4 valid tokens: [[-1/4, -1/4, -1/4], [2/4, 0, 0]].
     """
     logp, old, adv, mask = _padded_batch()
-    loss, metrics = policy_loss(logp, old, adv, mask, loss_type=loss_type, **kwargs)
+    loss, metrics = policy_loss(logp, old, adv, mask, reduction=reduction, **kwargs)
     assert math.isclose(loss.item(), expected, rel_tol=1e-6)
     loss.backward()
     assert torch.isfinite(logp.grad).all()
     assert logp.grad[1, 1:].eq(0).all()
-    if loss_type == "bnpo":
+    if isinstance(reduction, TokenMean):
         torch.testing.assert_close(
             logp.grad, torch.tensor([[-0.25, -0.25, -0.25], [0.5, 0.0, 0.0]])
         )
@@ -227,17 +233,17 @@ def test_grpo_leaves_empty_sequences_out_of_the_mean():
     old = torch.cat([old, torch.zeros(1, 3)])
     adv = torch.cat([adv, torch.tensor([5.0])])
     mask = torch.cat([mask, torch.zeros(1, 3, dtype=mask.dtype)])
-    loss, _ = policy_loss(logp, old, adv, mask, loss_type="grpo")
+    loss, _ = policy_loss(logp, old, adv, mask, reduction=SequenceMean())
     assert math.isclose(loss.item(), 0.5, rel_tol=1e-6)
-    loss, _ = policy_loss(logp, old, adv, mask, loss_type="dr_grpo", max_completion_length=4)
+    loss, _ = policy_loss(logp, old, adv, mask, reduction=ConstantLength(), max_completion_length=4)
     assert math.isclose(loss.item(), -1 / 12, rel_tol=1e-6)
 
 
 def test_batch_without_valid_tokens_gives_zero_loss_that_backpropagates():
     logp = torch.zeros(2, 3, requires_grad=True)
-    for loss_type in ("grpo", "bnpo", "dapo"):
+    for reduction in (SequenceMean(), TokenMean(), GlobalTokenMean()):
         loss, metrics = policy_loss(
-            logp, torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3), loss_type=loss_type
+            logp, torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3), reduction=reduction
         )
         loss.backward()
         assert loss.item() == 0.0
@@ -302,9 +308,8 @@ def test_sequence_importance_clips_the_whole_sequence():
         ({"ref_logp": torch.zeros(2, 2)}, "ref_logp"),
         ({"advantages": torch.zeros(2, 1)}, "advantages"),
         ({"logp": torch.zeros(6)}, "logp"),
-        ({"loss_type": "sum"}, "loss_type"),
         ({"importance_level": "segment"}, "importance_level"),
-        ({"loss_type": "dr_grpo"}, "max_completion_length"),
+        ({"reduction": ConstantLength()}, "max_completion_length"),
         ({"dual_clip": 1.0}, "dual_clip"),
         ({"eps_low": 1.0}, "eps_low"),
         ({"beta": -0.1}, "beta"),
@@ -333,11 +338,11 @@ def _dapo_shards():
     return [(x[:2], old[:2], adv[:2], mask[:2]), (x[2:], old[2:], adv[2:], mask[2:])]
 
 
-def _theta_grad(shard, loss_type):
+def _theta_grad(shard, reduction):
     """logp = x + theta with theta [T] shared by every sequence: a stand-in for weights."""
     x, old, adv, mask = shard
     theta = torch.zeros(x.shape[1], requires_grad=True)
-    loss, _ = policy_loss(x + theta, old, adv, mask, loss_type=loss_type, dual_clip=3.0)
+    loss, _ = policy_loss(x + theta, old, adv, mask, reduction=reduction, dual_clip=3.0)
     loss.backward()
     return theta.grad
 
@@ -352,7 +357,7 @@ def _dapo_rank(rank, init_file):
         timeout=timedelta(seconds=60),
     )
     try:
-        grad = _theta_grad(_dapo_shards()[rank], "dapo")
+        grad = _theta_grad(_dapo_shards()[rank], GlobalTokenMean())
         dist.all_reduce(grad)
         return grad / dist.get_world_size()
     finally:
@@ -378,8 +383,8 @@ def test_dapo_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     """
     shards = _dapo_shards()
     whole = tuple(torch.cat(parts) for parts in zip(*shards, strict=True))
-    expected = _theta_grad(whole, "bnpo")
-    naive = (_theta_grad(shards[0], "bnpo") + _theta_grad(shards[1], "bnpo")) / 2
+    expected = _theta_grad(whole, TokenMean())
+    naive = (_theta_grad(shards[0], TokenMean()) + _theta_grad(shards[1], TokenMean())) / 2
     assert not torch.allclose(naive, expected, atol=1e-4)
 
     init_file = tmp_path / "init"

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pebr_lightning.algorithms.advantages import AdvantageEstimator, LeaveOneOut
+from pebr_lightning.algorithms.loss_config import GRPOLossConfig
 from pebr_lightning.algorithms.variants import build_variant
 from pebr_lightning.errors import PebrError, wrapped_user_error
-from pebr_lightning.modules.grpo_update import GRPOLossConfig
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "model.init_args.loss.advantage"
@@ -125,3 +125,109 @@ def test_a_config_pickled_before_the_change_loads_with_the_estimator_it_meant(tm
         "class_path": "pebr_lightning.algorithms.advantages.BatchNormalized",
         "init_args": {},
     }
+
+
+def test_the_former_loss_type_key_stops_naming_the_new_one(tmp_path):
+    from pebr_lightning.cli import cli
+
+    old = _overlay(tmp_path, "loss_type: bnpo\n")
+    base = str(REPO / "configs" / "demo" / "reasoning.yaml")
+    with pytest.raises(BaseException) as info:
+        cli(["--config", base, "--config", str(old)], run=False)
+    cause = wrapped_user_error(info.value)
+    assert cause is not None, info.value
+    assert str(cause) == (
+        "loss.loss_type (bnpo) was replaced by loss.reduction; write reduction: "
+        "{class_path: pebr_lightning.algorithms.reductions.TokenMean}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "expected"), [("grpo", "SequenceMean"), ("dapo", "GlobalTokenMean")]
+)
+def test_a_config_pickled_with_loss_type_loads_with_the_reduction_it_meant(
+    loss_type, expected, tmp_path
+):
+    from pebr_lightning.export.export import _torch_load
+
+    old = GRPOLossConfig(beta=0.03)
+    state = dict(old.__dict__)
+    del state["reduction"]
+    state["loss_type"] = loss_type
+    object.__setattr__(old, "__dict__", state)  # the attributes a pre-2026-12-06 pickle holds
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": {"loss": old}}, path)
+    loaded = _torch_load(path)["hyper_parameters"]["loss"]
+    assert loaded.beta == 0.03 and loaded.loss_type is None
+    assert loaded.reduction == {
+        "class_path": f"pebr_lightning.algorithms.reductions.{expected}",
+        "init_args": {},
+    }
+    assert type(loaded.build_reduction()).__name__ == expected
+
+
+def test_a_reduction_of_your_own_is_chosen_by_class_path_and_used_by_the_update(
+    tmp_path, monkeypatch, shapes_data
+):
+    """A reduction class in the user's own module, named in YAML: the module builds it
+    and every update reduces through it (it counts its calls)."""
+    from pebr_lightning.cli import cli
+
+    (tmp_path / "my_reductions.py").write_text(
+        "CALLS = []\n"
+        "class Halved:\n"
+        "    def __init__(self, factor=0.5):\n"
+        "        self.factor = factor\n"
+        "    def reduce(self, per_token, valid, counts):\n"
+        "        CALLS.append(int(valid.sum()))\n"
+        "        return self.factor * per_token.sum() / valid.sum().clamp(min=1)\n"
+        "    def share(self, mask, tokens, seqs):\n"
+        "        return float(mask.sum()) / max(tokens, 1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    own = _overlay(
+        tmp_path, "reduction:\n  class_path: my_reductions.Halved\n  init_args: {factor: 0.25}\n"
+    )
+    base = str(REPO / "configs" / "demo" / "reasoning.yaml")
+    args = [
+        f"--data.init_args.train_manifest={shapes_data['train']}",
+        "--data.init_args.batch_size=2",
+        "--trainer.max_steps=1",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--trainer.callbacks=[]",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        # a reward with spread on a random model's text, so that the step is not skipped
+        '--model.init_args.rewards=[{"class_path": '
+        '"pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}]',
+        "--model.init_args.sampling.max_new_tokens=8",
+    ]
+    built = cli(["--config", base, "--config", str(own), *args], run=False)
+    reduction = built.model.loss_cfg.build_reduction()
+    assert type(reduction).__name__ == "Halved" and reduction.factor == 0.25
+    per_token = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
+    valid = torch.tensor([[True, True], [True, False]])
+    assert reduction.reduce(per_token, valid, None).item() == pytest.approx(0.25 * 6 / 3)
+    import my_reductions
+
+    my_reductions.CALLS.clear()
+    built.trainer.fit(built.model, datamodule=built.datamodule)
+    # one step on 2 prompts x 8: every micro-batch was reduced through the user's class
+    assert my_reductions.CALLS and all(tokens > 0 for tokens in my_reductions.CALLS)
+
+
+def test_a_reduction_class_path_that_is_not_a_reduction_is_refused_at_construction(tmp_path):
+    from pebr_lightning.cli import cli
+
+    # an advantage estimator where a reduction belongs: a likely slip
+    wrong = _overlay(
+        tmp_path, "reduction:\n  class_path: pebr_lightning.algorithms.advantages.LeaveOneOut\n"
+    )
+    base = str(REPO / "configs" / "demo" / "reasoning.yaml")
+    with pytest.raises(BaseException) as info:
+        cli(["--config", base, "--config", str(wrong)], run=False)
+    cause = wrapped_user_error(info.value)
+    assert cause is not None, info.value
+    path = "pebr_lightning.algorithms.advantages.LeaveOneOut"
+    assert f"model.init_args.loss.reduction: class_path '{path}'" in str(cause)
+    assert "is not a LossReduction" in str(cause)

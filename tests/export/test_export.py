@@ -386,19 +386,21 @@ def test_the_policy_spec_is_recorded_by_value(sft_ckpt):
     assert recorded["lora"]["r"] > 0
 
 
+@pytest.mark.parametrize("former", ["modules.grpo", "modules.grpo_update"])
 def test_a_checkpoint_naming_the_loss_config_where_it_used_to_live_still_loads(
-    tmp_path, monkeypatch
+    former, tmp_path, monkeypatch
 ):
-    """GRPOLossConfig moved from modules/grpo.py to modules/grpo_update.py; checkpoints
-    written before name the old place, which export's restricted loader still allows."""
+    """GRPOLossConfig moved from modules/grpo.py to modules/grpo_update.py, then to
+    algorithms/loss_config.py; checkpoints written before name an old place, which
+    export's restricted loader still allows."""
+    from pebr_lightning.algorithms.loss_config import GRPOLossConfig
     from pebr_lightning.export.export import _torch_load
-    from pebr_lightning.modules.grpo_update import GRPOLossConfig
 
     path = tmp_path / "old.ckpt"
     # pickle records a class by its __module__: as a checkpoint of that time did
-    monkeypatch.setattr(GRPOLossConfig, "__module__", "pebr_lightning.modules.grpo")
+    monkeypatch.setattr(GRPOLossConfig, "__module__", f"pebr_lightning.{former}")
     torch.save({"hyper_parameters": {"loss": GRPOLossConfig(beta=0.05)}}, path)
     monkeypatch.undo()
-    assert b"pebr_lightning.modules.grpo\nGRPOLossConfig" in path.read_bytes()
+    assert f"pebr_lightning.{former}\nGRPOLossConfig".encode() in path.read_bytes()
     loaded = _torch_load(path)
     assert loaded["hyper_parameters"]["loss"] == GRPOLossConfig(beta=0.05)

@@ -151,18 +151,25 @@ def test_beta_zero_builds_no_reference_path(tiny_path, shapes_data):
     assert not any(p.requires_grad for p in with_kl.ref_model.parameters())
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
-def test_micro_batch_4_x_2_equals_8_x_1(loss_type, tiny_path, shapes_data, tmp_path):
+@pytest.mark.parametrize(
+    "reduction", ["GlobalTokenMean", "SequenceMean", "TokenMean", "ConstantLength"]
+)
+def test_micro_batch_4_x_2_equals_8_x_1(reduction, tiny_path, shapes_data, tmp_path):
     """2 prompts x G 4 = 8 sequences in one optimizer step, as 1 micro-batch of 8 or
     2 micro-batches of 4 accumulated: the same rollout (same seed) and the same update."""
     updated = []
     for micro in (8, 4):
         L.seed_everything(0)
         module = make_module(
-            tiny_path, micro_batch_size=micro, loss=GRPOLossConfig(beta=0.01, loss_type=loss_type)
+            tiny_path,
+            micro_batch_size=micro,
+            loss=GRPOLossConfig(
+                beta=0.01,
+                reduction={"class_path": f"pebr_lightning.algorithms.reductions.{reduction}"},
+            ),
         )
         start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-        fit(module, shapes_data, tmp_path / f"{loss_type}-{micro}", batch_size=2, steps=1)
+        fit(module, shapes_data, tmp_path / f"{reduction}-{micro}", batch_size=2, steps=1)
         after = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
         assert any(not torch.equal(start[n], after[n]) for n in start)
         updated.append(after)
