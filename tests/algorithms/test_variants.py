@@ -92,19 +92,37 @@ def test_rloo_and_a_users_own_estimator_are_chosen_from_yaml(tmp_path, monkeypat
     assert out.tolist() == [2.0, -2.0, 0.0, 0.0]
 
 
-def test_the_former_advantage_scale_key_stops_naming_the_new_one(tmp_path):
+def _cli_error(tmp_path: Path, loss: str) -> str:
+    """The one-line error `pebr fit` stops with for the demo reasoning config with `loss`
+    overlaid."""
     from pebr_lightning.cli import cli
 
-    old = _overlay(tmp_path, "advantage_scale: none\n")
     base = str(REPO / "configs" / "demo" / "reasoning.yaml")
     with pytest.raises(BaseException) as info:
-        cli(["--config", base, "--config", str(old)], run=False)
+        cli(["--config", base, "--config", str(_overlay(tmp_path, loss))], run=False)
     cause = wrapped_user_error(info.value)
     assert cause is not None, info.value
-    assert str(cause) == (
-        "loss.advantage_scale (none) was replaced by loss.advantage; write advantage: "
-        "{class_path: pebr_lightning.algorithms.advantages.GroupCentred}"
-    )
+    return str(cause)
+
+
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        (
+            "advantage_scale: none\n",
+            "loss.advantage_scale (none) was replaced by loss.advantage; write advantage: "
+            "{class_path: pebr_lightning.algorithms.advantages.GroupCentred}",
+        ),
+        (
+            "loss_type: bnpo\n",
+            "loss.loss_type (bnpo) was replaced by loss.reduction; write reduction: "
+            "{class_path: pebr_lightning.algorithms.reductions.TokenMean}",
+        ),
+    ],
+    ids=["advantage_scale", "loss_type"],
+)
+def test_a_former_key_stops_naming_the_new_one(loss, message, tmp_path):
+    assert _cli_error(tmp_path, loss) == message
 
 
 def test_a_config_pickled_before_the_change_loads_with_the_estimator_it_meant(tmp_path):
@@ -125,21 +143,6 @@ def test_a_config_pickled_before_the_change_loads_with_the_estimator_it_meant(tm
         "class_path": "pebr_lightning.algorithms.advantages.BatchNormalized",
         "init_args": {},
     }
-
-
-def test_the_former_loss_type_key_stops_naming_the_new_one(tmp_path):
-    from pebr_lightning.cli import cli
-
-    old = _overlay(tmp_path, "loss_type: bnpo\n")
-    base = str(REPO / "configs" / "demo" / "reasoning.yaml")
-    with pytest.raises(BaseException) as info:
-        cli(["--config", base, "--config", str(old)], run=False)
-    cause = wrapped_user_error(info.value)
-    assert cause is not None, info.value
-    assert str(cause) == (
-        "loss.loss_type (bnpo) was replaced by loss.reduction; write reduction: "
-        "{class_path: pebr_lightning.algorithms.reductions.TokenMean}"
-    )
 
 
 @pytest.mark.parametrize(
@@ -217,17 +220,8 @@ def test_a_reduction_of_your_own_is_chosen_by_class_path_and_used_by_the_update(
 
 
 def test_a_reduction_class_path_that_is_not_a_reduction_is_refused_at_construction(tmp_path):
-    from pebr_lightning.cli import cli
-
     # an advantage estimator where a reduction belongs: a likely slip
-    wrong = _overlay(
-        tmp_path, "reduction:\n  class_path: pebr_lightning.algorithms.advantages.LeaveOneOut\n"
-    )
-    base = str(REPO / "configs" / "demo" / "reasoning.yaml")
-    with pytest.raises(BaseException) as info:
-        cli(["--config", base, "--config", str(wrong)], run=False)
-    cause = wrapped_user_error(info.value)
-    assert cause is not None, info.value
     path = "pebr_lightning.algorithms.advantages.LeaveOneOut"
-    assert f"model.init_args.loss.reduction: class_path '{path}'" in str(cause)
-    assert "is not a LossReduction" in str(cause)
+    cause = _cli_error(tmp_path, f"reduction:\n  class_path: {path}\n")
+    assert f"model.init_args.loss.reduction: class_path '{path}'" in cause
+    assert "is not a LossReduction" in cause
