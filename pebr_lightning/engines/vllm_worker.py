@@ -2,7 +2,7 @@
 
 vLLM pins its own torch and transformers, so it cannot share the trainer's
 environment; the trainer starts this file with the interpreter of a vLLM environment
-(`rollout.vllm_python`, made by `make vllm-env`) or reaches one already running at
+(the vllm engine's `python`, made by `make vllm-env`) or reaches one already running at
 host:port. It imports vllm, Pillow (a vLLM dependency) and the standard library only,
 never pebr_lightning.
 

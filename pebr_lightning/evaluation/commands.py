@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import yaml
+
 from pebr_lightning.argtypes import positive_int
 from pebr_lightning.engines import RolloutConfig
 from pebr_lightning.errors import PebrError
@@ -27,7 +29,7 @@ def main(argv: list[str]) -> int:
     device = devices.resolve_device(args.device)
     dtype = devices.resolve_dtype(args.dtype, device)
     rollout = engine_config(args)
-    where = f"through vLLM ({args.vllm_python or args.vllm_url})" if args.engine == "vllm" else ""
+    where = f"through the {args.engine} engine" if args.engine != "hf" else ""
     print(f"running on {device} in {dtype} {where}".rstrip(), flush=True)
     values = evaluate(
         args.model,
@@ -131,29 +133,44 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """--engine and the vLLM worker's settings (engines/; docs/rollout.md)."""
+    """--engine and its settings (engines/; docs/rollout.md)."""
     parser.add_argument(
         "--engine",
-        choices=("hf", "vllm"),
         default="hf",
-        help="what decodes: hf (the model itself, default) or vllm (a vLLM worker)",
+        metavar="NAME",
+        help="what decodes: an installed engine's name (hf: the model itself, the default; "
+        "vllm: a vLLM worker) or the class path of an engine's settings class",
     )
     parser.add_argument(
-        "--vllm-python", help="vllm: the vLLM environment's interpreter (make vllm-env)"
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one setting of the engine, e.g. --engine-arg python=.vllm-env/bin/python "
+        "(repeatable; VALUE is read as YAML: 8, 1.5, true, null, text)",
     )
-    parser.add_argument("--vllm-url", help="vllm: a worker already running, http://host:port")
-    parser.add_argument(
-        "--vllm-dtype", default="auto", help="vllm: the worker's weight dtype (default: auto)"
-    )
+    for former in FORMER_FLAGS:  # replaced on 2026-12-07: a clear error, not "unrecognized"
+        parser.add_argument(former, help=argparse.SUPPRESS)
+
+
+FORMER_FLAGS = {"--vllm-python": "python", "--vllm-url": "url", "--vllm-dtype": "dtype"}
+"""The vLLM flags before 2026-12-07 -> the vllm engine's setting each one set."""
 
 
 def engine_config(args: argparse.Namespace) -> RolloutConfig:
-    """The RolloutConfig the engine arguments describe (one clear error if incomplete)."""
-    if args.engine == "vllm" and not (args.vllm_python or args.vllm_url):
-        raise PebrError("--engine vllm: give --vllm-python (make vllm-env) or --vllm-url")
-    return RolloutConfig(
-        engine=args.engine,
-        vllm_python=args.vllm_python,
-        vllm_url=args.vllm_url,
-        vllm_dtype=args.vllm_dtype,
-    )
+    """The RolloutConfig the engine arguments describe; the engine is looked up and its
+    settings checked here, so a mistake is one clear error before any model loads."""
+    for flag, key in FORMER_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            raise PebrError(f"{flag} was replaced: write --engine vllm --engine-arg {key}={value}")
+    init_args = {}
+    for item in args.engine_arg:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise PebrError(f"--engine-arg {item!r}: write KEY=VALUE, e.g. dtype=bfloat16")
+        init_args[key.strip()] = yaml.safe_load(text) if text else ""
+    field = "class_path" if "." in args.engine or ":" in args.engine else "name"
+    config = RolloutConfig(**{field: args.engine}, init_args=init_args)
+    config.settings()
+    return config

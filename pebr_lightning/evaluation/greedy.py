@@ -83,8 +83,9 @@ def evaluate(
             and report their mean accuracy and pass@samples; 0 draws none.
         temperature: sampling temperature of those answers.
         seed: seed of those answers' random draws (the same seed draws the same answers).
-        rollout: the engine that decodes (`hf`: the model itself; `vllm`: a vLLM worker
-            that loads `model`, a full model folder or hub id).
+        rollout: the engine that decodes, by name or class path with its settings
+            (`hf`: the model itself; `vllm`: a vLLM worker that loads `model`, a full
+            model folder or hub id; or any installed engine plugin).
 
     Returns:
         "accuracy", "accuracy/<type>", "n", "n/<type>", "ungraded" and "seconds" (the
@@ -110,11 +111,13 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     policy, processor, engine = load_decoder(model, rollout, device, dtype)
+    where: dict[str, Any] = {"engine": rollout.label}
+    if rollout.init_args:
+        where["engine_args"] = rollout.init_args
     if policy is not None:
         weights = next(policy.parameters())
-        where = {"device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch.")}
-    else:
-        where = {"engine": rollout.engine, "dtype": rollout.vllm_dtype}
+        where["device"] = str(weights.device)
+        where["dtype"] = str(weights.dtype).removeprefix("torch.")
 
     bar = _Progress(len(records), progress)
     try:  # the bar closes (idempotent) and a worker started here stops, whatever happens
@@ -157,8 +160,7 @@ def evaluate(
             )
     finally:
         bar.close()
-        if engine is not None and hasattr(engine, "close"):
-            engine.close()
+        engine.close()  # e.g. a worker process it started
     values["seconds"] = time.perf_counter() - start
     summary = {
         **values,

@@ -8,7 +8,7 @@ sequences re-encodes every image G times. Here:
   is handed to the model (`mm_encoder_outputs`) for the prefill and every log-prob
   pass, repeated for the G sequences of a group when the tower is frozen;
 - the prompt is prefilled once at batch B, its KV cache repeated G times, and only
-  the decode runs at batch B·G (`sample_group`).
+  the decode runs at batch B·G (`sample_group`, in engines/hf.py).
 
 Models whose forward does not take `mm_encoder_outputs` fall back to `pixel_values`.
 """
@@ -16,7 +16,6 @@ Models whose forward does not take `mm_encoder_outputs` fall back to `pixel_valu
 from __future__ import annotations
 
 import inspect
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from pebr_lightning.algorithms.logprobs import token_logprobs
-from pebr_lightning.algorithms.sampling import KeyedGumbel, sample_tokens
 from pebr_lightning.errors import PebrError
-from pebr_lightning.parallel.sharding import any_across
 
 
 @dataclass(frozen=True)
@@ -156,104 +153,6 @@ def model_inputs(
     # Fallback: the image patches of each sequence's prompt, in order.
     patches = image_patches(prompt)
     return {"image_grid_thw": grid, "pixel_values": torch.cat([patches[i] for i in images])}
-
-
-@torch.no_grad()
-def sample_group(
-    policy: nn.Module,
-    base: nn.Module,
-    prompt: dict[str, Tensor],
-    sampling: SamplingConfig,
-    eos_ids: list[int],
-    pad_id: int,
-    features: list[Tensor] | None = None,
-    generator: torch.Generator | None = None,
-    keys: Tensor | None = None,
-    synced: bool = False,
-) -> Rollout:
-    """Prefill each prompt once, repeat its KV cache G times, decode B·G completions.
-
-    `prompt` holds left-padded input_ids/attention_mask [B, P], mm_token_type_ids,
-    image_grid_thw and pixel_values. `base` is the transformers model inside
-    `policy` (the same object without PEFT); LoRA layers are active in both.
-    Image/video placeholder tokens are never sampled: in a completion they would make
-    the next forward expect image features it does not have.
-
-    `keys` ([B*G] int64) switch to keyed noise (algorithms/sampling.py): the same
-    completions whatever the batch holds. `synced` keeps decoding until every
-    process is done: with sharded weights each forward is a collective, so a process
-    whose completions all ended must keep stepping (on padding) while others run.
-    """
-    start = time.perf_counter()
-    g = sampling.group_size
-    input_ids, mask = prompt["input_ids"], prompt["attention_mask"]  # [B, P]
-    b = input_ids.shape[0]
-    images = model_inputs(prompt, torch.arange(b, device=input_ids.device) * g, g, features)
-    out = base.model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        mm_token_type_ids=prompt["mm_token_type_ids"],
-        use_cache=True,
-        **images,
-    )
-    logits = base.lm_head(out.last_hidden_state[:, -1])  # [B, V]
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(g)  # [B*G] from here on
-    # Text after the image continues from the image's 2-D positions: position of the
-    # k-th real token = k + rope_delta (what get_rope_index computed in the prefill).
-    delta = base.model.rope_deltas.repeat_interleave(g, 0)  # [B*G, 1]
-    logits = logits.repeat_interleave(g, 0)  # [B*G, V]
-    attention = mask.repeat_interleave(g, 0)  # [B*G, P]
-    real = attention.sum(-1, keepdim=True)  # [B*G, 1]
-    eos = torch.tensor(eos_ids, device=input_ids.device)
-
-    tokens, logps, alive_steps = [], [], []
-    alive = torch.ones(b * g, dtype=torch.bool, device=input_ids.device)  # [B*G]
-    banned = torch.tensor(vision_token_ids(base.config), dtype=torch.long, device=input_ids.device)
-    banned_early = torch.cat([banned, eos])  # before min_new_tokens: no EOS either
-    noise = None if keys is None else KeyedGumbel(keys, logits.shape[-1], sampling.max_new_tokens)
-    for step in range(sampling.max_new_tokens):
-        token, logp = sample_tokens(
-            logits,
-            sampling.temperature,
-            sampling.top_k,
-            sampling.top_p,
-            generator,
-            banned_early if step < sampling.min_new_tokens else banned,
-            gumbel=None if noise is None else noise(step),
-        )  # [B*G], [B*G]
-        token = torch.where(alive, token, torch.full_like(token, pad_id))
-        tokens.append(token)
-        logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
-        alive_steps.append(alive)
-        alive = alive & ~torch.isin(token, eos)
-        running = alive.any()
-        if synced:
-            running = any_across(bool(running), alive.device)
-        if not running or step == sampling.max_new_tokens - 1:
-            break
-        attention = torch.cat([attention, alive[:, None].long()], dim=1)  # [B*G, P+step+1]
-        out = base.model(
-            input_ids=token[:, None],
-            attention_mask=attention,
-            position_ids=real + step + delta,  # [B*G, 1]
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = base.lm_head(out.last_hidden_state[:, -1])  # [B*G, V]
-
-    completion_ids = torch.stack(tokens, dim=1)  # [B*G, T]
-    completion_mask = torch.stack(alive_steps, dim=1).long()  # [B*G, T]
-    return Rollout(
-        prompt_ids=input_ids,
-        prompt_mask=mask,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        logprobs=torch.stack(logps, dim=1),
-        truncated=alive,
-        group_size=g,
-        seconds=time.perf_counter() - start,
-    )
 
 
 def eos_token_ids(tokenizer: Any) -> list[int]:

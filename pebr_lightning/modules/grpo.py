@@ -33,7 +33,13 @@ from pebr_lightning.algorithms.advantages import step_advantages
 from pebr_lightning.algorithms.loss_config import GRPOLossConfig
 from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, prompt_limit
 from pebr_lightning.data.prompts import PromptConfig
-from pebr_lightning.engines import RolloutConfig, RolloutEngine, build_engine, timed_sync
+from pebr_lightning.engines import (
+    EngineContext,
+    RolloutConfig,
+    RolloutEngine,
+    build_engine,
+    timed_sync,
+)
 from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation.held_out import GreedyTestLoop, GreedyValidationLoop
 from pebr_lightning.metrics.phases import PhaseMeter
@@ -120,7 +126,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             trust_remote_code: allow the checkpoint's own Python code to run.
             prompt: instruction and system prompt placed around each question.
             sampling: group size, temperature, top-p/top-k and length of the rollouts.
-            rollout: the engine that generates them (engines/: `hf`, the model itself).
+            rollout: the engine that generates them, by name or class path with its
+                settings (engines/: `hf`, the model itself, or `vllm`, a worker).
             loss: clipping, KL, reduction and advantage settings.
             optim: AdamW and schedule (paper: lr 1e-6, weight decay 1e-2, no warm-up).
             micro_batch_size: sequences per forward/backward; gradients accumulate over
@@ -176,7 +183,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         self.update_settings = UpdateSettings(
             loss, micro_batch_size, prompts_per_update, max_grad_norm, sampling.max_new_tokens
         )
-        self.rollout_cfg = rollout
+        self.rollout_cfg = RolloutConfig.parse(rollout)
+        self.rollout_cfg.settings()  # a misspelt engine or setting stops here, before fit
         self.engine: RolloutEngine | None = None
         self.loss_cfg = loss
         self.advantage = loss.build_advantage()
@@ -239,7 +247,7 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         self.start_engine().sync_weights(self.policy)
 
     def teardown(self, stage: str) -> None:
-        if stage == "fit" and hasattr(self.engine, "close"):  # a worker process it started
+        if stage == "fit" and self.engine is not None:  # e.g. a worker process it started
             self.engine.close()
             self.engine = None
 
@@ -328,8 +336,7 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             [str(r["id"]) for r in records],
             self.sampling.group_size,
         ).to(self.device)
-        if hasattr(self.engine, "step"):  # an engine whose errors name the step
-            self.engine.step = self.global_step
+        self.engine.at_step(self.global_step)
         with self.timed_phase("rollout"), self.memory_guard("rollout", records):
             rollout = self.engine.generate(prompt, self.sampling, keys=keys, records=records)
         features = rollout.features
@@ -412,8 +419,13 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
 
     def start_engine(self) -> RolloutEngine:
         if self.engine is None:
-            share, spec = self.share_image_features, self.policy_spec
-            self.engine = build_engine(self.rollout_cfg, self.processor, share, self._sharded, spec)
+            context = EngineContext(
+                self.processor,
+                spec=self.policy_spec,
+                synced=self._sharded,
+                share_image_features=self.share_image_features,
+            )
+            self.engine = build_engine(self.rollout_cfg, context)
         return self.engine
 
     def hooks(self) -> UpdateHooks:

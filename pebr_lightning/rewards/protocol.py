@@ -26,6 +26,7 @@ CONTEXT_KEYS = {
     "several), aligned with completions",
     "image_lists": "list[list[PIL.Image.Image]]: every image of each sample, in order",
     "tokenizer": "the policy's tokenizer (a transformers tokenizer)",
+    "processor": "the policy's processor (its tokenizer and image processor)",
     "global_step": "int: the optimizer step at which the batch was generated",
     "device": "torch.device the policy runs on; put reward models there",
 }

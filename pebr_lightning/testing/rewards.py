@@ -151,25 +151,32 @@ def make_batch(samples: list[dict[str, Any]]) -> Batch:
 
 
 def make_context(samples: list[dict[str, Any]], tokenizer: Any = None) -> dict[str, Any]:
-    """The trainer's context: images, tokenizer (default: the tiny model's), step 0, CPU."""
+    """The trainer's context (every CONTEXT_KEYS key): images, the tiny model's processor
+    and tokenizer (or `tokenizer`), step 0, CPU."""
     import torch
 
     lists = [[load_image(path) for path in image_paths(s)] for s in samples]
     return {
         "images": [own[0] for own in lists],
         "image_lists": lists,
-        "tokenizer": tokenizer if tokenizer is not None else tiny_tokenizer(),
+        "tokenizer": tokenizer if tokenizer is not None else tiny_processor().tokenizer,
+        "processor": tiny_processor(),
         "global_step": 0,
         "device": torch.device("cpu"),
     }
 
 
 @functools.lru_cache(maxsize=1)
-def tiny_tokenizer() -> Any:
-    """The embedded tiny model's tokenizer (built on first use, then cached)."""
+def tiny_processor() -> Any:
+    """The embedded tiny model's processor (built on first use, then cached)."""
     from pebr_lightning.models.policy import load_processor
 
-    return load_processor(TINY_MODEL).tokenizer
+    return load_processor(TINY_MODEL)
+
+
+def tiny_tokenizer() -> Any:
+    """The embedded tiny model's tokenizer."""
+    return tiny_processor().tokenizer
 
 
 def check_reward(

@@ -14,6 +14,7 @@ from pebr_lightning.cli import main
 from pebr_lightning.data.collate import PromptCollator, RecordDataset
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig, build_messages
+from pebr_lightning.engines.hf import sample_group
 from pebr_lightning.errors import ManifestError
 from pebr_lightning.models.policy import build_policy, unwrap
 from pebr_lightning.models.rollout import (
@@ -21,7 +22,6 @@ from pebr_lightning.models.rollout import (
     completion_logprobs,
     eos_token_ids,
     image_features,
-    sample_group,
 )
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,13 @@ import lightning as L
 import pytest
 
 from pebr_lightning.data.datamodule import ManifestDataModule
-from pebr_lightning.engines import HFEngine, RolloutConfig, RolloutEngine, build_engine
+from pebr_lightning.engines import (
+    EngineContext,
+    HFEngine,
+    RolloutConfig,
+    RolloutEngine,
+    build_engine,
+)
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.policy import LoraConfig
 from pebr_lightning.models.rollout import SamplingConfig
@@ -41,14 +47,22 @@ class Recording:
         self.synced.append(sum(float(p.detach().sum()) for p in policy.parameters()))
         self.inner.sync_weights(policy)
 
+    def at_step(self, step: int) -> None:
+        self.calls.append(f"step {step}")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
 
 def test_hf_engine_is_a_rollout_engine_and_the_config_names_engines(tiny_path):
     from pebr_lightning.models.policy import load_processor
 
-    engine = build_engine(RolloutConfig(), load_processor(str(tiny_path)))
+    engine = build_engine(RolloutConfig(), EngineContext(load_processor(str(tiny_path))))
     assert isinstance(engine, HFEngine) and isinstance(engine, RolloutEngine)
-    with pytest.raises(PebrError, match=r"rollout.engine must be one of \('hf', 'vllm'\)"):
-        RolloutConfig(engine="nope")
+    with pytest.raises(
+        PebrError, match=r"no engine named 'nope' is installed.*installed: hf, vllm"
+    ):
+        build_engine(RolloutConfig("nope"), EngineContext(None))
 
 
 def test_grpo_rolls_out_through_its_engine_and_syncs_it_after_each_update(
@@ -77,7 +91,7 @@ def test_grpo_rolls_out_through_its_engine_and_syncs_it_after_each_update(
     )
     data = ManifestDataModule(train_manifest=str(shapes_data["train"]), batch_size=2)
     trainer.fit(module, datamodule=data)
-    assert engine.calls == ["generate B=2 G=4", "generate B=2 G=4"]
+    assert engine.calls == ["step 0", "generate B=2 G=4", "step 1", "generate B=2 G=4", "close"]
     # synced as the fit starts (after any checkpoint is restored), then after each
     # update with the weights that update wrote (all three differ)
     assert len(engine.synced) == 3 and len(set(engine.synced)) == 3
@@ -184,7 +198,7 @@ def test_validate_and_test_start_no_rollout_engine(tiny_path, shapes_data, tmp_p
         model=str(tiny_path),
         rewards=REWARDS,
         sampling=SamplingConfig(group_size=2, max_new_tokens=4, temperature=1.0),
-        rollout=RolloutConfig(engine="vllm", vllm_python=str(tmp_path / "no" / "python")),
+        rollout=RolloutConfig("vllm", init_args={"python": str(tmp_path / "no" / "python")}),
     )
     trainer = L.Trainer(
         accelerator="cpu",

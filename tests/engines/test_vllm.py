@@ -139,7 +139,7 @@ def test_grpo_trains_a_lora_policy_through_vllm_with_the_engine_correction(
         ],
         lora=LoraConfig(r=4, alpha=8, dropout=0.0),
         sampling=SamplingConfig(group_size=4, max_new_tokens=8, temperature=1.0, top_p=1.0),
-        rollout=RolloutConfig(engine="vllm", vllm_python=str(vllm_python()), vllm_dtype="float32"),
+        rollout=RolloutConfig("vllm", init_args={"python": str(vllm_python()), "dtype": "float32"}),
         loss=GRPOLossConfig(beta=0.0, engine_correction="token_truncate"),
         optim=OptimConfig(lr=1e-2, schedule="constant"),
         log_samples_every_n_steps=0,
@@ -197,7 +197,7 @@ def test_full_weight_grpo_on_tied_embeddings_is_refused_before_a_worker_starts(t
         model=str(tiny_path),
         rewards=[{"name": "format", "weight": 1.0}],
         lora=None,
-        rollout=RolloutConfig(engine="vllm", vllm_python=str(vllm_python())),
+        rollout=RolloutConfig("vllm", init_args={"python": str(vllm_python())}),
     )
     module.setup("fit")
     with pytest.raises(PebrError, match="ties its input and output embeddings"):
@@ -214,7 +214,14 @@ def test_pebr_eval_and_sample_run_through_vllm(tiny_path, shapes_data, tmp_path)
     from pebr_lightning.cli import main
 
     common = ["--model", str(tiny_path), "--manifest", str(shapes_data["val"]), "--no-progress"]
-    vllm = ["--engine", "vllm", "--vllm-python", str(vllm_python()), "--vllm-dtype", "float32"]
+    vllm = [
+        "--engine",
+        "vllm",
+        "--engine-arg",
+        f"python={vllm_python()}",
+        "--engine-arg",
+        "dtype=float32",
+    ]
     short = ["--max-new-tokens", "8", "--limit", "4"]
     assert main(["eval", *common, *short, "--out", str(tmp_path / "hf")]) == 0
     assert main(["eval", *common, *short, *vllm, "--out", str(tmp_path / "vllm")]) == 0
@@ -308,7 +315,7 @@ def test_under_fsdp2_a_failure_on_rank_0_stops_every_rank(
     from ..parallel.test_fsdp_fit import stage_args
 
     args, _ = stage_args("grpo", shapes_data["train"])
-    rollout = json.dumps({"engine": "vllm", "vllm_url": short_server})
+    rollout = json.dumps({"name": "vllm", "init_args": {"url": short_server}})
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
         *("--master_port", str(free_port()), "-m", "pebr_lightning.cli", "fit", *args),
@@ -402,7 +409,7 @@ def test_a_full_weight_grpo_fit_through_vllm_killed_and_resumed_ends_like_an_uni
             "12",
             "--model.init_args.rollout",
             json.dumps(
-                {"engine": "vllm", "vllm_python": str(vllm_python()), "vllm_dtype": "float32"}
+                {"name": "vllm", "init_args": {"python": str(vllm_python()), "dtype": "float32"}}
             ),
             "--data.init_args.train_manifest",
             str(shapes_data["train"]),
@@ -473,7 +480,7 @@ def test_fsdp2_on_two_processes_rolls_out_through_one_worker_like_one_process(
     if weights == "full":
         model, file = untied_path, "model.safetensors"
         args += ["--model.init_args.lora", "null", "--model.init_args.model", str(model)]
-    engine = {"engine": "vllm", "vllm_python": str(vllm_python()), "vllm_dtype": "float32"}
+    engine = {"name": "vllm", "init_args": {"python": str(vllm_python()), "dtype": "float32"}}
     args = [*args, "--model.init_args.rollout", json.dumps(engine)]
     one, two = tmp_path / "one", tmp_path / "two"
     batch = "--data.init_args.batch_size"

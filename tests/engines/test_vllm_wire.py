@@ -222,7 +222,7 @@ def test_an_answer_that_is_not_json_names_engine_and_step(tiny_path, shapes_data
     built = build_policy(str(tiny_path))
     worker = worker_of("html")
     engine = VLLMEngine(built.processor, str(tiny_path), vllm_url=worker.url)
-    engine.step = 7
+    engine.at_step(7)
     with pytest.raises(PebrError, match=r"\(step 7\): /generate: answered something that is not"):
         generate(engine, built.processor, records)
 
@@ -288,6 +288,7 @@ def test_grpo_stops_on_impossible_engine_logprobs_instead_of_training_on_nothing
     """Before: +inf log-probs from the engine made every token_truncate weight 0 (grad
     norm 0), the step was counted neither skipped nor non-finite, and fit exited 0."""
     worker = worker_of("inf")
+    rollout = {"name": "vllm", "init_args": {"url": worker.url}}
     spread = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward"}
     code = main(
         [
@@ -296,7 +297,7 @@ def test_grpo_stops_on_impossible_engine_logprobs_instead_of_training_on_nothing
             "--model.init_args.model", str(tiny_path),
             "--model.init_args.rewards", json.dumps([spread]),
             "--model.init_args.lora", json.dumps({"r": 4, "alpha": 8, "dropout": 0.0}),
-            "--model.init_args.rollout", json.dumps({"engine": "vllm", "vllm_url": worker.url}),
+            "--model.init_args.rollout", json.dumps(rollout),
             "--model.init_args.loss.engine_correction", "token_truncate",
             "--model.init_args.sampling.group_size", "2",
             "--model.init_args.sampling.max_new_tokens", "8",
@@ -344,5 +345,5 @@ def test_folders_of_killed_trainers_are_removed_and_live_ones_kept(tiny_path, wo
 def test_a_mistyped_vllm_python_is_one_clear_error(tiny_path, tmp_path) -> None:
     built = build_policy(str(tiny_path))
     missing = tmp_path / "vllm-env" / "bin" / "pyhton"
-    with pytest.raises(PebrError, match=f"rollout.vllm_python {missing}: cannot start it"):
+    with pytest.raises(PebrError, match=rf"rollout \(vllm\) python {missing}: cannot start it"):
         VLLMEngine(built.processor, str(tiny_path), vllm_python=str(missing))

@@ -22,12 +22,12 @@ from pebr_lightning.cli import main
 from pebr_lightning.data.collate import PromptCollator, RecordDataset
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.engines.hf import sample_group
 from pebr_lightning.models.policy import LANGUAGE_PROJECTIONS, build_policy, unwrap
 from pebr_lightning.models.rollout import (
     SamplingConfig,
     completion_logprobs,
     eos_token_ids,
-    sample_group,
 )
 
 pytestmark = pytest.mark.gpu

@@ -8,13 +8,13 @@ import torch
 from pebr_lightning.data.collate import PromptCollator, RecordDataset
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.engines.hf import sample_group
 from pebr_lightning.models.policy import build_policy, unwrap
 from pebr_lightning.models.rollout import (
     SamplingConfig,
     completion_logprobs,
     eos_token_ids,
     image_features,
-    sample_group,
 )
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]

@@ -15,13 +15,13 @@ from pebr_lightning.data.collate import PromptCollator, RecordDataset
 from pebr_lightning.data.datamodule import ManifestDataModule
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.engines.hf import sample_group
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.policy import LoraConfig, unwrap
 from pebr_lightning.models.rollout import (
     SamplingConfig,
     completion_logprobs,
     image_features,
-    sample_group,
 )
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
 

@@ -366,3 +366,44 @@ def test_a_reward_that_edits_images_or_completions_changes_nothing_after_it() ->
     assert result.per_reward["witness"] == [1.0, 1.0]
     assert completions == ["first", "second"]
     assert image.getpixel((0, 0)) == (200, 100, 50)
+
+
+def test_the_trainer_and_make_context_pass_exactly_the_documented_context_keys(tiny_path):
+    """CONTEXT_KEYS (protocol.py, docs/plugins.md) is the contract: GRPO's reward phase
+    passes those keys, no more and no fewer, and so does the test kit's make_context."""
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    from pebr_lightning.models.rollout import Rollout
+    from pebr_lightning.modules.grpo import GRPOModule
+    from pebr_lightning.rewards.protocol import CONTEXT_KEYS
+    from pebr_lightning.testing import make_context, make_samples
+
+    module = GRPOModule(model=str(tiny_path), rewards=[{"name": "format"}])
+    module.setup("fit")
+    seen: dict = {}
+
+    def record(*, completions, samples, **context):
+        seen.update(context)
+        return SimpleNamespace(total=[0.5] * len(completions))
+
+    module.rewards = record
+    ids = module.processor.tokenizer("a b", return_tensors="pt").input_ids  # [1, T]
+    rollout = Rollout(
+        prompt_ids=ids,
+        prompt_mask=torch.ones_like(ids),
+        completion_ids=ids.repeat(2, 1),
+        completion_mask=torch.ones_like(ids).repeat(2, 1),
+        logprobs=torch.zeros(2, ids.shape[1]),
+        truncated=torch.tensor([True, True]),
+        group_size=2,
+        seconds=0.0,
+    )
+    image = Image.new("RGB", (8, 8))
+    scores = module.score(rollout, [{"id": "a"}], [[image]])
+    assert scores.rewards.tolist() == [0.5, 0.5]
+    assert set(seen) == set(CONTEXT_KEYS)
+    assert seen["processor"] is module.processor and seen["images"] == [image, image]
+    assert set(make_context(make_samples()[:2])) == set(CONTEXT_KEYS)
