@@ -203,13 +203,15 @@ def build_ours(args, folder: Path, manifest: Path, scratch: Path, turn: Turn):
 
     from pebr_lightning.data.datamodule import ManifestDataModule
     from pebr_lightning.metrics.phases import PhaseMeter
+    from pebr_lightning.models.policy import PolicySpec
     from pebr_lightning.models.rollout import SamplingConfig
     from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
+    from pebr_lightning.modules.grpo_update import UpdateConfig
     from pebr_lightning.modules.optim import OptimConfig
 
     n = args.prompts * args.group_size
     module = GRPOModule(
-        model=str(folder),
+        policy=PolicySpec(model=str(folder)),
         rewards=REWARDS,
         sampling=SamplingConfig(
             group_size=args.group_size,
@@ -223,9 +225,9 @@ def build_ours(args, folder: Path, manifest: Path, scratch: Path, turn: Turn):
             mu=1, eps_low=0.2, eps_high=0.3, dual_clip=None, beta=args.beta
         ),
         optim=OptimConfig(lr=args.lr, weight_decay=0.01, schedule="constant"),
-        micro_batch_size=n,
-        max_grad_norm=1.0,
-        share_prompt=not args.no_share_prompt,
+        update=UpdateConfig(
+            micro_batch_size=n, max_grad_norm=1.0, share_prompt=not args.no_share_prompt
+        ),
         log_samples_every_n_steps=0,
     )
     # Times only, like TRL: no per-phase memory probe inside the measured step.

@@ -2,8 +2,9 @@
 
 Builds Qwen2.5-VL-7B-Instruct's architecture from its published config with random
 weights (nothing is downloaded), saves it with the embedded tiny model's processor,
-and trains it through the project's own path: `GRPOModule(model=<folder>,
-quantization=4-bit, lora=..., gradient_checkpointing=True)` under a Lightning Trainer
+and trains it through the project's own path: `GRPOModule(policy=PolicySpec(
+model=<folder>, quantization=4-bit, lora=..., gradient_checkpointing=True))` under a
+Lightning Trainer
 on synthetic shapes data. Random weights practically never sample EOS, so every
 completion runs to `--max-new-tokens`: the worst case. The module's `phase_meter`
 (pebr_lightning/metrics/phases.py) times each phase and records its peak memory;
@@ -316,24 +317,27 @@ def train(args: argparse.Namespace, folder: Path, scratch: Path) -> tuple[list[d
     """Run `args.steps` GRPO steps; per-step phase figures and facts about the loaded model."""
     from pebr_lightning.data.datamodule import ManifestDataModule
     from pebr_lightning.data.synth import write_dataset
-    from pebr_lightning.models.policy import LoraConfig, QuantizationConfig, unwrap
+    from pebr_lightning.models.policy import LoraConfig, PolicySpec, QuantizationConfig, unwrap
     from pebr_lightning.models.rollout import SamplingConfig
     from pebr_lightning.modules.grpo import GRPOModule
+    from pebr_lightning.modules.grpo_update import UpdateConfig
     from pebr_lightning.modules.optim import OptimConfig
 
     L.seed_everything(0, verbose=False)
     manifest = write_dataset(scratch / "data", n=args.prompts * args.steps, seed=0)
     module = GRPOModule(
-        model=str(folder),
+        policy=PolicySpec(
+            model=str(folder),
+            lora=LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0),
+            quantization=QuantizationConfig(bits=4, compute_dtype=args.compute_dtype),
+            gradient_checkpointing=True,
+            dtype="bfloat16",
+        ),
         rewards=[{"class_path": SPREAD_REWARD, "weight": 1.0}, {"name": "format", "weight": 0.1}],
-        lora=LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0),
-        quantization=QuantizationConfig(bits=4, compute_dtype=args.compute_dtype),
-        gradient_checkpointing=True,
-        dtype="bfloat16",
         sampling=SamplingConfig(group_size=args.group_size, max_new_tokens=args.max_new_tokens),
         optim=OptimConfig(lr=1e-5, weight_decay=0.01, schedule="constant"),
-        micro_batch_size=args.micro_batch_size,
         log_samples_every_n_steps=0,
+        update=UpdateConfig(micro_batch_size=args.micro_batch_size),
     )
     data = ManifestDataModule(train_manifest=str(manifest), batch_size=args.prompts)
     recorder = PhaseRecorder()

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # Re-exported: the checkpoint checks `pebr fit --ckpt_path` runs.
 from pebr_lightning.resume import check_checkpoint, resolve_last, shards_checkpoints
@@ -207,6 +208,7 @@ def cli(args: list[str] | None, run: bool = True):
         def parse_arguments(self, parser, args) -> None:
             argv = list(sys.argv[1:] if args is None else args)
             check_config_files(argv)
+            check_former_args(argv)
             # jsonargparse prints --print_config before our defaults are filled in;
             # print it after, so that it shows the loggers and callbacks a run will use.
             printing, argv = take_print_config(argv)
@@ -327,13 +329,65 @@ def check_config_files(argv: Sequence[str]) -> None:
             raise PebrError(f"--config {path}: no such file")
         try:
             with open(path, encoding="utf-8") as file:
-                yaml.safe_load(file)
+                node = yaml.compose(file)
+            check_former_keys(node, path)
         except yaml.MarkedYAMLError as err:
             mark = err.problem_mark
             where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
             raise PebrError(f"{path}{where}: not valid YAML: {err.problem}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise PebrError(f"{path}: not valid YAML: {err}") from None
+
+
+def check_former_keys(node: Any, path: str) -> None:
+    """Stop on a module argument that moved into a block on 2026-12-07 (`lora` ->
+    `policy.lora`), naming the file, line and key to write: jsonargparse would say only
+    that the option is not accepted. `node` is the composed YAML of one config file."""
+    from pebr_lightning.errors import PebrError
+    from pebr_lightning.modules.shared import FORMER_KEYS
+
+    def child(mapping: Any, name: str) -> Any:
+        if getattr(mapping, "tag", "").endswith(":map"):
+            for key, value in mapping.value:
+                if key.value == name:
+                    return value
+        return None
+
+    model = child(node, "model")
+    init_args = child(model, "init_args")
+    if init_args is None:
+        return
+    class_path = child(model, "class_path")
+    name = str(getattr(class_path, "value", "GRPOModule")).rsplit(".", 1)[-1]
+    former = FORMER_KEYS.get(name, {})
+    for key, _ in init_args.value:
+        if key.value in former:
+            block = former[key.value]
+            raise PebrError(
+                f"{path}:{key.start_mark.line + 1}: model.init_args.{key.value} moved into the "
+                f"{block} block (2026-12-07): write model.init_args.{block}.{key.value}"
+            )
+
+
+def check_former_args(argv: Sequence[str]) -> None:
+    """The same for command-line keys: `--model.init_args.lora ...` (or `--model.lora`)."""
+    from pebr_lightning.errors import PebrError
+    from pebr_lightning.modules.shared import FORMER_KEYS
+
+    # a key one module took flat and still takes (SFTModule's logprob_chunk_size) cannot
+    # be told apart without the class: only keys no module takes any more are checked
+    current = {"logprob_chunk_size"}
+    former = {k: b for keys in FORMER_KEYS.values() for k, b in keys.items() if k not in current}
+    for arg in argv:
+        if not arg.startswith("--model."):
+            continue
+        key = arg.split("=", 1)[0].removeprefix("--model.").removeprefix("init_args.")
+        if key in former:
+            block = former[key]
+            raise PebrError(
+                f"{arg.split('=', 1)[0]} moved into the {block} block (2026-12-07): write "
+                f"--model.init_args.{block}.{key}"
+            )
 
 
 def take_print_config(argv: list[str]) -> tuple[str | None, list[str]]:

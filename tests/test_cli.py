@@ -259,7 +259,7 @@ def test_fit_from_a_model_folder_that_is_not_there_says_so(tmp_path, shapes_data
         "fit",
         "--config",
         str(REPO / "configs" / "demo" / "sft.yaml"),
-        "--model.init_args.model",
+        "--model.init_args.policy.model",
         "runs/nope/last.hf",
         "--data.init_args.train_manifest",
         str(shapes_data["train"]),

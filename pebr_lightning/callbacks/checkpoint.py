@@ -108,7 +108,7 @@ class HFCheckpoint(ModelCheckpoint):
         The last checkpoint is the one this run saved, or, when a resumed run had no
         step left to take, the one it resumed from. (One saved before the final step,
         when the save interval does not divide max_steps, keeps its own `.hf`.)
-        Then it prints both paths: the `.hf` folder is what `--model.init_args.model`,
+        Then it prints both paths: the `.hf` folder is what `--model.init_args.policy.model`,
         `pebr eval --model` and `pebr sample --model` take.
         """
         last = self.last_model_path

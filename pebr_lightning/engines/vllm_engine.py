@@ -132,7 +132,7 @@ class VLLMConfig:
             raise PebrError(
                 f"rollout (vllm): {spec.model} ties its input and output embeddings, and "
                 "vLLM's weight reload leaves the tied output layer stale; train it with "
-                "model.init_args.lora, or use the hf engine"
+                "model.init_args.policy.lora, or use the hf engine"
             )
         return VLLMEngine(
             context.processor,

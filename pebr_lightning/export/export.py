@@ -192,6 +192,7 @@ def build_module(kind: str, ckpt: Checkpoint) -> Any:
     hints = typing.get_type_hints(cls.__init__)
     params = set(hints) - {"return"}
     hparams = {k: v for k, v in ckpt.hyper_parameters.items() if k not in CLI_KEYS}
+    hparams = cls.upgrade_hparams(hparams)  # flat keys of checkpoints before 2026-12-07
     unknown = sorted(set(hparams) - params)
     if unknown:
         raise PebrError(
@@ -273,12 +274,15 @@ def _safe_globals() -> list[type]:
     from pebr_lightning.algorithms.loss_config import GRPOLossConfig
     from pebr_lightning.data.prompts import PromptConfig
     from pebr_lightning.engines import RolloutConfig
-    from pebr_lightning.models.policy import LoraConfig, QuantizationConfig
+    from pebr_lightning.models.policy import LoraConfig, PolicySpec, QuantizationConfig
     from pebr_lightning.models.rollout import SamplingConfig
+    from pebr_lightning.modules.grpo_update import UpdateConfig
     from pebr_lightning.modules.optim import OptimConfig
     from pebr_lightning.rewards.registry import RewardSpec
 
     return [
+        PolicySpec,
+        UpdateConfig,
         LoraConfig,
         QuantizationConfig,
         PromptConfig,

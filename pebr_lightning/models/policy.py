@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,14 +85,15 @@ class PolicySpec:
     settings, read by SFT, GRPO and `pebr export` alike, and stored in checkpoints
     by value (`pebr_policy`), so nothing reads these settings by attribute name."""
 
-    model: str
+    model: str = "tiny-qwen2.5-vl"
     """`tiny-qwen2.5-vl`, a local folder (a LoRA `.hf` one loads its base) or a hub id."""
     lora: LoraConfig | None = None
     """LoRA adapter settings; None trains every weight."""
     quantization: QuantizationConfig | None = None
     """k-bit loading of the language model (QLoRA); None loads it unquantized."""
-    freeze_vision: bool = True
-    """Keep the vision tower's weights fixed."""
+    freeze_vision: bool | None = None
+    """Keep the vision tower's weights fixed; None: the module's default (SFT: frozen,
+    as the paper's SFT; GRPO: trained, as the paper's RL), set by `with_default`."""
     dtype: str | None = None
     """Weight dtype name; None keeps the checkpoint's own."""
     gradient_checkpointing: bool = False
@@ -100,10 +101,42 @@ class PolicySpec:
     trust_remote_code: bool = False
     """Allow a hub model's own Python code to run."""
 
+    def __post_init__(self) -> None:
+        # blocks given as mappings (Python callers, checkpoints saved as plain data)
+        for name, cls in (("lora", LoraConfig), ("quantization", QuantizationConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, cls(**value))
+        if not isinstance(self.model, str) or not self.model:
+            raise PebrError(
+                f"policy.model must be a model name, folder or hub id, got {self.model!r}"
+            )
+
+    @classmethod
+    def parse(cls, value: Any) -> PolicySpec:
+        """A spec, or a mapping of its fields (Python callers, plain-data checkpoints)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                known = ", ".join(f.name for f in fields(cls))
+                raise PebrError(f"policy has unknown key(s) {unknown}; its keys: {known}")
+            return cls(**value)
+        raise PebrError(f"policy must be a mapping of {cls.__name__} fields, got {value!r}")
+
+    def with_default(self, freeze_vision: bool) -> PolicySpec:
+        """This spec with `freeze_vision` set to the module's default where unset."""
+        if self.freeze_vision is not None:
+            return self
+        return replace(self, freeze_vision=freeze_vision)
+
     def build(self, **overrides: Any) -> Policy:
         """`build_policy` with these settings (`overrides` replace some, e.g. export
-        loads unquantized in its own dtype)."""
+        loads unquantized in its own dtype); an unset freeze_vision freezes."""
         settings = {**self.settings(), **overrides}
+        if settings["freeze_vision"] is None:
+            settings["freeze_vision"] = True
         return build_policy(settings.pop("model"), **settings)
 
     def processor(self) -> Any:
@@ -209,7 +242,7 @@ def build_policy(
     if quantization is not None and lora is None:
         raise PebrError(
             "quantization needs a lora block: 4/8-bit weights cannot be trained directly "
-            "(set model.lora, or quantization: null for full fine-tuning)"
+            "(set model.policy.lora, or quantization: null for full fine-tuning)"
         )
     path = resolve_model_path(name_or_path)
     kwargs = _load_kwargs(path, trust_remote_code)

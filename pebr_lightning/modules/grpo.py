@@ -45,9 +45,7 @@ from pebr_lightning.evaluation.held_out import GreedyTestLoop, GreedyValidationL
 from pebr_lightning.metrics.phases import PhaseMeter
 from pebr_lightning.metrics.step import StepMetrics
 from pebr_lightning.models.policy import (
-    LoraConfig,
     PolicySpec,
-    QuantizationConfig,
     adapter_free_vision,
     load_processor,
     position_limit,
@@ -67,6 +65,7 @@ from pebr_lightning.modules.grpo_logs import publish_samples, record_step, sampl
 from pebr_lightning.modules.grpo_parts import ScoredRollout, Scores, fill_groups, trained_rollout
 from pebr_lightning.modules.grpo_update import (
     NonFiniteGuard,
+    UpdateConfig,
     UpdateHooks,
     UpdateSettings,
     memory_guard,
@@ -76,6 +75,7 @@ from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import (
     check_trainable_state,
     keep_trainable_state,
+    move_former_keys,
     save_pretrained,
     shard_module,
 )
@@ -87,67 +87,41 @@ from pebr_lightning.rewards.registry import RewardSpec
 class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
     def __init__(
         self,
-        model: str = "tiny-qwen2.5-vl",
+        policy: PolicySpec = PolicySpec(),
         rewards: list[RewardSpec] | None = None,
-        lora: LoraConfig | None = None,
-        quantization: QuantizationConfig | None = None,
-        freeze_vision: bool = False,
-        dtype: str | None = None,
-        gradient_checkpointing: bool = False,
-        trust_remote_code: bool = False,
         prompt: PromptConfig = PromptConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         rollout: RolloutConfig = RolloutConfig(),
         loss: GRPOLossConfig = GRPOLossConfig(),
+        update: UpdateConfig = UpdateConfig(),
         optim: OptimConfig = OptimConfig(lr=1e-6, weight_decay=1e-2, schedule="constant"),
-        micro_batch_size: int = 8,
-        prompts_per_update: int | None = None,
-        max_grad_norm: float = 1.0,
-        max_nonfinite_steps: int = 3,
         dynamic_sampling_tries: int = 0,
         share_image_features: bool = True,
-        share_prompt: bool = True,
-        logprob_chunk_size: int = 1024,
         log_samples_every_n_steps: int = 50,
         rollout_seed: int = 0,
         max_prompt_tokens: int | None = None,
     ) -> None:
         """
         Args:
-            model: `tiny-qwen2.5-vl`, a local checkpoint folder (e.g. an SFT stage's `.hf`
-                folder) or a hub id.
+            policy: the model trained and how it loads (models/policy.py: model, lora,
+                quantization, freeze_vision, dtype, gradient_checkpointing,
+                trust_remote_code); the same block as SFTModule's. freeze_vision left
+                unset trains the vision tower here, as the paper's RL does.
             rewards: rewards by registry name with weights, e.g.
                 [{name: accuracy, weight: 0.9}, {name: format, weight: 0.1}].
-            lora: train a LoRA adapter; null trains the unfrozen weights directly.
-            quantization: load the language model in 4/8-bit (QLoRA); null for none.
-            freeze_vision: keep the vision tower frozen (the paper trains it in RL).
-            dtype: weight dtype, e.g. bfloat16; null keeps float32.
-            gradient_checkpointing: recompute activations in backward to save memory.
-            trust_remote_code: allow the checkpoint's own Python code to run.
             prompt: instruction and system prompt placed around each question.
             sampling: group size, temperature, top-p/top-k and length of the rollouts.
             rollout: the engine that generates them, by name or class path with its
                 settings (engines/: `hf`, the model itself, or `vllm`, a worker).
             loss: clipping, KL, reduction and advantage settings.
+            update: micro-batches, prompts per optimizer step, gradient clipping,
+                tolerated non-finite steps, shared-prompt passes (grpo_update.py).
             optim: AdamW and schedule (paper: lr 1e-6, weight decay 1e-2, no warm-up).
-            micro_batch_size: sequences per forward/backward; gradients accumulate over
-                micro-batches up to one optimizer step.
-            prompts_per_update: prompts (x G sequences) per optimizer step; null = all the
-                batch's prompts in one step. The paper uses 560 per rollout, 112 per update.
-            max_grad_norm: clip the gradient norm to this before each optimizer step.
-            max_nonfinite_steps: a step whose loss or gradient norm is NaN/inf skips its
-                optimizer step (train/nonfinite_steps); this many such steps in a row
-                stop the run with an error naming the step and the rewards.
             dynamic_sampling_tries: DAPO's dynamic sampling: replace groups whose rewards
                 are all equal with fresh prompts from the training set, up to this many
                 extra rollouts per step (0 = off). Counts are logged.
             share_image_features: run the vision tower once per image per step and reuse
                 its output for the G sequences of a group (off = the naive path).
-            share_prompt: in log-prob passes and the loss, run each prompt once per
-                micro-batch and its G completions on its KV cache (gradients flow back
-                through the cache), instead of G full prompt + completion sequences.
-                Off under gradient checkpointing, which drops the cache.
-            logprob_chunk_size: completion tokens per chunk when computing log-probs.
             log_samples_every_n_steps: write sample completions with their rewards to
                 `samples.jsonl` in the log folder every this many steps (0 = never).
             rollout_seed: seed of the rollout noise. Each completion's noise is keyed
@@ -168,36 +142,20 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             raise PebrError(
                 f"model.sampling.temperature must be > 0 for GRPO, got {sampling.temperature}"
             )
-        self.policy_spec = PolicySpec(
-            model,
-            lora=lora,
-            quantization=quantization,
-            freeze_vision=freeze_vision,
-            dtype=dtype,
-            gradient_checkpointing=gradient_checkpointing,
-            trust_remote_code=trust_remote_code,
-        )
+        self.policy_spec = policy = PolicySpec.parse(policy).with_default(freeze_vision=False)
         self.reward_specs = [RewardSpec.from_dict(r) for r in rewards]
         self.prompt = prompt
         self.sampling = sampling
-        self.update_settings = UpdateSettings(
-            loss, micro_batch_size, prompts_per_update, max_grad_norm, sampling.max_new_tokens
-        )
+        self.update_settings = UpdateSettings(loss, update, sampling.max_new_tokens)
         self.rollout_cfg = RolloutConfig.parse(rollout)
         self.rollout_cfg.settings()  # a misspelt engine or setting stops here, before fit
         self.engine: RolloutEngine | None = None
-        self.loss_cfg = loss
         self.advantage = loss.build_advantage()
         loss.build_reduction()  # a wrong class path stops here, not at the first update
         self.optim = optim
-        self.micro_batch_size = micro_batch_size
-        self.prompts_per_update = prompts_per_update
-        self.max_grad_norm = max_grad_norm
-        self._nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self._nonfinite = NonFiniteGuard(update.max_nonfinite_steps)
         self.dynamic_sampling_tries = dynamic_sampling_tries
         self.share_image_features = share_image_features
-        self.share_prompt = share_prompt
-        self.logprob_chunk_size = logprob_chunk_size
         self.log_samples_every_n_steps = log_samples_every_n_steps
         self.rollout_seed = rollout_seed
         self.max_prompt_tokens = max_prompt_tokens
@@ -209,7 +167,21 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         self._samples_step: int | None = None
         self._stats = StepMetrics(sampling.group_size)
         self.phase_meter: PhaseMeter | None = None
-        self.strict_loading = lora is None
+        self.strict_loading = policy.lora is None
+
+    @property
+    def loss_cfg(self) -> GRPOLossConfig:
+        return self.update_settings.loss
+
+    @property
+    def update_cfg(self) -> UpdateConfig:
+        return self.update_settings.update
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Hyper-parameters saved before 2026-12-07 (flat policy and update settings)
+        as this constructor takes them: the former keys moved into their blocks."""
+        return move_former_keys(hparams, "GRPOModule")
 
     # -- Lightning hooks, in call order -------------------------------------------------
 
@@ -405,7 +377,7 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)
         pieces = []
         with self.timed_phase("logprobs"), self.memory_guard("reference pass"):
-            for micro in rows.split(self.micro_batch_size):
+            for micro in rows.split(self.update_cfg.micro_batch_size):
                 if self.ref_model is None:  # LoRA: the same weights with the adapter off
                     with self.policy.disable_adapter():
                         base = unwrap(self.policy)
@@ -451,7 +423,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
 
     def memory_guard(self, phase: str, records: list[dict] | None = None):
         """Out of memory in `phase` -> a PebrError naming it, the step and what to lower."""
-        return memory_guard(phase, self.global_step, self.sampling, self.micro_batch_size, records)
+        micro = self.update_cfg.micro_batch_size
+        return memory_guard(phase, self.global_step, self.sampling, micro, records)
 
     def logprobs(self, base, prompt, rollout, rows, features) -> Tensor:
         qwen_vl = supports_shared_features(base)
@@ -467,8 +440,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             rows,
             features,
             self.sampling.temperature,
-            self.logprob_chunk_size,
-            share_prompt=self.share_prompt and qwen_vl and not checkpointed,
+            self.update_cfg.logprob_chunk_size,
+            share_prompt=self.update_cfg.share_prompt and qwen_vl and not checkpointed,
         )
 
     def log_step(self, part: ScoredRollout, advantages: Tensor, metrics: dict) -> None:

@@ -33,15 +33,46 @@ from pebr_lightning.parallel.sharding import any_across, clip_grad_norm, is_dist
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    """How an update runs over a rollout (`model.init_args.update`)."""
+
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; gradients accumulate over micro-batches up to
+    one optimizer step."""
+    prompts_per_update: int | None = None
+    """Prompts (x G sequences) per optimizer step; None: the whole rollout in one step.
+    The paper: 560 prompts per rollout, 112 per update."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this before each optimizer step."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient norm is NaN/inf skips its optimizer step
+    (train/nonfinite_steps); this many in a row stop the run with an error naming the
+    step and the rewards."""
+    share_prompt: bool = True
+    """In log-prob passes and the loss, run each prompt once per micro-batch and its G
+    completions on its KV cache (gradients flow back through the cache), instead of G
+    full prompt + completion sequences. Off under gradient checkpointing."""
+    logprob_chunk_size: int = 1024
+    """Completion tokens per chunk when computing log-probs."""
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "max_nonfinite_steps", "logprob_chunk_size"):
+            if getattr(self, key) < 1:
+                raise PebrError(f"update.{key} must be >= 1, got {getattr(self, key)}")
+        if self.prompts_per_update is not None and self.prompts_per_update < 1:
+            raise PebrError(
+                f"update.prompts_per_update must be >= 1, got {self.prompts_per_update}"
+            )
+        if not self.max_grad_norm > 0:
+            raise PebrError(f"update.max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
 class UpdateSettings:
-    """What shapes an update, fixed for a run."""
+    """What shapes an update, fixed for a run: the module's blocks, handed whole."""
 
     loss: GRPOLossConfig
-    micro_batch_size: int
-    """Sequences per forward/backward."""
-    prompts_per_update: int | None
-    """Prompts (x G sequences) per optimizer step; None: the whole rollout."""
-    max_grad_norm: float
+    update: UpdateConfig
     max_completion_length: int
     """sampling.max_new_tokens (ConstantLength's denominator, Dr. GRPO)."""
 
@@ -90,9 +121,9 @@ def policy_update(
     if cfg.mu > 1:  # the policy moves between passes: freeze today's log-probs first
         with torch.no_grad(), hooks.phase("logprobs"):
             old = torch.zeros_like(rollout.logprobs)  # [B*G, T]
-            for micro in rows.split(settings.micro_batch_size):
+            for micro in rows.split(settings.update.micro_batch_size):
                 old[micro] = logprobs(micro)
-    prompts = settings.prompts_per_update or rollout.prompt_ids.shape[0]
+    prompts = settings.update.prompts_per_update or rollout.prompt_ids.shape[0]
     per_update = prompts * rollout.group_size
     if not any_across(bool((advantages[keep] != 0).any()), device):
         # as many (empty) steps as a full update, so global_step moves the same way
@@ -107,7 +138,7 @@ def policy_update(
             mini_tokens = int(mask.sum())
             tokens = int(sum_across(torch.tensor([mini_tokens], device=device))[0])
             seqs = int((mask.sum(-1) > 0).sum())
-            for micro in mini.split(settings.micro_batch_size):
+            for micro in mini.split(settings.update.micro_batch_size):
                 cmask = loss_mask[micro]  # [n, T]
                 with hooks.phase("backward"), hooks.out_of_memory("backward"):
                     logp = logprobs(micro)  # [n, T]
@@ -152,7 +183,7 @@ def policy_update(
             with hooks.phase("optimizer"):
                 # the norm is global (all processes' gradients), so every process
                 # takes the same branch
-                norm = float(clip_grad_norm(hooks.params, settings.max_grad_norm))
+                norm = float(clip_grad_norm(hooks.params, settings.update.max_grad_norm))
                 if math.isfinite(norm):
                     norms.append(norm)
                 else:  # NaN/inf loss or gradient: never step on it
@@ -233,10 +264,10 @@ def out_of_memory_error(
         )
     else:
         lower = (
-            f"model.micro_batch_size ({micro_batch_size}), "
+            f"model.update.micro_batch_size ({micro_batch_size}), "
             f"model.sampling.max_new_tokens ({sampling.max_new_tokens}) or "
-            "model.logprob_chunk_size, or set model.gradient_checkpointing: true, "
-            "model.lora or model.quantization"
+            "model.update.logprob_chunk_size, or set model.policy.gradient_checkpointing: "
+            "true, model.policy.lora or model.policy.quantization"
         )
     ids = f", samples {', '.join(str(r['id']) for r in records[:5])}" if records else ""
     return PebrError(
@@ -255,7 +286,7 @@ class NonFiniteGuard:
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
-            raise PebrError(f"max_nonfinite_steps must be >= 1, got {limit}")
+            raise PebrError(f"update.max_nonfinite_steps must be >= 1, got {limit}")
         self.limit = limit
         self.streak = 0
 
@@ -282,5 +313,5 @@ def nonfinite_error(step: int, streak: int, scores: Scores) -> PebrError:
         f"step {step}: the loss or its gradient was not finite in {streak} steps in a row "
         f"(each skipped, weights unchanged); this batch's total rewards: {figures}; largest "
         f"|score| per reward: {largest}. Check the rewards' scale and weights, or lower "
-        "model.optim.lr; model.max_nonfinite_steps sets how many are tolerated"
+        "model.optim.lr; model.update.max_nonfinite_steps sets how many are tolerated"
     )

@@ -27,9 +27,7 @@ from pebr_lightning.data.collate import PromptCollator, SFTCollator
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.evaluation.held_out import GreedyTestLoop
 from pebr_lightning.models.policy import (
-    LoraConfig,
     PolicySpec,
-    QuantizationConfig,
     load_processor,
     unwrap,
 )
@@ -37,6 +35,7 @@ from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import (
     check_trainable_state,
     keep_trainable_state,
+    move_former_keys,
     save_pretrained,
     shard_module,
 )
@@ -54,13 +53,7 @@ MODEL_INPUTS = (
 class SFTModule(GreedyTestLoop, L.LightningModule):
     def __init__(
         self,
-        model: str = "tiny-qwen2.5-vl",
-        lora: LoraConfig | None = None,
-        quantization: QuantizationConfig | None = None,
-        freeze_vision: bool = True,
-        dtype: str | None = None,
-        gradient_checkpointing: bool = False,
-        trust_remote_code: bool = False,
+        policy: PolicySpec = PolicySpec(),
         prompt: PromptConfig = PromptConfig(),
         max_length: int = 4096,
         optim: OptimConfig = OptimConfig(),
@@ -68,14 +61,13 @@ class SFTModule(GreedyTestLoop, L.LightningModule):
     ) -> None:
         """
         Args:
-            model: `tiny-qwen2.5-vl` (embedded, no download), a local checkpoint folder or
-                a hub id of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model.
-            lora: train a LoRA adapter instead of the full weights; null for full fine-tuning.
-            quantization: load the language model in 4/8-bit (QLoRA); null for none.
-            freeze_vision: keep the vision tower and its projector frozen (the paper's SFT).
-            dtype: weight dtype, e.g. bfloat16; null keeps float32.
-            gradient_checkpointing: recompute activations in backward to save memory.
-            trust_remote_code: allow the checkpoint's own Python code to run.
+            policy: the model trained and how it loads (models/policy.py): model
+                (`tiny-qwen2.5-vl`, embedded, no download; a local checkpoint folder or
+                a hub id of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model), lora (null for
+                full fine-tuning), quantization (4/8-bit QLoRA), freeze_vision (left
+                unset: the vision tower and projector stay frozen, as in the paper's
+                SFT), dtype,
+                gradient_checkpointing, trust_remote_code. The same block as GRPOModule's.
             prompt: instruction and system prompt placed around each question.
             max_length: cut-off in tokens for prompt + response (the paper uses 4096).
             optim: AdamW and schedule settings.
@@ -84,15 +76,7 @@ class SFTModule(GreedyTestLoop, L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.policy_spec = PolicySpec(
-            model,
-            lora=lora,
-            quantization=quantization,
-            freeze_vision=freeze_vision,
-            dtype=dtype,
-            gradient_checkpointing=gradient_checkpointing,
-            trust_remote_code=trust_remote_code,
-        )
+        self.policy_spec = policy = PolicySpec.parse(policy).with_default(freeze_vision=True)
         self.prompt = prompt
         self.max_length = max_length
         self.optim = optim
@@ -101,7 +85,13 @@ class SFTModule(GreedyTestLoop, L.LightningModule):
         self.processor: Any = None
         # With LoRA the checkpoint holds the trainable weights only; the frozen base
         # comes from `model` again on load.
-        self.strict_loading = lora is None
+        self.strict_loading = policy.lora is None
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Hyper-parameters saved before 2026-12-07 (flat policy settings) as this
+        constructor takes them."""
+        return move_former_keys(hparams, "SFTModule")
 
     # -- Lightning hooks, in call order -------------------------------------------------
 

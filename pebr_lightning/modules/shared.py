@@ -107,3 +107,51 @@ def save_pretrained(policy: Any, processor: Any, path: str | Path) -> None:
         policy.save_pretrained(str(path), state_dict=state)
         processor.save_pretrained(str(path))
         use_default_modes(path)
+
+
+POLICY_KEYS = (
+    "model",
+    "lora",
+    "quantization",
+    "freeze_vision",
+    "dtype",
+    "gradient_checkpointing",
+    "trust_remote_code",
+)
+"""Settings that were flat `__init__` arguments of both modules until 2026-12-07 and are
+now fields of the `policy` block (models/policy.py: PolicySpec)."""
+
+UPDATE_KEYS = (
+    "micro_batch_size",
+    "prompts_per_update",
+    "max_grad_norm",
+    "max_nonfinite_steps",
+    "share_prompt",
+    "logprob_chunk_size",
+)
+"""GRPOModule's flat arguments until 2026-12-07, now fields of its `update` block
+(modules/grpo_update.py: UpdateConfig). SFTModule keeps its own logprob_chunk_size."""
+
+FORMER_KEYS = {
+    "GRPOModule": {**dict.fromkeys(POLICY_KEYS, "policy"), **dict.fromkeys(UPDATE_KEYS, "update")},
+    "SFTModule": dict.fromkeys(POLICY_KEYS, "policy"),
+}
+"""Module class name -> its former flat argument -> the block it moved into."""
+
+
+def move_former_keys(hparams: dict[str, Any], module: str) -> dict[str, Any]:
+    """`hparams` saved before 2026-12-07 with the former flat keys moved into their
+    blocks (a checkpoint cannot be edited like a config). Current ones pass unchanged."""
+    import dataclasses
+
+    out = dict(hparams)
+    blocks: dict[str, dict[str, Any]] = {}
+    for key, block in FORMER_KEYS[module].items():
+        if key in out:
+            blocks.setdefault(block, {})[key] = out.pop(key)
+    for block, moved in blocks.items():
+        given = out.get(block) or {}
+        if dataclasses.is_dataclass(given):
+            given = {f.name: getattr(given, f.name) for f in dataclasses.fields(given)}
+        out[block] = {**given, **moved}
+    return out

@@ -126,7 +126,7 @@ def _run_fit(
         stage.config,
         "--trainer.default_root_dir",
         str(stage_dir),
-        "--model.init_args.model",
+        "--model.init_args.policy.model",
         start,
         "--data.init_args.train_manifest",
         manifest,

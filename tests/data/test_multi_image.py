@@ -170,7 +170,7 @@ def test_pebr_fit_trains_sft_and_grpo_on_records_of_several_images(multi, tmp_pa
     grpo = (
         "--model.init_args.sampling.group_size=2",
         "--model.init_args.sampling.max_new_tokens=8",
-        "--model.init_args.micro_batch_size=2",  # micro-batches cut between images
+        "--model.init_args.update.micro_batch_size=2",  # micro-batches cut between images
     )
     assert _fit("perception.yaml", multi, tmp_path / "grpo", *grpo) == 0
     for run, key in (("sft", "train/loss"), ("grpo", "reward/total/mean")):

@@ -198,7 +198,7 @@ def test_grpo_eval_and_sample_run_through_an_installed_engine_package(
     fit = [
         "fit",
         "--config", str(REPO / "configs/demo/reasoning.yaml"),
-        "--model.init_args.model", str(tiny_path),
+        "--model.init_args.policy.model", str(tiny_path),
         "--model.init_args.rewards", json.dumps([{"name": "format"}]),
         "--model.init_args.rollout", json.dumps(rollout),
         "--model.init_args.sampling.group_size", "2",

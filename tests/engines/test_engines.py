@@ -21,7 +21,7 @@ from pebr_lightning.engines import (
     build_engine,
 )
 from pebr_lightning.errors import PebrError
-from pebr_lightning.models.policy import LoraConfig
+from pebr_lightning.models.policy import LoraConfig, PolicySpec
 from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
 from pebr_lightning.modules.optim import OptimConfig
@@ -69,9 +69,8 @@ def test_grpo_rolls_out_through_its_engine_and_syncs_it_after_each_update(
     tiny_path, shapes_data, tmp_path
 ):
     module = GRPOModule(
-        model=str(tiny_path),
+        policy=PolicySpec(model=str(tiny_path), lora=LoraConfig(r=4, alpha=8, dropout=0.0)),
         rewards=REWARDS,
-        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
         sampling=SamplingConfig(group_size=4, max_new_tokens=8, temperature=1.0),
         loss=GRPOLossConfig(beta=0.0),
         optim=OptimConfig(lr=1e-2, schedule="constant"),
@@ -142,9 +141,8 @@ def one_step(tiny_path, shapes_data, tmp_path, correction: str, skew: bool) -> d
     """The logged figures of one GRPO step with the given engine correction (cap 1.5)."""
     L.seed_everything(0)  # the same LoRA initialisation and data order in every call
     module = GRPOModule(
-        model=str(tiny_path),
+        policy=PolicySpec(model=str(tiny_path), lora=LoraConfig(r=4, alpha=8, dropout=0.0)),
         rewards=REWARDS,
-        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
         sampling=SamplingConfig(group_size=4, max_new_tokens=8, temperature=1.0),
         loss=GRPOLossConfig(beta=0.0, engine_correction=correction, engine_correction_cap=1.5),
         log_samples_every_n_steps=0,
@@ -195,7 +193,7 @@ def test_validate_and_test_start_no_rollout_engine(tiny_path, shapes_data, tmp_p
     rollouts come from vLLM validates and tests without starting a worker (here its
     interpreter does not exist, so starting one would fail)."""
     module = GRPOModule(
-        model=str(tiny_path),
+        policy=PolicySpec(model=str(tiny_path)),
         rewards=REWARDS,
         sampling=SamplingConfig(group_size=2, max_new_tokens=4, temperature=1.0),
         rollout=RolloutConfig("vllm", init_args={"python": str(tmp_path / "no" / "python")}),

@@ -31,7 +31,7 @@ from pebr_lightning.engines import HFEngine, RolloutConfig, complete_records
 from pebr_lightning.engines.remote import TOKEN_ENV
 from pebr_lightning.engines.vllm_engine import VLLMEngine
 from pebr_lightning.errors import PebrError
-from pebr_lightning.models.policy import LoraConfig, build_policy
+from pebr_lightning.models.policy import LoraConfig, PolicySpec, build_policy
 from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
 from pebr_lightning.modules.optim import OptimConfig
@@ -133,11 +133,10 @@ def test_grpo_trains_a_lora_policy_through_vllm_with_the_engine_correction(
     tiny_path, shapes_data, tmp_path
 ):
     module = GRPOModule(
-        model=str(tiny_path),
+        policy=PolicySpec(model=str(tiny_path), lora=LoraConfig(r=4, alpha=8, dropout=0.0)),
         rewards=[
             {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
         ],
-        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
         sampling=SamplingConfig(group_size=4, max_new_tokens=8, temperature=1.0, top_p=1.0),
         rollout=RolloutConfig("vllm", init_args={"python": str(vllm_python()), "dtype": "float32"}),
         loss=GRPOLossConfig(beta=0.0, engine_correction="token_truncate"),
@@ -194,9 +193,8 @@ def test_full_weight_grpo_on_tied_embeddings_is_refused_before_a_worker_starts(t
     """The measured fault: vLLM's reload leaves a tied output layer stale, so a full
     fine-tuning run would sample from another policy than it trains."""
     module = GRPOModule(
-        model=str(tiny_path),
+        policy=PolicySpec(model=str(tiny_path), lora=None),
         rewards=[{"name": "format", "weight": 1.0}],
-        lora=None,
         rollout=RolloutConfig("vllm", init_args={"python": str(vllm_python())}),
     )
     module.setup("fit")
@@ -399,7 +397,7 @@ def test_a_full_weight_grpo_fit_through_vllm_killed_and_resumed_ends_like_an_uni
         return [
             "--config",
             str(REPO / "configs/demo/perception.yaml"),
-            "--model.init_args.model",
+            "--model.init_args.policy.model",
             str(untied_path),
             "--model.init_args.rewards",
             json.dumps([{"name": "format", "weight": 0.1}, SPREAD]),
@@ -479,7 +477,12 @@ def test_fsdp2_on_two_processes_rolls_out_through_one_worker_like_one_process(
     model = tiny_path
     if weights == "full":
         model, file = untied_path, "model.safetensors"
-        args += ["--model.init_args.lora", "null", "--model.init_args.model", str(model)]
+        args += [
+            "--model.init_args.policy.lora",
+            "null",
+            "--model.init_args.policy.model",
+            str(model),
+        ]
     engine = {"name": "vllm", "init_args": {"python": str(vllm_python()), "dtype": "float32"}}
     args = [*args, "--model.init_args.rollout", json.dumps(engine)]
     one, two = tmp_path / "one", tmp_path / "two"

@@ -294,9 +294,9 @@ def test_grpo_stops_on_impossible_engine_logprobs_instead_of_training_on_nothing
         [
             "fit",
             "--config", str(REPO / "configs/demo/reasoning.yaml"),
-            "--model.init_args.model", str(tiny_path),
+            "--model.init_args.policy.model", str(tiny_path),
             "--model.init_args.rewards", json.dumps([spread]),
-            "--model.init_args.lora", json.dumps({"r": 4, "alpha": 8, "dropout": 0.0}),
+            "--model.init_args.policy.lora", json.dumps({"r": 4, "alpha": 8, "dropout": 0.0}),
             "--model.init_args.rollout", json.dumps(rollout),
             "--model.init_args.loss.engine_correction", "token_truncate",
             "--model.init_args.sampling.group_size", "2",

@@ -26,7 +26,7 @@ def grpo_args(tiny_path: Path, shapes_data: dict, root: Path) -> list[str]:
     return [
         "--config",
         str(REPO / "configs" / "demo" / "reasoning.yaml"),
-        "--model.init_args.model",
+        "--model.init_args.policy.model",
         str(tiny_path),
         "--model.init_args.sampling.group_size",
         "2",

@@ -39,9 +39,9 @@ def sft_ckpt(tmp_path_factory, shapes_data) -> Path:
             "fit",
             "--config",
             str(REPO / "configs" / "demo" / "sft.yaml"),
-            "--model.init_args.lora",
+            "--model.init_args.policy.lora",
             LORA,
-            "--model.init_args.freeze_vision",
+            "--model.init_args.policy.freeze_vision",
             "true",
             "--model.init_args.optim.lr",
             "1e-2",
@@ -114,7 +114,7 @@ def test_grpo_export_in_default_dtype(tmp_path, shapes_data, tiny_path):
             str(config),
             "--model.init_args.rewards",
             json.dumps([*rewards, SPREAD]),
-            "--model.init_args.lora",
+            "--model.init_args.policy.lora",
             LORA,
             "--model.init_args.optim.lr",
             "1e-2",
@@ -172,7 +172,7 @@ def test_sharded_checkpoint_folder_exports_the_same(sft_ckpt, sft_export, tmp_pa
     import torch.distributed.checkpoint as dcp
 
     from pebr_lightning.data.prompts import PromptConfig
-    from pebr_lightning.models.policy import LoraConfig
+    from pebr_lightning.models.policy import PolicySpec
     from pebr_lightning.modules.optim import OptimConfig
 
     checkpoint = torch.load(sft_ckpt, weights_only=True)
@@ -181,7 +181,7 @@ def test_sharded_checkpoint_folder_exports_the_same(sft_ckpt, sft_export, tmp_pa
     hparams = checkpoint["hyper_parameters"]
     for key in ("_class_path", "_instantiator"):
         hparams.pop(key)
-    hparams["lora"] = LoraConfig(**hparams["lora"])
+    hparams["policy"] = PolicySpec(**hparams["policy"])  # its lora mapping -> LoraConfig
     hparams["prompt"] = PromptConfig(**hparams["prompt"])
     hparams["optim"] = OptimConfig(**hparams["optim"])
     folder = tmp_path / "last.ckpt"

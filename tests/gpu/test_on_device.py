@@ -183,11 +183,11 @@ def test_qlora_fit_quantizes_on_the_device_and_trains_only_lora(device, tmp_path
         "bf16-mixed",
         # bfloat16 weights, as configs/qlora-24gb: bitsandbytes casts frozen biases to the
         # compute dtype in place, which would round float32 ones (a change not made by training)
-        "--model.init_args.dtype",
+        "--model.init_args.policy.dtype",
         "bfloat16",
-        "--model.init_args.quantization",
+        "--model.init_args.policy.quantization",
         json.dumps({"bits": 4, "quant_type": "nf4", "compute_dtype": "bfloat16"}),
-        "--model.init_args.lora",
+        "--model.init_args.policy.lora",
         json.dumps({"r": 4, "alpha": 8, "dropout": 0.0}),
         *grpo_args(shapes_data),
     )

@@ -17,13 +17,14 @@ from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.engines.hf import sample_group
 from pebr_lightning.errors import PebrError
-from pebr_lightning.models.policy import LoraConfig, unwrap
+from pebr_lightning.models.policy import LoraConfig, PolicySpec, unwrap
 from pebr_lightning.models.rollout import (
     SamplingConfig,
     completion_logprobs,
     image_features,
 )
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
+from pebr_lightning.modules.grpo_update import UpdateConfig
 
 REWARDS = [
     {"name": "format", "weight": 0.2},
@@ -34,14 +35,16 @@ REWARDS = [
 SAMPLING = SamplingConfig(group_size=4, max_new_tokens=12, temperature=1.0)
 
 
-def make_module(tiny_path, **overrides) -> GRPOModule:
+LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
+
+
+def make_module(tiny_path, lora=LORA, micro_batch_size=8, **overrides) -> GRPOModule:
     kwargs = {
-        "model": str(tiny_path),
+        "policy": PolicySpec(model=str(tiny_path), lora=lora),
         "rewards": REWARDS,
-        "lora": LoraConfig(r=4, alpha=8, dropout=0.0),
         "sampling": SAMPLING,
         "loss": GRPOLossConfig(beta=0.0),
-        "micro_batch_size": 8,
+        "update": UpdateConfig(micro_batch_size=micro_batch_size),
         "log_samples_every_n_steps": 0,
     }
     kwargs.update(overrides)
@@ -111,7 +114,10 @@ def test_vision_tower_encodes_each_image_once_per_step(
     features, no shared prompt) encodes 2 in the prefill, then all B*G = 8 again in
     the reference pass and 8 in the loss pass."""
     module = make_module(
-        tiny_path, share_image_features=share, share_prompt=share, loss=GRPOLossConfig(beta=0.01)
+        tiny_path,
+        share_image_features=share,
+        update=UpdateConfig(micro_batch_size=8, share_prompt=share),
+        loss=GRPOLossConfig(beta=0.01),
     )
     calls = count_images(module)
     fit(module, shapes_data, tmp_path, batch_size=2, steps=1)
@@ -290,4 +296,8 @@ def test_merge_parts_keeps_rewards_texts_and_records_aligned(tiny_path, shapes_d
 
 def test_greedy_temperature_is_refused_for_training(tiny_path):
     with pytest.raises(PebrError, match=r"sampling.temperature must be > 0 for GRPO"):
-        GRPOModule(model=str(tiny_path), rewards=REWARDS, sampling=SamplingConfig(temperature=0))
+        GRPOModule(
+            policy=PolicySpec(model=str(tiny_path)),
+            rewards=REWARDS,
+            sampling=SamplingConfig(temperature=0),
+        )

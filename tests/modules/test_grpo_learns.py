@@ -29,8 +29,10 @@ import lightning as L
 import pytest
 
 from pebr_lightning.data.datamodule import ManifestDataModule
+from pebr_lightning.models.policy import PolicySpec
 from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
+from pebr_lightning.modules.grpo_update import UpdateConfig
 from pebr_lightning.modules.optim import OptimConfig
 
 STEPS = 30
@@ -50,7 +52,7 @@ def train(
     """The mean reward of each step of a short GRPO run with one reward of testing/."""
     name = {"VowelShareReward": "vowel_share", "LeadingVowelReward": "leading_vowel"}[reward]
     module = GRPOModule(
-        model=str(tiny_path),
+        policy=PolicySpec(model=str(tiny_path), lora=None),
         rewards=[
             {
                 "class_path": f"pebr_lightning.testing.spread_reward.{reward}",
@@ -58,7 +60,6 @@ def train(
                 "init_args": init_args,
             }
         ],
-        lora=None,
         sampling=SamplingConfig(
             group_size=8, temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens
         ),
@@ -67,8 +68,8 @@ def train(
             advantage={"class_path": f"pebr_lightning.algorithms.advantages.{advantage}"},
         ),
         optim=OptimConfig(lr=2e-3, weight_decay=0.0, schedule="constant"),
-        micro_batch_size=32,
         log_samples_every_n_steps=0,
+        update=UpdateConfig(micro_batch_size=32),
     )
     L.seed_everything(0)
     trainer = L.Trainer(

@@ -1,6 +1,6 @@
 """End to end: `pebr fit` with a 4-bit (QLoRA) tiny model, and with 8-bit AdamW.
 
-The demo configs plus `--model.init_args.quantization`, and the shipped
+The demo configs plus `--model.init_args.policy.quantization`, and the shipped
 configs/qlora-24gb shrunk to the tiny model, 2 steps each. With the demo configs the
 4-bit matmuls compute in float32: bitsandbytes runs bfloat16 on CPU too, but casts
 the frozen q/k/v biases to bfloat16 in place on the first forward, which rounds the
@@ -100,11 +100,11 @@ def sft_args(shapes_data: dict[str, Path]) -> list[str]:
 
 def qlora_args() -> list[str]:
     return [
-        "--model.init_args.quantization",
+        "--model.init_args.policy.quantization",
         QUANTIZATION,
-        "--model.init_args.lora",
+        "--model.init_args.policy.lora",
         LORA,
-        "--model.init_args.freeze_vision",
+        "--model.init_args.policy.freeze_vision",
         "true",
     ]
 
@@ -251,7 +251,7 @@ def test_shipped_qlora_24gb_config_trains_the_tiny_model(stage, tmp_path, shapes
     snap = fit(
         config,
         tmp_path,
-        "--model.init_args.model",
+        "--model.init_args.policy.model",
         "tiny-qwen2.5-vl",
         "--data.init_args.num_workers",
         "0",

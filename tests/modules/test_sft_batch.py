@@ -10,12 +10,13 @@ from pebr_lightning.data.collate import RecordDataset
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import record_response
 from pebr_lightning.errors import PebrError
+from pebr_lightning.models.policy import PolicySpec
 from pebr_lightning.modules.sft import SFTModule
 
 
 @pytest.fixture(scope="module")
 def module(tiny_path):
-    sft = SFTModule(model=str(tiny_path), freeze_vision=False)
+    sft = SFTModule(policy=PolicySpec(model=str(tiny_path), freeze_vision=False))
     sft.setup("fit")
     sft.configure_model()
     return sft

@@ -77,9 +77,9 @@ def test_lora_trains_adapter_only_and_saves_peft_adapter(tmp_path, shapes_data, 
     snap = fit_demo(
         tmp_path,
         shapes_data,
-        "--model.init_args.lora",
+        "--model.init_args.policy.lora",
         '{"r": 4, "alpha": 8, "dropout": 0.0}',
-        "--model.init_args.freeze_vision",
+        "--model.init_args.policy.freeze_vision",
         "true",
     )
     trainable = set(snap["trainable"])

@@ -21,6 +21,7 @@ import torch
 from pebr_lightning.data.collate import RecordDataset
 from pebr_lightning.data.synth import draw_scene, make_record
 from pebr_lightning.evaluation.greedy import grade_answers, greedy_answers
+from pebr_lightning.models.policy import PolicySpec
 from pebr_lightning.modules.optim import OptimConfig
 from pebr_lightning.modules.sft import SFTModule
 from pebr_lightning.schedule.report import majority_baseline
@@ -64,9 +65,7 @@ def test_sft_lowers_heldout_loss_and_beats_the_majority_answer(tiny_path, tmp_pa
     train = single_shape_colour_set(tmp_path / "train", 200, 0)
     test = load_manifest(single_shape_colour_set(tmp_path / "test", 48, 1)).records
     module = SFTModule(
-        model=str(tiny_path),
-        lora=None,
-        freeze_vision=False,
+        policy=PolicySpec(model=str(tiny_path), lora=None, freeze_vision=False),
         optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=20, schedule="constant"),
     )
     module.setup("fit")

@@ -60,11 +60,11 @@ def stage_args(stage: str, train: Path) -> tuple[list[str], str]:
         "4",
         "--model.init_args.sampling.max_new_tokens",
         "12",
-        "--model.init_args.micro_batch_size",
+        "--model.init_args.update.micro_batch_size",
         "3",  # micro-batches cut across groups
         # grpo-full: the demo config's setting, every weight, with a sharded frozen copy
         # as the KL reference; grpo: a LoRA policy (the configs/fsdp/ GRPO setting).
-        *([] if stage == "grpo-full" else ["--model.init_args.lora", LORA]),
+        *([] if stage == "grpo-full" else ["--model.init_args.policy.lora", LORA]),
     ], "model.safetensors" if stage == "grpo-full" else "adapter_model.safetensors"
 
 

@@ -162,11 +162,11 @@ def test_resuming_another_stage_checkpoint_is_refused(tmp_path, shapes_data, cap
 def test_checkpoint_of_another_lora_rank_is_refused(tmp_path, shapes_data, capsys):
     """LoRA checkpoints load non-strictly (they hold the adapter only); a rank-4
     adapter must not load into a rank-8 run as if nothing were wrong."""
-    lora = ["--model.init_args.lora", '{"r": 4, "alpha": 8}']
+    lora = ["--model.init_args.policy.lora", '{"r": 4, "alpha": 8}']
     run = tmp_path / "r4"
     assert main([*sft_args(shapes_data["train"], run, steps=1), *lora]) == 0
     (ckpt,) = run.rglob("last.ckpt")
-    other = ["--model.init_args.lora", '{"r": 8, "alpha": 16}', "--ckpt_path", str(ckpt)]
+    other = ["--model.init_args.policy.lora", '{"r": 8, "alpha": 16}', "--ckpt_path", str(ckpt)]
     assert main([*sft_args(shapes_data["train"], tmp_path / "r8"), *other]) == 2
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "shape mismatch" in err

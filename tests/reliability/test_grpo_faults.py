@@ -16,9 +16,10 @@ from pebr_lightning.data.datamodule import ManifestDataModule
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.errors import PebrError
-from pebr_lightning.models.policy import LoraConfig, unwrap
+from pebr_lightning.models.policy import LoraConfig, PolicySpec, unwrap
 from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
+from pebr_lightning.modules.grpo_update import UpdateConfig
 
 SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 0.6}
 SAMPLING = SamplingConfig(group_size=4, max_new_tokens=8, temperature=1.0)
@@ -26,12 +27,11 @@ SAMPLING = SamplingConfig(group_size=4, max_new_tokens=8, temperature=1.0)
 
 def make_module(tiny_path, module_class=GRPOModule, **overrides) -> GRPOModule:
     kwargs = {
-        "model": str(tiny_path),
+        "policy": PolicySpec(model=str(tiny_path), lora=LoraConfig(r=4, alpha=8, dropout=0.0)),
         "rewards": [{"name": "format", "weight": 0.4}, SPREAD],
-        "lora": LoraConfig(r=4, alpha=8, dropout=0.0),
         "sampling": SAMPLING,
         "loss": GRPOLossConfig(beta=0.0),
-        "micro_batch_size": 8,
+        "update": UpdateConfig(micro_batch_size=8),
         "log_samples_every_n_steps": 0,
     }
     kwargs.update(overrides)
@@ -74,7 +74,10 @@ def test_a_step_without_reward_spread_is_skipped_and_counted(tiny_path, shapes_d
     the step is skipped instead: weights (and AdamW state) unchanged, global_step still
     advances, `train/skipped_steps` = 1, every logged value finite."""
     module = make_module(
-        tiny_path, rewards=[{"name": "format"}], loss=GRPOLossConfig(beta=0.05), lora=None
+        tiny_path,
+        rewards=[{"name": "format"}],
+        loss=GRPOLossConfig(beta=0.05),
+        policy=PolicySpec(model=str(tiny_path)),
     )
     before = trainable(module)
     trainer = fit(module, shapes_data, tmp_path)
@@ -223,7 +226,11 @@ def test_non_finite_updates_are_skipped_then_the_run_stops_naming_the_step(
     """Before: the optimizer stepped on NaN gradients, every trainable value became NaN
     and the run ended with exit 0, saving them. Now each such step is skipped (weights
     and AdamW state untouched, counted) and the 2nd in a row stops the run."""
-    module = make_module(tiny_path, lora=None, max_nonfinite_steps=2)
+    module = make_module(
+        tiny_path,
+        policy=PolicySpec(model=str(tiny_path)),
+        update=UpdateConfig(micro_batch_size=8, max_nonfinite_steps=2),
+    )
     poison_gradients(module, until=10**6)
     before = trainable(module)
     with pytest.raises(PebrError) as info:
@@ -237,7 +244,7 @@ def test_non_finite_updates_are_skipped_then_the_run_stops_naming_the_step(
 
 
 def test_one_non_finite_step_is_skipped_and_training_goes_on(tiny_path, shapes_data, tmp_path):
-    module = make_module(tiny_path, lora=None)
+    module = make_module(tiny_path, policy=PolicySpec(model=str(tiny_path)))
     poison_gradients(module, until=1)
     before = trainable(module)
     trainer = fit(module, shapes_data, tmp_path, steps=3)

@@ -70,7 +70,7 @@ def stage_args(stage: str, train: Path, root: Path) -> tuple[list[str], str]:
         return args, "model.safetensors"
     # dropout draws from the RNG: the resumed run must continue its stream
     lora = json.dumps({"r": 8, "alpha": 16, "dropout": 0.1})
-    return [*args, "--model.init_args.lora", lora], "adapter_model.safetensors"
+    return [*args, "--model.init_args.policy.lora", lora], "adapter_model.safetensors"
 
 
 def metrics(root: Path, version: int) -> dict[int, dict[str, float]]:

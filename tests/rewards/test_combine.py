@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pebr_lightning.errors import PebrError
+from pebr_lightning.models.policy import PolicySpec
 from pebr_lightning.rewards.combine import (
     RewardError,
     RewardSet,
@@ -381,7 +382,7 @@ def test_the_trainer_and_make_context_pass_exactly_the_documented_context_keys(t
     from pebr_lightning.rewards.protocol import CONTEXT_KEYS
     from pebr_lightning.testing import make_context, make_samples
 
-    module = GRPOModule(model=str(tiny_path), rewards=[{"name": "format"}])
+    module = GRPOModule(policy=PolicySpec(model=str(tiny_path)), rewards=[{"name": "format"}])
     module.setup("fit")
     seen: dict = {}
 
