@@ -17,8 +17,9 @@ completions of exactly `--max-new-tokens` tokens, and prints per precision:
   `--bandwidth-gbs` is given;
 - the ratio limit / measured: 1.0 would be a decode loop bound only by memory traffic.
 
-The prefill (image features and prompt) is timed separately and left out of the
-per-step figures. The first rollout of each precision is warm-up.
+The prefill (image features and prompt, up to the first token) is timed inside each
+rollout (`Rollout.first_token_seconds`) and left out of the per-step figures. The
+first rollout of each precision is warm-up.
 
     python benchmarks/rollout_speed.py --size 7b --checkpoint /tmp/pebr-7b   # GPU
     python benchmarks/rollout_speed.py --size small --device cpu --max-new-tokens 8
@@ -177,15 +178,11 @@ def measure(precision: str, folder: Path, args: argparse.Namespace, bandwidth: f
     prompt = prompt_batch(policy.processor, args)
     runs = [rollout_once(policy, prompt, args) for _ in range(args.repeats)]
     measured = runs[1:]
-    # The prefill is timed by a run of its own before each rollout. On a loaded machine
-    # one prefill can take longer than a whole rollout, so the decode time is the median
-    # rollout less the fastest prefill (the least disturbed), not a median of per-run
-    # differences, which a short dry run's noise made negative. Still none left: NaN.
-    decode_s = max(
-        statistics.median(r["seconds"] for r in measured)
-        - min(r["prefill_seconds"] for r in measured),
-        0.0,
-    )
+    # Each rollout times its own first token (the prefill; engines/hf.py syncs the device
+    # there), so the decode is the rest of that same rollout: never negative, however
+    # loaded the machine (a prefill timed by a run of its own could take longer than a
+    # whole rollout and make the difference negative).
+    decode_s = statistics.median(r["seconds"] - r["prefill_seconds"] for r in measured)
     steps = args.max_new_tokens - 1  # the first token comes from the prefill
     step_s = decode_s / steps if decode_s > 0 else math.nan
     kv = kv_bytes_per_step(model.config, args, prompt["input_ids"].shape[1])
@@ -263,7 +260,7 @@ def prompt_batch(processor: Any, args: argparse.Namespace) -> dict[str, torch.Te
 
 
 def rollout_once(policy: Any, prompt: dict[str, torch.Tensor], args: argparse.Namespace) -> dict:
-    """One full-length rollout and, before it, a prefill alone; their seconds."""
+    """One full-length rollout: its seconds, and those to its first token (the prefill)."""
     from pebr_lightning.engines.hf import sample_group
     from pebr_lightning.models.policy import unwrap
     from pebr_lightning.models.rollout import SamplingConfig, eos_token_ids
@@ -274,22 +271,17 @@ def rollout_once(policy: Any, prompt: dict[str, torch.Tensor], args: argparse.Na
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.max_new_tokens,  # every completion full length: equal work
     )
-    prefill = SamplingConfig(group_size=args.group_size, max_new_tokens=1, min_new_tokens=1)
     base = unwrap(policy.model)
     eos, pad = eos_token_ids(tokenizer), tokenizer.pad_token_id
     with torch.no_grad():
         sync(args.device)
-        started = time.perf_counter()
-        sample_group(policy.model, base, prompt, prefill, eos, pad)
-        sync(args.device)
-        prefill_s = time.perf_counter() - started
         started = time.perf_counter()
         rollout = sample_group(policy.model, base, prompt, sampling, eos, pad)
         sync(args.device)
         seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
-        "prefill_seconds": prefill_s,
+        "prefill_seconds": rollout.first_token_seconds,
         "tokens": int(rollout.completion_mask.sum()),
     }
 

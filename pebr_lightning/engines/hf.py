@@ -181,9 +181,11 @@ def sample_group(
         logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
         alive_steps.append(alive)
         alive = alive & ~torch.isin(token, eos)
-        running = alive.any()
+        running = bool(alive.any())  # a device sync: the time below is the real one
         if synced:
-            running = any_across(bool(running), alive.device)
+            running = any_across(running, alive.device)
+        if step == 0:
+            first_token_s = time.perf_counter() - start
         if not running or step == sampling.max_new_tokens - 1:
             break
         attention = torch.cat([attention, alive[:, None].long()], dim=1)  # [B*G, P+step+1]
@@ -207,4 +209,5 @@ def sample_group(
         truncated=alive,
         group_size=g,
         seconds=time.perf_counter() - start,
+        first_token_seconds=first_token_s,
     )

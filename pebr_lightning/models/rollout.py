@@ -83,6 +83,9 @@ class Rollout:
     features: list[Tensor] | None = None
     """Per-image features the engine computed (HFEngine), for the log-prob passes to
     reuse; None when it computed none (or they cannot be reused)."""
+    first_token_seconds: float | None = None
+    """Wall time to the first sampled token (image encoding and prefill included), when
+    the engine measured it; `seconds` less this is the decode of the other tokens."""
 
 
 def vision_token_ids(config: Any) -> list[int]:
