@@ -372,12 +372,9 @@ def check_former_keys(node: Any, path: str) -> None:
 def check_former_args(argv: Sequence[str]) -> None:
     """The same for command-line keys: `--model.init_args.lora ...` (or `--model.lora`)."""
     from pebr_lightning.errors import PebrError
-    from pebr_lightning.modules.shared import FORMER_KEYS
+    from pebr_lightning.modules.shared import FORMER_KEYS, STILL_FLAT
 
-    # a key one module took flat and still takes (SFTModule's logprob_chunk_size) cannot
-    # be told apart without the class: only keys no module takes any more are checked
-    current = {"logprob_chunk_size"}
-    former = {k: b for keys in FORMER_KEYS.values() for k, b in keys.items() if k not in current}
+    former = {k: b for keys in FORMER_KEYS.values() for k, b in keys.items() if k not in STILL_FLAT}
     for arg in argv:
         if not arg.startswith("--model."):
             continue

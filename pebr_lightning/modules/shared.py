@@ -138,6 +138,10 @@ FORMER_KEYS = {
 }
 """Module class name -> its former flat argument -> the block it moved into."""
 
+STILL_FLAT = frozenset({"logprob_chunk_size"})
+"""Former keys of one module that another still takes flat (SFTModule's
+logprob_chunk_size): on a command line, without the class, they cannot be refused."""
+
 
 def move_former_keys(hparams: dict[str, Any], module: str) -> dict[str, Any]:
     """`hparams` saved before 2026-12-07 with the former flat keys moved into their

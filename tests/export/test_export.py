@@ -181,7 +181,7 @@ def test_sharded_checkpoint_folder_exports_the_same(sft_ckpt, sft_export, tmp_pa
     hparams = checkpoint["hyper_parameters"]
     for key in ("_class_path", "_instantiator"):
         hparams.pop(key)
-    hparams["policy"] = PolicySpec(**hparams["policy"])  # its lora mapping -> LoraConfig
+    hparams["policy"] = PolicySpec.parse(hparams["policy"])  # a mapping -> the dataclass
     hparams["prompt"] = PromptConfig(**hparams["prompt"])
     hparams["optim"] = OptimConfig(**hparams["optim"])
     folder = tmp_path / "last.ckpt"
@@ -208,7 +208,7 @@ def test_full_finetune_checkpoint_exports_its_weights(sft_ckpt, tiny_path, tmp_p
     as such (no adapter was merged); the files are as readable as the umask allows
     (safetensors alone would leave model.safetensors 0o600)."""
     checkpoint = torch.load(sft_ckpt, weights_only=True)
-    checkpoint["hyper_parameters"]["lora"] = None
+    set_policy(checkpoint["hyper_parameters"], lora=None)
     policy = base_model(tiny_path).state_dict()
     name = "model.language_model.layers.0.mlp.up_proj.weight"
     policy[name] = policy[name] + 1.0  # stands in for training
@@ -235,7 +235,7 @@ def test_full_finetune_checkpoint_exports_its_weights(sft_ckpt, tiny_path, tmp_p
 
 def test_qlora_checkpoint_exports_unquantized_in_its_compute_dtype(sft_ckpt, tmp_path, capsys):
     quantization = {"bits": 4, "compute_dtype": "float16"}
-    qlora = rewrite(sft_ckpt, tmp_path / "qlora.ckpt", quantization=quantization)
+    qlora = rewrite(sft_ckpt, tmp_path / "qlora.ckpt", policy={"quantization": quantization})
     out = tmp_path / "out"
     assert main(["export", str(qlora), "--out", str(out)]) == 0
     assert capsys.readouterr().out.splitlines() == [
@@ -296,7 +296,7 @@ def test_foreign_objects_remote_code_and_mismatched_weights_are_errors(sft_ckpt,
     assert main(["export", str(foreign), "--out", str(tmp_path / "out")]) == 2
     assert "argparse.Namespace" in capsys.readouterr().err
 
-    remote = rewrite(sft_ckpt, tmp_path / "remote.ckpt", trust_remote_code=True)
+    remote = rewrite(sft_ckpt, tmp_path / "remote.ckpt", policy={"trust_remote_code": True})
     assert main(["export", str(remote), "--out", str(tmp_path / "out")]) == 2
     assert "pass --trust-remote-code" in capsys.readouterr().err
 
@@ -326,24 +326,40 @@ def test_existing_out_is_kept_unless_overwrite(sft_ckpt, tmp_path, capsys):
 def test_safe_globals_cover_every_config_class_of_the_modules():
     from pebr_lightning.export.export import ALLOWED_MODULES, _module_class, _safe_globals
 
-    found = set()
+    found: set[type] = set()
+
+    def collect(hint) -> None:  # dataclasses in a hint, and in their fields' hints
+        for option in [hint, *typing.get_args(hint)]:
+            for inner in [option, *typing.get_args(option)]:
+                new = inner not in found
+                if isinstance(inner, type) and dataclasses.is_dataclass(inner) and new:
+                    found.add(inner)
+                    for field_hint in typing.get_type_hints(inner).values():
+                        collect(field_hint)
+
     for kind in ALLOWED_MODULES.values():
         for hint in typing.get_type_hints(_module_class(kind).__init__).values():
-            for option in [hint, *typing.get_args(hint)]:
-                for inner in [option, *typing.get_args(option)]:
-                    if isinstance(inner, type) and dataclasses.is_dataclass(inner):
-                        found.add(inner)
+            collect(hint)
     assert found == set(_safe_globals())
 
 
 # -- helpers --------------------------------------------------------------------------------
 
 
-def rewrite(source: Path, target: Path, **hparams) -> Path:
+def rewrite(source: Path, target: Path, policy: dict | None = None, **hparams) -> Path:
+    """`source` with hyper-parameters replaced (`policy`: fields of its policy block)."""
     checkpoint = torch.load(source, weights_only=True)
     checkpoint["hyper_parameters"].update(hparams)
+    set_policy(checkpoint["hyper_parameters"], **(policy or {}))
     torch.save(checkpoint, target)
     return target
+
+
+def set_policy(hparams: dict, **changes) -> None:
+    """Change fields of the policy block a run saved (a PolicySpec or a mapping)."""
+    from pebr_lightning.models.policy import PolicySpec
+
+    hparams["policy"] = dataclasses.replace(PolicySpec.parse(hparams["policy"]), **changes)
 
 
 def base_model(tiny_path: Path, dtype: torch.dtype = torch.float32):
@@ -404,3 +420,28 @@ def test_a_checkpoint_naming_the_loss_config_where_it_used_to_live_still_loads(
     assert f"pebr_lightning.{former}\nGRPOLossConfig".encode() in path.read_bytes()
     loaded = _torch_load(path)
     assert loaded["hyper_parameters"]["loss"] == GRPOLossConfig(beta=0.05)
+
+
+def test_a_checkpoint_with_the_former_flat_keys_still_exports_the_same(
+    sft_ckpt, sft_export, tmp_path
+):
+    """Checkpoints saved before the settings blocks (2026-12-07) hold model, lora,
+    freeze_vision, ... as flat hyper-parameters: export moves them into the policy block
+    and writes the same weights."""
+    checkpoint = torch.load(sft_ckpt, weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    from pebr_lightning.models.policy import PolicySpec
+
+    policy = PolicySpec.parse(hparams.pop("policy"))
+    hparams.update(dataclasses.asdict(policy))  # model, lora (a mapping), ... flat
+    assert "lora" in hparams and "policy" not in hparams
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    out = tmp_path / "export"
+    assert (
+        main(["export", str(tmp_path / "old.ckpt"), "--out", str(out), "--dtype", "float32"]) == 0
+    )
+    for sub in ("adapter/adapter_model.safetensors", "merged/model.safetensors"):
+        ours, reference = load_file(out / sub), load_file(sft_export / sub)
+        assert ours.keys() == reference.keys()
+        for name in ours:
+            torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0)
