@@ -340,7 +340,7 @@ def check_config_files(argv: Sequence[str]) -> None:
 
 
 def check_former_keys(node: Any, path: str) -> None:
-    """Stop on a module argument that moved into a block on 2026-12-07 (`lora` ->
+    """Stop on a module argument that moved into a block on 2026-12-06 (`lora` ->
     `policy.lora`), naming the file, line and key to write: jsonargparse would say only
     that the option is not accepted. `node` is the composed YAML of one config file."""
     from pebr_lightning.errors import PebrError
@@ -365,7 +365,7 @@ def check_former_keys(node: Any, path: str) -> None:
             block = former[key.value]
             raise PebrError(
                 f"{path}:{key.start_mark.line + 1}: model.init_args.{key.value} moved into the "
-                f"{block} block (2026-12-07): write model.init_args.{block}.{key.value}"
+                f"{block} block (2026-12-06): write model.init_args.{block}.{key.value}"
             )
 
 
@@ -382,7 +382,7 @@ def check_former_args(argv: Sequence[str]) -> None:
         if key in former:
             block = former[key]
             raise PebrError(
-                f"{arg.split('=', 1)[0]} moved into the {block} block (2026-12-07): write "
+                f"{arg.split('=', 1)[0]} moved into the {block} block (2026-12-06): write "
                 f"--model.init_args.{block}.{key}"
             )
 

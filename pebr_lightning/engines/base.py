@@ -59,7 +59,7 @@ FORMER_KEYS = {
     "request_timeout_s": "request_timeout_s",
     "vllm_max_model_len": "max_model_len",
 }
-"""The flat vLLM keys of `rollout` before 2026-12-07 -> their name in the vllm
+"""The flat vLLM keys of `rollout` before 2026-12-06 -> their name in the vllm
 engine's init_args."""
 
 
@@ -196,7 +196,7 @@ class RolloutConfig:
     @classmethod
     def parse(cls, data: Any) -> RolloutConfig:
         """The inverse of `to_dict`; a bare name stands for `{name: NAME}`. The flat keys
-        used before 2026-12-07 (`engine: vllm`, `vllm_python`, ...) are read, with a
+        used before 2026-12-06 (`engine: vllm`, `vllm_python`, ...) are read, with a
         warning that shows the entry to write."""
         if isinstance(data, RolloutConfig):
             return data
@@ -208,7 +208,7 @@ class RolloutConfig:
         if set(data) & {"engine", *FORMER_KEYS}:
             new = _from_former(data)
             warnings.warn(
-                f"rollout: the flat keys {sorted(data)} were replaced on 2026-12-07; write "
+                f"rollout: the flat keys {sorted(data)} were replaced on 2026-12-06; write "
                 f"rollout: {new.to_dict()}",
                 FutureWarning,
                 stacklevel=2,
@@ -223,7 +223,7 @@ class RolloutConfig:
         return cls(**data)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Checkpoints written before 2026-12-07 hold the flat fields (engine,
+        # Checkpoints written before 2026-12-06 hold the flat fields (engine,
         # vllm_python, ...): they load as the entry those fields meant.
         if "init_args" not in state:
             state = _from_former(state).__dict__
@@ -231,7 +231,7 @@ class RolloutConfig:
 
 
 def _from_former(data: Mapping[str, Any]) -> RolloutConfig:
-    """The entry that `rollout`'s flat keys of before 2026-12-07 meant."""
+    """The entry that `rollout`'s flat keys of before 2026-12-06 meant."""
     unknown = sorted(set(data) - set(FORMER_KEYS) - {"engine"})
     if unknown:
         raise RolloutConfigError(

@@ -149,12 +149,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="one setting of the engine, e.g. --engine-arg python=.vllm-env/bin/python "
         "(repeatable; VALUE is read as YAML: 8, 1.5, true, null, text)",
     )
-    for former in FORMER_FLAGS:  # replaced on 2026-12-07: a clear error, not "unrecognized"
+    for former in FORMER_FLAGS:  # replaced on 2026-12-06: a clear error, not "unrecognized"
         parser.add_argument(former, help=argparse.SUPPRESS)
 
 
 FORMER_FLAGS = {"--vllm-python": "python", "--vllm-url": "url", "--vllm-dtype": "dtype"}
-"""The vLLM flags before 2026-12-07 -> the vllm engine's setting each one set."""
+"""The vLLM flags before 2026-12-06 -> the vllm engine's setting each one set."""
 
 
 def engine_config(args: argparse.Namespace) -> RolloutConfig:

@@ -192,7 +192,7 @@ def build_module(kind: str, ckpt: Checkpoint) -> Any:
     hints = typing.get_type_hints(cls.__init__)
     params = set(hints) - {"return"}
     hparams = {k: v for k, v in ckpt.hyper_parameters.items() if k not in CLI_KEYS}
-    hparams = cls.upgrade_hparams(hparams)  # flat keys of checkpoints before 2026-12-07
+    hparams = cls.upgrade_hparams(hparams)  # flat keys of checkpoints before 2026-12-06
     unknown = sorted(set(hparams) - params)
     if unknown:
         raise PebrError(

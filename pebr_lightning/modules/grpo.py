@@ -179,7 +179,7 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
 
     @classmethod
     def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
-        """Hyper-parameters saved before 2026-12-07 (flat policy and update settings)
+        """Hyper-parameters saved before 2026-12-06 (flat policy and update settings)
         as this constructor takes them: the former keys moved into their blocks."""
         return move_former_keys(hparams, "GRPOModule")
 

@@ -89,7 +89,7 @@ class SFTModule(GreedyTestLoop, L.LightningModule):
 
     @classmethod
     def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
-        """Hyper-parameters saved before 2026-12-07 (flat policy settings) as this
+        """Hyper-parameters saved before 2026-12-06 (flat policy settings) as this
         constructor takes them."""
         return move_former_keys(hparams, "SFTModule")
 

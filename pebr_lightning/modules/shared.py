@@ -118,7 +118,7 @@ POLICY_KEYS = (
     "gradient_checkpointing",
     "trust_remote_code",
 )
-"""Settings that were flat `__init__` arguments of both modules until 2026-12-07 and are
+"""Settings that were flat `__init__` arguments of both modules until 2026-12-06 and are
 now fields of the `policy` block (models/policy.py: PolicySpec)."""
 
 UPDATE_KEYS = (
@@ -129,7 +129,7 @@ UPDATE_KEYS = (
     "share_prompt",
     "logprob_chunk_size",
 )
-"""GRPOModule's flat arguments until 2026-12-07, now fields of its `update` block
+"""GRPOModule's flat arguments until 2026-12-06, now fields of its `update` block
 (modules/grpo_update.py: UpdateConfig). SFTModule keeps its own logprob_chunk_size."""
 
 FORMER_KEYS = {
@@ -144,7 +144,7 @@ logprob_chunk_size): on a command line, without the class, they cannot be refuse
 
 
 def move_former_keys(hparams: dict[str, Any], module: str) -> dict[str, Any]:
-    """`hparams` saved before 2026-12-07 with the former flat keys moved into their
+    """`hparams` saved before 2026-12-06 with the former flat keys moved into their
     blocks (a checkpoint cannot be edited like a config). Current ones pass unchanged."""
     import dataclasses
 

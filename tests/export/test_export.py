@@ -425,7 +425,7 @@ def test_a_checkpoint_naming_the_loss_config_where_it_used_to_live_still_loads(
 def test_a_checkpoint_with_the_former_flat_keys_still_exports_the_same(
     sft_ckpt, sft_export, tmp_path
 ):
-    """Checkpoints saved before the settings blocks (2026-12-07) hold model, lora,
+    """Checkpoints saved before the settings blocks (2026-12-06) hold model, lora,
     freeze_vision, ... as flat hyper-parameters: export moves them into the policy block
     and writes the same weights."""
     checkpoint = torch.load(sft_ckpt, weights_only=True)

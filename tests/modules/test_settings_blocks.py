@@ -96,12 +96,12 @@ def test_a_config_with_a_former_key_stops_naming_file_line_and_new_key(tmp_path,
     assert main(["fit", "--config", str(config)]) == 2
     assert capsys.readouterr().err == (
         f"error: {config}:{line}: model.init_args.micro_batch_size moved into the update "
-        "block (2026-12-07): write model.init_args.update.micro_batch_size\n"
+        "block (2026-12-06): write model.init_args.update.micro_batch_size\n"
     )
     sft = REPO / "configs" / "demo" / "sft.yaml"
     assert main(["fit", "--config", str(sft), "--model.init_args.lora", "null"]) == 2
     assert capsys.readouterr().err == (
-        "error: --model.init_args.lora moved into the policy block (2026-12-07): write "
+        "error: --model.init_args.lora moved into the policy block (2026-12-06): write "
         "--model.init_args.policy.lora\n"
     )
     # an SFT config's own logprob_chunk_size is not a former key there
