@@ -209,11 +209,20 @@ def cli(args: list[str] | None, run: bool = True):
             argv = list(sys.argv[1:] if args is None else args)
             check_config_files(argv)
             check_former_args(argv)
+            nulled = null_block_fields(argv)
             # jsonargparse prints --print_config before our defaults are filled in;
             # print it after, so that it shows the loggers and callbacks a run will use.
-            printing, argv = take_print_config(argv)
+            printing, argv = take_print_config(nulled)
             if printing is None:
-                super().parse_arguments(parser, args)
+                if nulled == list(sys.argv[1:] if args is None else args):
+                    super().parse_arguments(parser, args)
+                    return
+                with contextlib.ExitStack() as stack:
+                    if args is None:  # LightningCLI warns when given args beside sys.argv
+                        saved = sys.argv
+                        sys.argv = saved[:1]
+                        stack.callback(setattr, sys, "argv", saved)
+                    super().parse_arguments(parser, argv)
                 return
             with contextlib.ExitStack() as stack:
                 if args is None:  # LightningCLI warns when given args beside sys.argv
@@ -385,6 +394,33 @@ def check_former_args(argv: Sequence[str]) -> None:
                 f"{arg.split('=', 1)[0]} moved into the {block} block (2026-12-06): write "
                 f"--model.init_args.{block}.{key}"
             )
+
+
+def null_block_fields(argv: list[str]) -> list[str]:
+    """`--model.init_args.policy.lora null` as `--model.init_args.policy '{"lora": null}'`.
+
+    jsonargparse 4.53 refuses null for an optional dataclass field inside a dataclass
+    argument given by its dotted key ("Expected a path but None ..."), though the same
+    null inside a mapping for the block is taken and merged with the block's other
+    fields. Only `null` values of keys two levels below init_args are rewritten."""
+    import json
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, sep, value = arg.partition("=")
+        if not sep and i + 1 < len(argv):
+            value = argv[i + 1]
+        parts = key.removeprefix("--").split(".")
+        nested = key.startswith("--model.init_args.") and len(parts) == 4
+        if nested and value in ("null", "None"):
+            out += ["--" + ".".join(parts[:3]), json.dumps({parts[3]: None})]
+            i += 1 if sep else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def take_print_config(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -46,7 +46,7 @@ def test_model_help_accepts_the_short_class_name(capsys):
         main(["fit", "--model.help", "SFTModule"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "--model.lora" in out and "--model.max_length" in out
+    assert "--model.policy.lora" in out and "--model.max_length" in out
 
 
 def test_print_config_shows_the_loggers_and_callbacks_a_run_uses(tmp_path, capsys):

@@ -126,3 +126,23 @@ def test_an_sft_config_keeps_its_flat_logprob_chunk_size(tmp_path, shapes_data):
     )  # fmt: skip
     assert built.model.logprob_chunk_size == 64
     assert built.model.policy_spec.freeze_vision is False  # configs/demo/sft.yaml trains it
+
+
+def test_a_block_field_set_to_null_on_the_command_line_keeps_the_other_fields(shapes_data):
+    """`--model.init_args.policy.lora null` (jsonargparse alone refuses a null for an
+    optional dataclass inside a dataclass) turns LoRA off and keeps the config's model."""
+    from pebr_lightning.cli import cli
+
+    built = cli(
+        [
+            "--config", str(REPO / "configs" / "demo" / "reasoning.yaml"),
+            "--model.init_args.policy.lora", '{"r": 4}',
+            "--model.init_args.policy.lora", "null",
+            "--model.init_args.policy.dtype=null",
+            "--data.init_args.train_manifest", str(shapes_data["train"]),
+        ],
+        run=False,
+    )  # fmt: skip
+    spec = built.model.policy_spec
+    assert spec.lora is None and spec.dtype is None and spec.model == "tiny-qwen2.5-vl"
+    assert spec.freeze_vision is True  # configs/demo/reasoning.yaml's, kept

@@ -117,7 +117,7 @@ def test_help_shows_parameter_docstrings(flag, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     if flag == "--model.help":
-        assert "train a LoRA adapter instead of the full weights" in out
+        assert "LoRA adapter settings; None trains every weight" in out  # the policy block
         assert "Peak learning rate" in out  # dataclass field docstrings too
         assert "Cosine floor as a fraction of lr" in out
     else:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pebr_lightning.rewards.protocol import RewardOutput
+from pebr_lightning.rewards.protocol import CONTEXT_KEYS, RewardOutput
 from pebr_lightning.testing import (
     check_context_keys,
     check_deterministic,
@@ -89,7 +89,16 @@ class StrictContext(Good):
     name = "strict"
 
     def __call__(
-        self, *, completions, samples, images, image_lists, tokenizer, global_step, device
+        self,
+        *,
+        completions,
+        samples,
+        images,
+        image_lists,
+        tokenizer,
+        processor,
+        global_step,
+        device,
     ):
         return [1.0] * len(completions)
 
@@ -159,7 +168,7 @@ def test_make_batch_adds_the_edge_cases(prepared) -> None:
 
 def test_make_context_has_every_context_key(prepared) -> None:
     batch, context = prepared
-    assert set(context) == {"images", "image_lists", "tokenizer", "global_step", "device"}
+    assert set(context) == set(CONTEXT_KEYS)  # images, image_lists, tokenizer, processor, ...
     assert len(context["images"]) == len(batch.samples)
     assert [own[0] for own in context["image_lists"]] == context["images"]
     assert all(isinstance(im, Image.Image) and im.size == (112, 112) for im in context["images"])
@@ -218,7 +227,7 @@ def test_a_plain_list_is_fine_too(args) -> None:
         (WrongLength(), RULES[1], "returned 5 scores for 6 completions"),
         (NaNScores(), RULES[2], "score 0: nan is not finite"),
         (StrictContext(), RULES[4], "unexpected keyword argument 'pebr_check_unknown_key'"),
-        (ReadsContext(), RULES[4], "score 0: 5.0, then 6.0"),
+        (ReadsContext(), RULES[4], "score 0: 6.0, then 7.0"),
         (BadComponents(), RULES[1], "component 'x' has 1 values for 6 completions"),
     ],
     ids=lambda v: v.name if hasattr(v, "name") else None,
