@@ -213,16 +213,8 @@ def cli(args: list[str] | None, run: bool = True):
             # jsonargparse prints --print_config before our defaults are filled in;
             # print it after, so that it shows the loggers and callbacks a run will use.
             printing, argv = take_print_config(nulled)
-            if printing is None:
-                if nulled == list(sys.argv[1:] if args is None else args):
-                    super().parse_arguments(parser, args)
-                    return
-                with contextlib.ExitStack() as stack:
-                    if args is None:  # LightningCLI warns when given args beside sys.argv
-                        saved = sys.argv
-                        sys.argv = saved[:1]
-                        stack.callback(setattr, sys, "argv", saved)
-                    super().parse_arguments(parser, argv)
+            if printing is None and nulled == list(sys.argv[1:] if args is None else args):
+                super().parse_arguments(parser, args)
                 return
             with contextlib.ExitStack() as stack:
                 if args is None:  # LightningCLI warns when given args beside sys.argv
@@ -230,6 +222,8 @@ def cli(args: list[str] | None, run: bool = True):
                     sys.argv = saved[:1]
                     stack.callback(setattr, sys, "argv", saved)
                 super().parse_arguments(parser, argv)
+            if printing is None:
+                return
             config = self.config[self.config.subcommand] if "subcommand" in self.config else None
             if config is None:
                 return
