@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-python", default=str(REPO / ".vllm-env" / "bin" / "python"))
     args = parser.parse_args(argv)
 
+    from pebr_demo.data.synth import write_dataset
     from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDataset
     from pebr_lightning.data.manifest import load_manifest
     from pebr_lightning.data.prompts import PromptConfig
-    from pebr_lightning.data.synth import write_dataset
     from pebr_lightning.engines import HFEngine
     from pebr_lightning.engines.vllm_engine import VLLMEngine
     from pebr_lightning.models.policy import LoraConfig, build_policy, resolve_model_path

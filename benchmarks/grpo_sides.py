@@ -13,7 +13,7 @@ from typing import Any
 REWARDS = [
     # spread on random text, so no group is all-equal and neither side may skip an
     # update; plus two of the perception stage's rewards
-    {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0},
+    {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0},
     {"name": "format", "weight": 0.5},
     {"name": "keyword", "weight": 0.5},
 ]

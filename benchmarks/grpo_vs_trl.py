@@ -171,7 +171,7 @@ def run_side(side: str, args: argparse.Namespace, folder: str, scratch: str, con
 
 def run_both(args: argparse.Namespace, scratch: Path) -> dict[str, list[dict]]:
     """Both sides in their own process, one step each in turn (TRL first)."""
-    from pebr_lightning.models.tiny import ensure_tiny_model
+    from pebr_demo.models.tiny import ensure_tiny_model
 
     folder = ensure_tiny_model(MODELS[args.model])
     write_data(scratch, args)
@@ -218,7 +218,7 @@ def expect(conn, side: str, *kinds: str) -> tuple[str, Any]:
 
 def write_data(scratch: Path, args: argparse.Namespace) -> Path:
     """The synthetic manifest both sides read (B prompts for each step)."""
-    from pebr_lightning.data.synth import write_dataset
+    from pebr_demo.data.synth import write_dataset
 
     return write_dataset(scratch / "data", n=args.prompts * args.steps, seed=0)
 

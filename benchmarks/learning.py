@@ -56,7 +56,7 @@ HELDOUT = (
 """Held-out figures per stage and their column titles. "desc. shapes right": the share
 of greedy descriptions naming the picture's (colour, kind) pairs as a multiset (what
 Stage 1 should raise); "acc. | desc. right" / "desc. wrong": greedy accuracy given a
-right / a wrong description (Stage 2 should raise the first); evaluation/perception.py.
+right / a wrong description (Stage 2 should raise the first); pebr_demo/evaluation/perception.py.
 The "|" is escaped so that the Markdown cell holds it."""
 ROWS = ("sft", "perception", "reasoning", "reasoning-only")
 

@@ -56,7 +56,7 @@ MARKER = "pebr_benchmark.json"
 TOKEN_NAMES = ("endoftext", "im_end", "image_pad", "video_pad", "vision_start", "vision_end")
 # Scores each completion by its place in its group: every group has spread whatever
 # random weights decode to, so every step runs the full update being measured.
-SPREAD_REWARD = "pebr_lightning.testing.spread_reward.GroupPositionReward"
+SPREAD_REWARD = "pebr_demo.testing.spread_reward.GroupPositionReward"
 
 # Qwen2.5-VL-7B-Instruct's published config.json (special token ids come from the
 # tokenizer used here instead). "small" keeps every ratio that shapes the code path
@@ -264,7 +264,7 @@ def write_checkpoint(out: Path, size: str, device: str) -> tuple[Path, dict[str,
         Qwen2_5_VLForConditionalGeneration,
     )
 
-    from pebr_lightning.models.tiny import ensure_tiny_model
+    from pebr_demo.models.tiny import ensure_tiny_model
 
     processor = AutoProcessor.from_pretrained(ensure_tiny_model("tiny-qwen2.5-vl"))
     tok = processor.tokenizer
@@ -315,8 +315,8 @@ def write_checkpoint(out: Path, size: str, device: str) -> tuple[Path, dict[str,
 
 def train(args: argparse.Namespace, folder: Path, scratch: Path) -> tuple[list[dict], dict]:
     """Run `args.steps` GRPO steps; per-step phase figures and facts about the loaded model."""
+    from pebr_demo.data.synth import write_dataset
     from pebr_lightning.data.datamodule import ManifestDataModule
-    from pebr_lightning.data.synth import write_dataset
     from pebr_lightning.models.policy import LoraConfig, PolicySpec, QuantizationConfig, unwrap
     from pebr_lightning.models.rollout import SamplingConfig
     from pebr_lightning.modules.grpo import GRPOModule

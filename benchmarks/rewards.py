@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     import open_clip
     import torch
 
-    from pebr_lightning.models.tiny_clip import ensure_tiny_clip
+    from pebr_demo.models.tiny_clip import ensure_tiny_clip
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,9 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_batch(n_images: int, group: int) -> tuple[list[str], list[dict], list]:
     """G responses per synthetic image: the right description and G-1 with one thing wrong."""
+    from pebr_demo.data.synth import synth_records
+    from pebr_demo.models.tiny_clip import perturb_description
     from pebr_lightning.data.prompts import render_response
-    from pebr_lightning.data.synth import synth_records
-    from pebr_lightning.models.tiny_clip import perturb_description
 
     rng = random.Random(0)
     completions, samples, images = [], [], []

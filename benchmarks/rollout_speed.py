@@ -247,10 +247,10 @@ def prompt_batch(processor: Any, args: argparse.Namespace) -> dict[str, torch.Te
     """B synthetic shapes prompts, left-padded, as GRPO's loader gives them."""
     import tempfile
 
+    from pebr_demo.data.synth import write_dataset
     from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDataset
     from pebr_lightning.data.manifest import load_manifest
     from pebr_lightning.data.prompts import PromptConfig
-    from pebr_lightning.data.synth import write_dataset
 
     with tempfile.TemporaryDirectory(prefix="pebr-rollout-") as scratch:
         manifest = write_dataset(Path(scratch) / "data", n=args.prompts, seed=0)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pebr_lightning.data.synth import COLOURS, SHAPE_KINDS, draw_scene
-from pebr_lightning.models.tiny import ensure_tiny_model, is_tiny_name
+from pebr_demo.data.synth import COLOURS, SHAPE_KINDS, draw_scene
+from pebr_demo.models.tiny import ensure_tiny_model, is_tiny_name
 
 CELL_X, CELL_Y = 42, 42
 """The centre of the cell at row 1, column 1 (28-px cells): merged token 1 * 4 + 1."""

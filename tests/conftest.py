@@ -33,7 +33,7 @@ def pebr_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_path(pebr_cache: Path) -> Path:
-    from pebr_lightning.models.tiny import ensure_tiny_model
+    from pebr_demo.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model("tiny-qwen2.5-vl")
 
@@ -72,7 +72,7 @@ def sft_fit_args():
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small synthetic train/val manifests shared by the end-to-end tests."""
-    from pebr_lightning.data.synth import write_dataset
+    from pebr_demo.data.synth import write_dataset
 
     root = tmp_path_factory.mktemp("shapes")
     return {

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pebr_demo.data.synth import write_dataset
 from pebr_lightning.cli import main
-from pebr_lightning.data.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

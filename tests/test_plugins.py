@@ -109,7 +109,7 @@ def test_the_plugins_own_tests_pass(child):
 
 
 def test_usable_by_name_in_a_grpo_config(child, tmp_path, shapes_data):
-    spread = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward"}
+    spread = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward"}
     rewards = [{"name": "format", "weight": 0.5}, {"name": "count_check", "weight": 0.5}, spread]
     snapshot = tmp_path / "snapshot.pt"
     fit = pebr(
@@ -121,7 +121,7 @@ def test_usable_by_name_in_a_grpo_config(child, tmp_path, shapes_data):
         "--data.init_args.batch_size", "2",
         "--trainer.max_steps", "2",  # LoRA A gets gradient once B moved
         "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.callbacks+=pebr_lightning.testing.ParameterSnapshot",
+        "--trainer.callbacks+=pebr_demo.testing.ParameterSnapshot",
         f"--trainer.callbacks.path={snapshot}",
     )  # fmt: skip
     assert fit.returncode == 0, fit.stderr[-3000:]

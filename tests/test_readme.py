@@ -189,8 +189,8 @@ def test_bring_your_own_data_validates_each_format_as_written(tmp_path, monkeypa
     synthetic data: every command exits 0 and finds all 4 records valid."""
     import datasets
 
+    from pebr_demo.data.synth import write_dataset
     from pebr_lightning.cli import main
-    from pebr_lightning.data.synth import write_dataset
 
     (_, _, own_data) = using_it_blocks()
     monkeypatch.chdir(tmp_path)

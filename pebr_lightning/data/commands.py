@@ -1,6 +1,6 @@
-"""The `pebr data` subcommands: make the synthetic dataset, check a manifest.
+"""The `pebr data` subcommands: make a synthetic dataset, check a manifest.
 
-    pebr data synth --out data/shapes --n 2000 --seed 0
+    pebr data synth --out data/shapes --n 2000 --seed 0 [--name shapes]
     pebr data validate data/shapes/manifest.jsonl [--skip-invalid]
     pebr data validate data/geo/train.parquet --field-map question=problem,image=images
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pebr_lightning.argtypes import positive_int
 from pebr_lightning.data.manifest import load_manifest
-from pebr_lightning.data.synth import DEMO_SPLITS, write_dataset
+from pebr_lightning.data.synthetic import DEFAULT, load_synthetic
 from pebr_lightning.data.tables import DEMO_DATA
 
 
@@ -36,9 +36,15 @@ def _parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser(
         "synth",
-        help="write the synthetic shapes dataset (images + manifest.jsonl)",
-        description="Write DIR/images/*.png and DIR/manifest.jsonl; the same seed "
-        "gives byte-identical files.",
+        help="write a synthetic dataset (images + manifest.jsonl)",
+        description="Write DIR/manifest.jsonl and its images with a synthetic dataset "
+        "registered in the `pebr_lightning.datasets` entry-point group (the demo's "
+        "shapes by default); the same seed gives byte-identical files.",
+    )
+    synth.add_argument(
+        "--name",
+        default=DEFAULT,
+        help="the registered synthetic dataset (default: %(default)s)",
     )
     synth.add_argument(
         "--out", metavar="DIR", help="output folder (with --demo: default data/demo)"
@@ -99,15 +105,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    data = load_synthetic(args.name)
     if args.demo:
         out = Path(args.out or DEMO_DATA)
-        for offset, (split, n) in enumerate(DEMO_SPLITS.items()):
+        for offset, (split, n) in enumerate(data.splits.items()):
             n = args.n or n
-            manifest = write_dataset(out / split, n=n, seed=args.seed + offset)
+            manifest = data.write(out / split, n=n, seed=args.seed + offset)
             print(f"wrote {n} records to {manifest}")
         return 0
     n = args.n or 2000
-    manifest = write_dataset(args.out, n=n, seed=args.seed)
+    manifest = data.write(args.out, n=n, seed=args.seed)
     print(f"wrote {n} records to {manifest}")
     return 0
 

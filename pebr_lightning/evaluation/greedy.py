@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pebr_lightning import entry_points
 from pebr_lightning.data.manifest import DEFAULT_TYPE, load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.engines import (
@@ -36,7 +37,6 @@ from pebr_lightning.engines import (
     load_decoder,
 )
 from pebr_lightning.errors import PebrError
-from pebr_lightning.evaluation.perception import decomposition_metrics, perception_metrics
 from pebr_lightning.files import write_atomic
 from pebr_lightning.metrics.accuracy import AccuracyByType
 from pebr_lightning.models.rollout import (
@@ -90,11 +90,13 @@ def evaluate(
     Returns:
         "accuracy", "accuracy/<type>", "n", "n/<type>", "ungraded" and "seconds" (the
         whole run, model loading included), as floats; with `samples` = k,
-        "sampled_accuracy" and "pass@k" too; for records that carry ground-truth
-        `shapes`, "perception/count", "perception/colours", "perception/shapes" and
-        "perception/shapes_ordered" of the greedy descriptions, and accuracy split by
-        whether the description named the right shapes: "accuracy/desc_right",
-        "accuracy/desc_wrong" (with their counts), and per type (evaluation/perception.py).
+        "sampled_accuracy" and "pass@k" too; and what every evaluation metric plugin
+        (`extra_metrics`) adds: with the demo installed, for records that carry
+        ground-truth `shapes`, "perception/count", "perception/colours",
+        "perception/shapes" and "perception/shapes_ordered" of the greedy descriptions,
+        and accuracy split by whether the description named the right shapes:
+        "accuracy/desc_right", "accuracy/desc_wrong" (with their counts), and per type
+        (pebr_demo/evaluation/perception.py).
 
     Raises:
         PebrError: the manifest is missing or invalid, the model cannot be loaded, or a
@@ -136,8 +138,7 @@ def evaluate(
         metric = accuracy_metric(rows)
         values = {k: float(v) for k, v in metric.compute().items()}
         values.update({k: float(v) for k, v in metric.counts().items()})
-        values.update(perception_metrics(records, texts))
-        values.update(decomposition_metrics(records, texts, [r["correct"] for r in rows]))
+        values.update(extra_metrics(records, texts, [r["correct"] for r in rows], values))
         if samples:
             sampling = SamplingConfig(
                 group_size=samples,
@@ -290,6 +291,27 @@ def sampled_accuracy(
         bar.close()
     n = max(len(records), 1)
     return {"sampled_accuracy": right / (n * k), f"pass@{k}": per_question / n}
+
+
+def extra_metrics(
+    records: list[dict[str, Any]],
+    texts: list[str],
+    correct: list[bool],
+    taken: dict[str, float],
+) -> dict[str, float]:
+    """What the evaluation metric plugins (entry-point group `pebr_lightning.eval_metrics`)
+    compute from the greedy predictions: `f(records, texts, correct) -> {name: value}`,
+    {} where a metric does not apply. A name already `taken` (by accuracy or by another
+    plugin) is an error naming the plugin, not a silent overwrite."""
+    found: dict[str, float] = {}
+    for name, metric in entry_points.load_all(
+        entry_points.EVAL_METRICS, "evaluation metric"
+    ).items():
+        for key, value in metric(records, texts, correct).items():
+            if key in taken or key in found:
+                raise PebrError(f"evaluation metric {name!r}: {key!r} is already reported")
+            found[key] = float(value)
+    return found
 
 
 def grade_answers(

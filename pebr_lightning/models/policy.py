@@ -3,8 +3,9 @@
 Builders take plain values (a name or path, small config dataclasses) so that the
 LightningModules never read YAML. Supported families: Qwen2-VL, Qwen2.5-VL and
 Qwen3-VL, through `AutoModelForImageTextToText` (a local folder or a hub id), plus
-the embedded `tiny-qwen2.5-vl` (models/tiny.py), which resolves to a cached folder
-and then loads exactly like a real checkpoint.
+names registered in the `pebr_lightning.models` entry-point group, such as the demo's
+`tiny-qwen2.5-vl` (pebr_demo/models/tiny.py), which resolve to a folder and then load
+exactly like a real checkpoint.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from pebr_lightning import entry_points
 from pebr_lightning.errors import PebrError, load_failure_reason
 from pebr_lightning.models.finite import refuse_nonfinite
-from pebr_lightning.models.tiny import ensure_tiny_model, is_tiny_name
 
 # LoRA targets by default: the language model's attention and MLP projections.
 # The vision tower (`visual`) has layers with the same names (Qwen2.5-VL's vision MLP
@@ -168,13 +169,16 @@ class PolicySpec:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A local folder for embedded names and existing paths, otherwise the hub id unchanged.
+    """A local folder for registered names and existing paths, otherwise the hub id
+    unchanged. A registered name (entry-point group `pebr_lightning.models`) is asked
+    for its folder, which it may build on first use.
 
     Every loader goes through here, so a path that is not there fails with one plain
     message instead of transformers' advice on the form of hub ids.
     """
-    if is_tiny_name(name_or_path):
-        return str(ensure_tiny_model(name_or_path))
+    if name_or_path in entry_points.names(entry_points.MODELS):
+        make = entry_points.load(entry_points.MODELS, name_or_path, "model")
+        return str(make(name_or_path))
     check_model_folder(name_or_path)
     return os.path.expanduser(name_or_path)  # transformers does not expand `~`
 

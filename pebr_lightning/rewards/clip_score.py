@@ -10,8 +10,10 @@ Two backends:
 - "open_clip" (default): any open_clip model, by architecture and pretrained tag
   (`model: ViT-B-32`, `pretrained: laion2b_s34b_b79k`), by architecture and local
   checkpoint file (`pretrained: /path/ckpt.pt`), or by `local-dir:`/`hf-hub:` name.
-  The default model is `tiny-clip`, the embedded toy CLIP trained on the synthetic
-  shapes (pebr_lightning/models/tiny_clip.py), so the CPU demo needs no download.
+  A name registered in the `pebr_lightning.clip_models` entry-point group loads from
+  the folder it names; the default model is the demo's `tiny-clip`, a toy CLIP trained
+  on the synthetic shapes (pebr_demo/models/tiny_clip.py), so the CPU demo needs no
+  download.
 - "fgclip": FG-CLIP through transformers, as the paper (image resized to 336x336,
   text padded/truncated to 248 tokens, the long-text path). Its checkpoints ship
   their own model code, so it runs only with `trust_remote_code: true`.
@@ -32,9 +34,9 @@ import os
 from os import PathLike
 from typing import Any, Literal
 
+from pebr_lightning import entry_points
 from pebr_lightning.data.images import image_paths
 from pebr_lightning.errors import PebrError
-from pebr_lightning.models.tiny_clip import TINY_CLIP
 from pebr_lightning.rewards.answers import description_section
 from pebr_lightning.rewards.protocol import RewardOutput
 
@@ -42,6 +44,7 @@ PAPER_SCALE = 0.4
 FGCLIP_DEFAULT = "qihoo360/fg-clip-large"
 FGCLIP_TEXT_TOKENS = 248  # FG-CLIP's long-text position table
 BACKENDS = ("open_clip", "fgclip")
+OPEN_CLIP_DEFAULT = "tiny-clip"  # the demo's, through the clip_models entry point
 
 
 def clip_reward(similarity: float, scale: float = PAPER_SCALE) -> float:
@@ -94,7 +97,7 @@ class ClipScoreReward:
         if batch_size < 1:
             raise ValueError(f"clip_score: batch_size must be at least 1, got {batch_size}")
         if model is None:
-            model = TINY_CLIP if backend == "open_clip" else FGCLIP_DEFAULT
+            model = OPEN_CLIP_DEFAULT if backend == "open_clip" else FGCLIP_DEFAULT
         if backend == "fgclip" and not trust_remote_code:
             raise PebrError(
                 f"clip_score: backend 'fgclip' loads {model!r}, whose checkpoint ships its own "
@@ -104,8 +107,12 @@ class ClipScoreReward:
             )
         if backend == "fgclip" and pretrained is not None:
             raise ValueError("clip_score: `pretrained` is for backend 'open_clip' only")
-        if model == TINY_CLIP and pretrained is not None:
-            raise ValueError(f"clip_score: {TINY_CLIP} has its own weights; drop `pretrained`")
+        if (
+            backend == "open_clip"
+            and pretrained is not None
+            and model in entry_points.names(entry_points.CLIP_MODELS)
+        ):
+            raise ValueError(f"clip_score: {model} has its own weights; drop `pretrained`")
         self.backend = backend
         self.model = model
         self.pretrained = pretrained
@@ -193,10 +200,9 @@ class _OpenClipScorer:
     def load(cls, name: str, pretrained: str | None, device: Any) -> _OpenClipScorer:
         import open_clip
 
-        if name == TINY_CLIP:
-            from pebr_lightning.models.tiny_clip import ensure_tiny_clip
-
-            name = f"local-dir:{ensure_tiny_clip()}"
+        if name in entry_points.names(entry_points.CLIP_MODELS):
+            make = entry_points.load(entry_points.CLIP_MODELS, name, "CLIP model")
+            name = f"local-dir:{make(name)}"
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=device

@@ -113,7 +113,7 @@ def _summary(entry: registry.RewardEntry) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pebr_lightning.testing.rewards import make_batch, make_context, make_samples, run_checks
+    from pebr_lightning.rewards.checks import make_batch, make_context, make_samples, run_checks
 
     init_args = _parse_init_args(args.init_args)
     spec = registry.RewardSpec(

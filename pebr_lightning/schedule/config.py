@@ -84,7 +84,7 @@ class Schedule:
     eval: dict[str, Any]
     fit: dict[str, FitStage]
     sample: dict[str, Any] | None
-    synth: dict[str, int] | None = None
+    synth: dict[str, Any] | None = None
     stage_names: tuple[str, ...] = field(default=())
     device: str = "auto"
     """Where sampling and evaluation run: auto (cuda when available) or a torch device."""

@@ -38,7 +38,7 @@ greedy descriptions with the right shape count, colour multiset and (colour, kin
 multiset, and the (colour, kind) pairs in their order; and greedy accuracy given a
 right and given a wrong description (the "|" of "acc. | desc. right" is escaped: a
 bare one would split the Markdown cell). Stage 1 should raise the share of right
-descriptions, Stage 2 the accuracy given one (evaluation/perception.py,
+descriptions, Stage 2 the accuracy given one (pebr_demo/evaluation/perception.py,
 `decomposition_metrics`)."""
 
 

@@ -279,13 +279,15 @@ def stage_precision(stage: FitStage) -> str | None:
 
 
 def _ensure_data(schedule: Schedule, echo: Echo) -> None:
-    """Write the synthetic shapes data where the schedule expects it, if missing.
+    """Write the synthetic data (`synth.name`, default shapes: data/synthetic.py)
+    where the schedule expects it, if missing.
 
     Data already there is used only if it is what these settings write now: data
     from an older version of the synthetic layout, or with another record count,
     would otherwise train and score every stage on the old task without a word."""
-    from pebr_lightning.data.synth import write_dataset, written_differently
+    from pebr_lightning.data.synthetic import DEFAULT, load_synthetic
 
+    data = load_synthetic(str(schedule.synth.get("name", DEFAULT)))
     seed = int(schedule.synth.get("seed", 0))
     for offset, split in enumerate(DATA_KEYS):
         path = schedule.data.get(split)
@@ -293,7 +295,7 @@ def _ensure_data(schedule: Schedule, echo: Echo) -> None:
         if path is None or n is None:
             continue
         if Path(path).exists():
-            why = written_differently(path, int(n), seed + offset)
+            why = data.written_differently(path, int(n), seed + offset)
             if why is not None:
                 raise PebrError(
                     f"{schedule.path}: field 'data.{split}': {path} {why}, so it was"
@@ -303,7 +305,7 @@ def _ensure_data(schedule: Schedule, echo: Echo) -> None:
                 )
             continue
         echo(f"[schedule] writing {n} synthetic {split} records to {Path(path).parent}")
-        written = write_dataset(Path(path).parent, n=int(n), seed=seed + offset)
+        written = data.write(Path(path).parent, n=int(n), seed=seed + offset)
         if Path(written) != Path(path):
             raise PebrError(
                 f"{schedule.path}: field 'data.{split}': synthetic data is written as"

@@ -1,15 +1,13 @@
-"""Helpers for tests of pebr_lightning and of plugins built on it."""
+"""Checks for tests of reward plugins: the contract `pebr rewards check` runs.
 
-from pebr_lightning.testing.faults import (
-    ExitingReward,
-    FillDiskBeforeHF,
-    GILHoggingReward,
-    HangingReward,
-    KillAtStep,
-    KillBeforeHFSwap,
-    TouchPayload,
-)
-from pebr_lightning.testing.rewards import (
+    from pebr_lightning.testing import check_reward, make_context, make_samples
+
+The checks live in rewards/checks.py; this module is their stable import path for
+plugin authors. Helpers for this repository's own tests (fault injectors, process
+runners) live in the demo package, `pebr_demo.testing`.
+"""
+
+from pebr_lightning.rewards.checks import (
     RewardCheckReport,
     check_context_keys,
     check_deterministic,
@@ -23,18 +21,9 @@ from pebr_lightning.testing.rewards import (
     make_samples,
     run_checks,
 )
-from pebr_lightning.testing.snapshot import ParameterSnapshot
 
 __all__ = [
-    "ExitingReward",
-    "FillDiskBeforeHF",
-    "GILHoggingReward",
-    "HangingReward",
-    "KillAtStep",
-    "KillBeforeHFSwap",
-    "ParameterSnapshot",
     "RewardCheckReport",
-    "TouchPayload",
     "check_context_keys",
     "check_deterministic",
     "check_lengths",

@@ -202,7 +202,7 @@ def test_a_reduction_of_your_own_is_chosen_by_class_path_and_used_by_the_update(
         "--trainer.enable_checkpointing=false",
         # a reward with spread on a random model's text, so that the step is not skipped
         '--model.init_args.rewards=[{"class_path": '
-        '"pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}]',
+        '"pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}]',
         "--model.init_args.sampling.max_new_tokens=8",
     ]
     built = cli(["--config", base, "--config", str(own), *args], run=False)

@@ -143,7 +143,7 @@ def test_stale_wheels_are_those_not_wanted_at_their_pin(tmp_path) -> None:
 
 
 def test_cpu_dry_run_runs_every_section_and_records_its_figures(tmp_path) -> None:
-    from pebr_lightning.models.tiny import ensure_tiny_model
+    from pebr_demo.models.tiny import ensure_tiny_model
 
     ensure_tiny_model()  # the dry run reuses the suite's embedded-model cache
     carried, site, out = tmp_path / "wheels", tmp_path / "site", tmp_path / "out"

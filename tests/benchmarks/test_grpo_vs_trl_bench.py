@@ -17,7 +17,7 @@ ARGS = ["--steps", "3", "--prompts", "1", "--group-size", "4", "--max-new-tokens
 
 
 def test_benchmark_tiny_mode_alternates_equal_work_and_prints_the_table(tmp_path) -> None:
-    from pebr_lightning.models.tiny import ensure_tiny_model
+    from pebr_demo.models.tiny import ensure_tiny_model
 
     ensure_tiny_model()  # shared with the other tests through PEBR_CACHE
     out = tmp_path / "result.json"

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_rewards_benchmark_quick_prints_every_row() -> None:
-    from pebr_lightning.models.tiny_clip import ensure_tiny_clip
+    from pebr_demo.models.tiny_clip import ensure_tiny_clip
 
     ensure_tiny_clip()  # shared with the other tests through PEBR_CACHE
     result = subprocess.run(

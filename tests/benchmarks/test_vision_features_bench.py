@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pebr_lightning.data.synth import COLOURS, SHAPE_KINDS
+from pebr_demo.data.synth import COLOURS, SHAPE_KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -32,7 +32,7 @@ def fit_args(tmp_path: Path, train: Path) -> list[str]:
         "--data.init_args.batch_size",
         "2",
         # a reward with spread on random text, so that the update runs (KL, clip)
-        "--model.init_args.rewards=[{class_path: pebr_lightning.testing.spread_reward"
+        "--model.init_args.rewards=[{class_path: pebr_demo.testing.spread_reward"
         ".VowelShareReward, weight: 1.0}, {name: accuracy, weight: 0.0}]",
         "--model.init_args.sampling.group_size",
         "4",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pebr_lightning.data.synth import write_dataset
+from pebr_demo.data.synth import write_dataset
 
 
 @pytest.fixture

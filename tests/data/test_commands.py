@@ -72,7 +72,7 @@ def test_bad_arguments_exit_with_usage(argv: list[str], capsys) -> None:
 def test_demo_writes_the_demo_configs_three_splits(tmp_path, capsys) -> None:
     """`--demo` writes what configs/demo/*.yaml read, with the schedule's seeds
     (split i: seed + i), so its files equal the ones the demo schedule writes."""
-    from pebr_lightning.data.synth import write_dataset
+    from pebr_demo.data.synth import write_dataset
 
     assert main(["synth", "--demo", "--out", str(tmp_path / "demo"), "--n", "3"]) == 0
     for offset, split in enumerate(("train", "val", "test")):

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from pebr_demo.data.synth import write_dataset
 from pebr_lightning.algorithms.logprobs import IGNORE_INDEX
 from pebr_lightning.cli import main
 from pebr_lightning.data.collate import RecordDataset, SFTCollator, encode_conversation
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PEBR_INSTRUCTION, PromptConfig, record_response
-from pebr_lightning.data.synth import write_dataset
 from pebr_lightning.errors import ManifestError
 from pebr_lightning.models.policy import load_processor
 

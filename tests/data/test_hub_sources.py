@@ -20,9 +20,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from pebr_demo.data.synth import write_dataset
 from pebr_lightning.cli import main
 from pebr_lightning.data.manifest import load_manifest
-from pebr_lightning.data.synth import write_dataset
 from pebr_lightning.errors import ManifestError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pebr_lightning import files
-from pebr_lightning.data import synth
-from pebr_lightning.data.synth import (
+from pebr_demo.data import synth
+from pebr_demo.data.synth import (
     COLOURS,
     IMAGE_SIZE,
     PALETTE,
@@ -21,6 +20,7 @@ from pebr_lightning.data.synth import (
     synth_records,
     write_dataset,
 )
+from pebr_lightning import files
 
 FIELD_ORDER = ["id", "image", "type", "question", "answer", "description"]
 FIELD_ORDER += ["rationale", "reasoning", "keywords", "shapes"]

@@ -26,7 +26,7 @@ from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
 from pebr_lightning.modules.optim import OptimConfig
 
-REWARDS = [{"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}]
+REWARDS = [{"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}]
 
 
 class Recording:

@@ -23,6 +23,7 @@ import lightning as L
 import pytest
 import torch
 
+from pebr_demo.testing.processes import free_port
 from pebr_lightning.data.datamodule import ManifestDataModule
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.engines import HFEngine, RolloutConfig, complete_records
@@ -33,13 +34,12 @@ from pebr_lightning.models.policy import LoraConfig, PolicySpec, build_policy
 from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
 from pebr_lightning.modules.optim import OptimConfig
-from pebr_lightning.testing.processes import free_port
 
 from ..conftest import vllm_python
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[2]
-SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
+SPREAD = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}
 GREEDY = SamplingConfig(group_size=1, temperature=0.0, max_new_tokens=12)
 
 
@@ -132,9 +132,7 @@ def test_grpo_trains_a_lora_policy_through_vllm_with_the_engine_correction(
 ):
     module = GRPOModule(
         policy=PolicySpec(model=str(tiny_path), lora=LoraConfig(r=4, alpha=8, dropout=0.0)),
-        rewards=[
-            {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
-        ],
+        rewards=[{"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}],
         sampling=SamplingConfig(group_size=4, max_new_tokens=8, temperature=1.0, top_p=1.0),
         rollout=RolloutConfig("vllm", init_args={"python": str(vllm_python()), "dtype": "float32"}),
         loss=GRPOLossConfig(beta=0.0, engine_correction="token_truncate"),

@@ -21,7 +21,7 @@ from .test_vllm import workers_of
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[2]
-SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
+SPREAD = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}
 GREEDY = SamplingConfig(group_size=1, temperature=0.0, max_new_tokens=12)
 
 
@@ -74,7 +74,7 @@ def test_a_full_weight_grpo_fit_through_vllm_killed_and_resumed_ends_like_an_uni
     killed = subprocess.run(
         [
             *(sys.executable, "-m", "pebr_lightning.cli", "fit", *args(cut)),
-            "--trainer.callbacks+=pebr_lightning.testing.KillAtStep",
+            "--trainer.callbacks+=pebr_demo.testing.KillAtStep",
             f"--trainer.callbacks.step={kill_at}",
         ],
         env={**os.environ, "OMP_NUM_THREADS": "1"},

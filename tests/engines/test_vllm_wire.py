@@ -289,7 +289,7 @@ def test_grpo_stops_on_impossible_engine_logprobs_instead_of_training_on_nothing
     norm 0), the step was counted neither skipped nor non-finite, and fit exited 0."""
     worker = worker_of("inf")
     rollout = {"name": "vllm", "init_args": {"url": worker.url}}
-    spread = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward"}
+    spread = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward"}
     code = main(
         [
             "fit",

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pebr_demo.evaluation.perception import perception_scores
 from pebr_lightning.cli import main as pebr_main
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.evaluation import evaluate
 from pebr_lightning.evaluation import greedy as greedy_module
-from pebr_lightning.evaluation.perception import perception_scores
 from pebr_lightning.rewards.accuracy import AccuracyReward
 
 MAX_NEW_TOKENS = 24

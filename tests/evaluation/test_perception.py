@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from pebr_lightning.data.prompts import render_response
-from pebr_lightning.evaluation.perception import (
+from pebr_demo.evaluation.perception import (
     decomposition_metrics,
     described_shapes,
     perception_metrics,
     perception_scores,
 )
+from pebr_lightning.data.prompts import render_response
 
 SHAPES = [
     {"kind": "circle", "colour": "red"},

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 LORA = '{"r": 4, "alpha": 8, "dropout": 0.0}'
 # The tiny random model gives a group identical built-in scores; this reward adds
 # spread so GRPO's LoRA weights do move (as in tests/modules/test_grpo_fit.py).
-SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
+SPREAD = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "demo"
 # Spread on random text, so every group has a non-zero advantage and every step updates.
-SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
+SPREAD = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}
 LINEAR_4BIT = "bitsandbytes.nn.modules.Linear4bit"
 
 
@@ -80,7 +80,7 @@ def fit(config: Path, tmp_path: Path, device: str, *extra: str) -> dict:
             "1",
             "--trainer.default_root_dir",
             str(tmp_path),
-            "--trainer.callbacks+=pebr_lightning.testing.ParameterSnapshot",
+            "--trainer.callbacks+=pebr_demo.testing.ParameterSnapshot",
             f"--trainer.callbacks.path={snapshot}",
             f"--trainer.callbacks+={__name__}.WhereAndWhat",
             f"--trainer.callbacks.path={where}",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pebr_demo.testing.processes import run_gloo
 from pebr_lightning.metrics.accuracy import AccuracyByType
-from pebr_lightning.testing.processes import run_gloo
 
 TYPES = ["count", "colour", "choice", "left_of"]
 # (correct, type index, ungraded): 7 graded answers; "left_of" is never asked.

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from pebr_demo.testing.processes import run_gloo
 from pebr_lightning.metrics.step import GroupSpread, StepMetrics
-from pebr_lightning.testing.processes import run_gloo
 
 NAN = math.nan
 

@@ -12,8 +12,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
+from pebr_demo.models.tiny import QWEN_SPECIAL_TOKENS, RECIPE_VERSION, ensure_tiny_model
 from pebr_lightning.data.prompts import PromptConfig, build_messages
-from pebr_lightning.models.tiny import QWEN_SPECIAL_TOKENS, RECIPE_VERSION, ensure_tiny_model
 
 
 def test_loads_through_from_pretrained_as_qwen25_vl(tiny_path):
@@ -80,7 +80,7 @@ def test_generates_and_stops_on_im_end(tiny_path):
 
 def test_an_empty_pebr_cache_means_the_default_folder(monkeypatch):
     """PEBR_CACHE= (set but empty) once made the cache the working directory."""
-    from pebr_lightning.models.tiny import cache_dir
+    from pebr_demo.models.tiny import cache_dir
 
     monkeypatch.setenv("PEBR_CACHE", "")
     assert cache_dir() == Path.home() / ".cache" / "pebr_lightning"
@@ -121,7 +121,7 @@ def build_rank_1_first(rank: int) -> list[str]:
 
 
 def test_ranks_building_at_once_all_get_the_complete_model(tmp_path, monkeypatch):
-    from pebr_lightning.testing.processes import run_gloo
+    from pebr_demo.testing.processes import run_gloo
 
     monkeypatch.setenv("PEBR_CACHE", str(tmp_path))
     listings = run_gloo(build_rank_1_first, world_size=2, timeout_s=300)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from pebr_lightning.models import tiny_clip
-from pebr_lightning.models.tiny_clip import TinyClipRecipe, ensure_tiny_clip
+from pebr_demo.models import tiny_clip
+from pebr_demo.models.tiny_clip import TinyClipRecipe, ensure_tiny_clip
 
 
 def test_first_build_announces_itself_once_and_a_cached_one_is_silent(tmp_path, monkeypatch, capfd):

@@ -30,7 +30,7 @@ REWARDS = [
     {"name": "format", "weight": 0.2},
     {"name": "length", "weight": 0.2},
     # spread on random text, so advantages are not all zero
-    {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 0.6},
+    {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 0.6},
 ]
 SAMPLING = SamplingConfig(group_size=4, max_new_tokens=12, temperature=1.0)
 

@@ -17,7 +17,7 @@ from pebr_lightning.cli import main
 REPO = Path(__file__).resolve().parents[2]
 # The tiny random model gives every completion of a group the same format/length
 # score; this test reward adds spread so the LoRA weights do receive gradient.
-SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
+SPREAD = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}
 
 
 @pytest.mark.parametrize("stage", ["perception", "reasoning"])
@@ -46,7 +46,7 @@ def test_demo_grpo_config_trains_every_weight_and_logs_finite_metrics(stage, tmp
             "1",
             "--trainer.default_root_dir",
             str(tmp_path),
-            "--trainer.callbacks+=pebr_lightning.testing.ParameterSnapshot",
+            "--trainer.callbacks+=pebr_demo.testing.ParameterSnapshot",
             f"--trainer.callbacks.path={snapshot}",
         ]
     )

@@ -55,7 +55,7 @@ def train(
         policy=PolicySpec(model=str(tiny_path), lora=None),
         rewards=[
             {
-                "class_path": f"pebr_lightning.testing.spread_reward.{reward}",
+                "class_path": f"pebr_demo.testing.spread_reward.{reward}",
                 "weight": 1.0,
                 "init_args": init_args,
             }

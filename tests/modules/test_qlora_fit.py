@@ -28,7 +28,7 @@ QUANTIZATION = json.dumps({"bits": 4, "quant_type": "nf4", "compute_dtype": "flo
 LORA = json.dumps({"r": 4, "alpha": 8, "dropout": 0.0})
 # The tiny random model gives every completion of a group the same format score; this
 # test reward adds spread so the LoRA weights do receive gradient (test_grpo_fit.py).
-SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
+SPREAD = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}
 LINEAR_4BIT = "bitsandbytes.nn.modules.Linear4bit"
 
 
@@ -68,7 +68,7 @@ def fit(config: Path, tmp_path: Path, *extra: str) -> dict:
             "1",
             "--trainer.default_root_dir",
             str(tmp_path),
-            "--trainer.callbacks+=pebr_lightning.testing.ParameterSnapshot",
+            "--trainer.callbacks+=pebr_demo.testing.ParameterSnapshot",
             f"--trainer.callbacks.path={snapshot}",
             f"--trainer.callbacks+={__name__}.LinearTypes",
             f"--trainer.callbacks.path={types}",

@@ -41,7 +41,7 @@ def fit_demo(tmp_path: Path, shapes_data: dict[str, Path], *extra: str) -> dict:
             "1",
             "--trainer.default_root_dir",
             str(tmp_path),
-            "--trainer.callbacks+=pebr_lightning.testing.ParameterSnapshot",
+            "--trainer.callbacks+=pebr_demo.testing.ParameterSnapshot",
             f"--trainer.callbacks.path={snapshot}",
             *extra,
         ]

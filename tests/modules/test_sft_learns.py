@@ -18,8 +18,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from pebr_demo.data.synth import draw_scene, make_record
 from pebr_lightning.data.collate import RecordDataset
-from pebr_lightning.data.synth import draw_scene, make_record
 from pebr_lightning.evaluation.greedy import grade_answers, greedy_answers
 from pebr_lightning.models.policy import PolicySpec
 from pebr_lightning.modules.optim import OptimConfig

@@ -25,10 +25,10 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
+from pebr_demo.testing import TouchPayload
+from pebr_demo.testing.processes import torchrun_fit
 from pebr_lightning.cli import main
 from pebr_lightning.parallel.dcp_metadata import read_dcp_metadata
-from pebr_lightning.testing import TouchPayload
-from pebr_lightning.testing.processes import torchrun_fit
 
 REPO = Path(__file__).resolve().parents[2]
 

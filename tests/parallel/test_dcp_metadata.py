@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from pebr_demo.testing import TouchPayload
 from pebr_lightning.cli import main
 from pebr_lightning.errors import PebrError
 from pebr_lightning.parallel import FSDP2Strategy
 from pebr_lightning.parallel.dcp_metadata import SafeFileSystemReader, read_dcp_metadata
-from pebr_lightning.testing import TouchPayload
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
+from pebr_demo.testing.processes import torchrun_fit
 from pebr_lightning.cli import main
-from pebr_lightning.testing.processes import torchrun_fit
 
 REPO = Path(__file__).resolve().parents[2]
-SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
+SPREAD = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}
 STEPS = 2
 LORA = json.dumps({"r": 16, "alpha": 32, "dropout": 0.0})
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from pebr_demo.testing import TouchPayload
 from pebr_lightning.cli import main
 from pebr_lightning.models.policy import LoraConfig, build_policy
-from pebr_lightning.testing import TouchPayload
 
 
 def test_a_pickled_adapter_is_refused_without_unsafe_advice(

@@ -14,8 +14,8 @@ import lightning as L
 import pytest
 import torch
 
+from pebr_demo.testing import TouchPayload
 from pebr_lightning.cli import main
-from pebr_lightning.testing import TouchPayload
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -183,7 +183,7 @@ class BreakImagesAfterFirstStep(L.Callback):
 
 
 def test_image_unreadable_mid_run_names_sample_and_keeps_checkpoints(tmp_path, capsys):
-    from pebr_lightning.data.synth import write_dataset
+    from pebr_demo.data.synth import write_dataset
 
     train = write_dataset(tmp_path / "data", n=8, seed=0)  # private copy: it gets broken
     run = tmp_path / "run"
@@ -293,7 +293,7 @@ def test_killed_between_checkpoint_and_its_hf_folder(tmp_path, shapes_data):
 
     def args(kill_at: int) -> list[str]:
         kill = {
-            "class_path": "pebr_lightning.testing.KillBeforeHFSwap",
+            "class_path": "pebr_demo.testing.KillBeforeHFSwap",
             "init_args": {"step": kill_at, "every_n_train_steps": 1, "save_last": True},
         }
         # the only checkpoint callback (the config's own would write a second last.ckpt)
@@ -364,7 +364,7 @@ def test_a_full_disk_during_the_hf_write_is_one_line_and_leaves_no_partial(small
     the partial folder removed, the `.ckpt` whole."""
     root = small_disk / "run"
     fill = {
-        "class_path": "pebr_lightning.testing.FillDiskBeforeHF",
+        "class_path": "pebr_demo.testing.FillDiskBeforeHF",
         "init_args": {"step": 1, "every_n_train_steps": 1, "save_last": True},
     }
     args = [

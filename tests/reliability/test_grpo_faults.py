@@ -21,7 +21,7 @@ from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
 from pebr_lightning.modules.grpo_update import UpdateConfig
 
-SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 0.6}
+SPREAD = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 0.6}
 SAMPLING = SamplingConfig(group_size=4, max_new_tokens=8, temperature=1.0)
 
 

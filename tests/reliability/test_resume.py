@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from pebr_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-SPREAD = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward", "weight": 1.0}
+SPREAD = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward", "weight": 1.0}
 STEPS, KILL_AT = 4, 2
 
 
@@ -93,7 +93,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(stage, tmp_path, 
             "pebr_lightning.cli",
             "fit",
             *args,
-            "--trainer.callbacks+=pebr_lightning.testing.KillAtStep",
+            "--trainer.callbacks+=pebr_demo.testing.KillAtStep",
             f"--trainer.callbacks.step={KILL_AT}",
         ],
         env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -107,9 +107,9 @@ def test_sigterm_stops_a_run_whose_reward_hangs_without_a_timeout(tmp_path, shap
 
     repo = Path(__file__).resolve().parents[2]
     marker = tmp_path / "hanging"
-    hang = {"class_path": "pebr_lightning.testing.HangingReward",
+    hang = {"class_path": "pebr_demo.testing.HangingReward",
             "init_args": {"step": 1, "marker": str(marker)}}  # fmt: skip
-    spread = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward"}
+    spread = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward"}
     root = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pebr_lightning.cli", "fit",

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pebr_demo.testing import ExitingReward
 from pebr_lightning.cli import main
 from pebr_lightning.rewards.combine import RewardError, RewardSet, WeightedReward
-from pebr_lightning.testing import ExitingReward
 
 from .test_checkpoints import sft_args  # a checkpoint (and .hf) every step
 
@@ -32,7 +32,7 @@ PEBR = str(Path(sys.executable).with_name("pebr"))
 
 def grpo_args(train: Path, root: Path, reward: dict, steps: int = 3) -> list[str]:
     """The demo reasoning config with `reward` beside a spread reward, tiny groups."""
-    spread = {"class_path": "pebr_lightning.testing.spread_reward.VowelShareReward"}
+    spread = {"class_path": "pebr_demo.testing.spread_reward.VowelShareReward"}
     return [
         "--config", str(REPO / "configs/demo/reasoning.yaml"),
         "--model.init_args.rewards", json.dumps([spread, reward]),
@@ -121,7 +121,7 @@ def test_a_reward_calling_sys_exit_is_a_reward_error_naming_it() -> None:
 def test_a_reward_calling_sys_exit_stops_fit_with_exit_2(tiny_path, shapes_data, tmp_path, capsys):
     """Before: the SystemExit(0) went up through Lightning and `pebr fit` exited 0 after
     one step of three, without a word."""
-    reward = {"class_path": "pebr_lightning.testing.ExitingReward", "init_args": {"step": 1}}
+    reward = {"class_path": "pebr_demo.testing.ExitingReward", "init_args": {"step": 1}}
     root = tmp_path / "run"
     code = main(["fit", *grpo_args(shapes_data["train"], root, reward)])
     err = capsys.readouterr().err
@@ -137,7 +137,7 @@ def test_a_reward_holding_the_interpreter_is_killed_after_sigterm(tiny_path, sha
     watchdog process kills it shortly after the grace (here 2 s + 5 s) and says why."""
     marker = tmp_path / "hogging"
     reward = {
-        "class_path": "pebr_lightning.testing.GILHoggingReward",
+        "class_path": "pebr_demo.testing.GILHoggingReward",
         "init_args": {"step": 1, "marker": str(marker)},
     }
     root = tmp_path / "run"

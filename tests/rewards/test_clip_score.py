@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pebr_demo.data.synth import synth_records
+from pebr_demo.models import tiny_clip
+from pebr_demo.models.tiny_clip import TINY_CLIP, ensure_tiny_clip, perturb_description
 from pebr_lightning.data.prompts import render_response
-from pebr_lightning.data.synth import synth_records
 from pebr_lightning.errors import PebrError
-from pebr_lightning.models import tiny_clip
-from pebr_lightning.models.tiny_clip import TINY_CLIP, ensure_tiny_clip, perturb_description
 from pebr_lightning.rewards import clip_score
 from pebr_lightning.rewards.clip_score import ClipScoreReward, clip_reward
 from pebr_lightning.rewards.protocol import RewardOutput
@@ -307,8 +307,8 @@ def test_loads_lazily_and_pickles_without_the_model(clip_dir, held_out) -> None:
 
 
 def test_images_are_read_from_sample_paths_without_context_images(tmp_path, reward) -> None:
+    from pebr_demo.data.synth import write_dataset
     from pebr_lightning.data.manifest import load_manifest
-    from pebr_lightning.data.synth import write_dataset
 
     samples = load_manifest(write_dataset(tmp_path, n=3, seed=1)).records
     completions = [response(s["description"]) for s in samples]
@@ -319,7 +319,7 @@ def test_images_are_read_from_sample_paths_without_context_images(tmp_path, rewa
 
 
 def test_follows_the_reward_contract(clip_dir) -> None:
-    from pebr_lightning.testing.rewards import check_reward, make_context, make_samples
+    from pebr_lightning.rewards.checks import check_reward, make_context, make_samples
 
     samples = make_samples(3, seed=1)
     report = check_reward(ClipScoreReward(), samples, context=make_context(samples, "unused"))

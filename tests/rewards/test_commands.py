@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pebr_demo.data.synth import write_dataset
 from pebr_lightning.cli import main
-from pebr_lightning.data.synth import write_dataset
 from pebr_lightning.rewards import registry
 
 PLUGIN = '''

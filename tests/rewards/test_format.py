@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
+from pebr_demo.data.synth import make_record
 from pebr_lightning.data.prompts import record_response
-from pebr_lightning.data.synth import make_record
 from pebr_lightning.rewards.format import PEBR_HEADERS, FormatReward
 
 FULL = (

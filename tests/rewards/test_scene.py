@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from pebr_demo.data.synth import write_dataset
+from pebr_demo.rewards.scene import SceneReward
 from pebr_lightning.data.prompts import record_response
-from pebr_lightning.data.synth import write_dataset
-from pebr_lightning.rewards.scene import SceneReward
 from pebr_lightning.testing import check_reward, make_context, make_samples
 
 SCENE = {

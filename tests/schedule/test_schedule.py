@@ -290,7 +290,7 @@ def test_bad_schedule_names_file_and_field(change, message, tmp_path):
     ],
 )
 def test_synthetic_data_of_another_version_is_refused_not_reused(change, why, tmp_path, capsys):
-    from pebr_lightning.data.synth import write_dataset, written_differently
+    from pebr_demo.data.synth import write_dataset, written_differently
 
     manifest = write_dataset(tmp_path / "data" / "train", n=6, seed=0)
     assert written_differently(manifest, 6, 0) is None  # what this version writes

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pebr_lightning.rewards.checks import RULES
 from pebr_lightning.rewards.protocol import CONTEXT_KEYS, RewardOutput
 from pebr_lightning.testing import (
     check_context_keys,
@@ -24,7 +25,6 @@ from pebr_lightning.testing import (
     make_samples,
     run_checks,
 )
-from pebr_lightning.testing.rewards import RULES
 
 
 class Good:
@@ -277,7 +277,7 @@ def test_check_pickle_returns_a_working_copy(args) -> None:
 
 
 def test_group_position_reward_spreads_every_group():
-    from pebr_lightning.testing.spread_reward import GroupPositionReward
+    from pebr_demo.testing.spread_reward import GroupPositionReward
 
     samples = [{"id": "a"}] * 3 + [{"id": "b"}] * 3
     scores = GroupPositionReward()(completions=[""] * 6, samples=samples)

@@ -122,6 +122,22 @@ def written_differently(manifest: str | Path, n: int, seed: int) -> str | None:
     return None
 
 
+class ShapesData:
+    """The shapes dataset as the core's synthetic-data plugin (entry-point group
+    `pebr_lightning.datasets`, name `shapes`; pebr_lightning/data/synthetic.py)."""
+
+    splits = DEMO_SPLITS
+
+    def write(self, out_dir: str | Path, n: int, seed: int) -> Path:
+        return write_dataset(out_dir, n, seed)
+
+    def written_differently(self, manifest: str | Path, n: int, seed: int) -> str | None:
+        return written_differently(manifest, n, seed)
+
+
+SHAPES = ShapesData()
+
+
 def corpus_texts(n: int = 2000, seed: int = 0) -> Iterator[str]:
     """Yield every text string of `n` records without rendering their images (tokenizer data)."""
     for index in range(n):

@@ -11,7 +11,7 @@ import torch
 class ParameterSnapshot(L.Callback):
     """Saves `{"before", "after": {name: tensor}, "trainable": [names]}` to `path`.
 
-    Add it to any run (`--trainer.callbacks+=pebr_lightning.testing.ParameterSnapshot
+    Add it to any run (`--trainer.callbacks+=pebr_demo.testing.ParameterSnapshot
     --trainer.callbacks.path=snap.pt`) and compare the two states in a test.
     """
 

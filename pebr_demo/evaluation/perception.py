@@ -31,8 +31,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from pebr_demo.data.synth import COLOURS, SHAPE_KINDS
 from pebr_lightning.data.manifest import DEFAULT_TYPE
-from pebr_lightning.data.synth import COLOURS, SHAPE_KINDS
 from pebr_lightning.rewards.answers import description_section
 
 _NAMED_SHAPE = re.compile(
@@ -134,3 +134,15 @@ def decomposition_metrics(
     for side in ("desc_right", "desc_wrong"):  # the record count each accuracy is over
         values[f"perception/{side}_n"] = float(tally.get(f"accuracy/{side}", [0, 0])[1])
     return values
+
+
+def shape_metrics(
+    records: Sequence[dict[str, Any]], texts: Sequence[str], correct: Sequence[bool]
+) -> dict[str, float]:
+    """The perception metrics and the decomposition together: the evaluation metric
+    plugin `perception` (entry-point group `pebr_lightning.eval_metrics`), run by every
+    greedy evaluation; {} for records without `shapes`."""
+    return {
+        **perception_metrics(records, texts),
+        **decomposition_metrics(records, texts, correct),
+    }

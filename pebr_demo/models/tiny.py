@@ -243,8 +243,8 @@ def train_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from pebr_demo.data.synth import corpus_texts
     from pebr_lightning.data.prompts import PEBR_INSTRUCTION, render_response
-    from pebr_lightning.data.synth import corpus_texts
 
     texts = list(corpus_texts(2000, seed=SEED))
     # The fixed prompt/format text appears in every sample, so weigh it like the corpus.

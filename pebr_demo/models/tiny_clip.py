@@ -4,7 +4,7 @@ The paper scores a description with FG-CLIP large; the CPU demo cannot download 
 so `tiny-clip` stands in. It is a standard open_clip `CLIP` (ViT image tower, causal
 text transformer, open_clip's bundled BPE tokenizer, 77-token context) at toy size,
 trained contrastively for ~400 steps on (image, description) pairs from
-`pebr_lightning.data.synth`, with one hard negative per image (the same description
+`pebr_demo.data.synth`, with one hard negative per image (the same description
 with one shape's colour or kind changed, a shape added or dropped, or two shapes
 swapped), so that it prefers the right description of the right image.
 
@@ -80,6 +80,14 @@ class TinyClipRecipe:
     """Matching cosines above this are penalised, keeping the scale of real CLIP scores."""
     empty_similarity: float = 0.0
     """The empty caption's cosines above this are penalised: saying nothing scores ~0."""
+
+
+def clip_folder(name: str) -> Path:
+    """The core's CLIP-model hook (entry-point group `pebr_lightning.clip_models`):
+    `tiny-clip` -> the folder `ensure_tiny_clip` builds."""
+    if name != TINY_CLIP:
+        raise ValueError(f"pebr_demo ships one CLIP model, {TINY_CLIP!r}, not {name!r}")
+    return ensure_tiny_clip()
 
 
 def ensure_tiny_clip(recipe: TinyClipRecipe = TinyClipRecipe()) -> Path:
@@ -191,7 +199,7 @@ def build_tiny_clip(
 
 def perturb_description(shapes: list[dict], rng: random.Random) -> str:
     """A description of the scene with one thing wrong: a colour, a kind, the count or the order."""
-    from pebr_lightning.data.synth import COLOURS, SHAPE_KINDS, describe
+    from pebr_demo.data.synth import COLOURS, SHAPE_KINDS, describe
 
     shapes = [dict(s) for s in shapes]
     i = rng.randrange(len(shapes))
@@ -250,7 +258,7 @@ def _train(config: dict, recipe: TinyClipRecipe, progress: bool):
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from pebr_lightning.data.synth import synth_records
+    from pebr_demo.data.synth import synth_records
 
     started = time.perf_counter()
     model = open_clip.CLIP(**config["model_cfg"])

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pebr_lightning.evaluation.perception import perception_scores
+from pebr_demo.evaluation.perception import perception_scores
 from pebr_lightning.rewards.protocol import RewardOutput
 
 

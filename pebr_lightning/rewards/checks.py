@@ -31,7 +31,7 @@ from typing import Any
 from pebr_lightning.data.images import image_paths, load_image
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import record_response
-from pebr_lightning.data.synth import write_dataset
+from pebr_lightning.data.synthetic import load_synthetic
 from pebr_lightning.rewards.combine import unpack_output, value_problem
 
 TINY_MODEL = "tiny-qwen2.5-vl"
@@ -111,14 +111,15 @@ class Batch:
 
 
 def make_samples(n: int = 4, seed: int = 0, root: str | Path | None = None) -> list[dict]:
-    """Synthetic manifest records with their images written under `root` (`image` absolute).
+    """Synthetic manifest records with their images written under `root` (`image` absolute):
+    the `shapes` dataset (data/synthetic.py), whose records carry every field a reward reads.
 
     Without `root`, a temporary folder is used and removed when the process exits.
     """
     if root is None:
         root = tempfile.mkdtemp(prefix="pebr-reward-check-")
         atexit.register(shutil.rmtree, root, ignore_errors=True)
-    manifest = write_dataset(root, n=n, seed=seed)
+    manifest = load_synthetic().write(root, n=n, seed=seed)
     return load_manifest(manifest).records
 
 
