@@ -24,15 +24,31 @@ once per load or evaluation.
 
 from __future__ import annotations
 
+import re
 from importlib import metadata
 from typing import Any
 
 from pebr_lightning.errors import PebrError
 
+BUILTIN_DIST = "pebr-lightning"
+"""This project's own distribution (pyproject.toml), which the engine and reward
+registries let no plugin shadow."""
+
 MODELS = "pebr_lightning.models"
 CLIP_MODELS = "pebr_lightning.clip_models"
 DATASETS = "pebr_lightning.datasets"
 EVAL_METRICS = "pebr_lightning.eval_metrics"
+
+
+def canonical_dist(name: str) -> str:
+    """A distribution name as packaging normalises it: lower case, runs of `-_.` as `-`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def is_builtin(ep: metadata.EntryPoint) -> bool:
+    """Whether this project itself registers `ep`."""
+    dist = getattr(ep, "dist", None)
+    return dist is not None and canonical_dist(dist.name) == BUILTIN_DIST
 
 
 def names(group: str) -> list[str]:

@@ -42,6 +42,7 @@ from pebr_lightning.algorithms.variants import build_variant
 from pebr_lightning.class_paths import import_dotted
 from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDataset
 from pebr_lightning.data.prompts import PromptConfig
+from pebr_lightning.entry_points import is_builtin
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, decode_completions
 
@@ -261,9 +262,7 @@ def registered_engines() -> dict[str, str]:
     """Every engine name the installed distributions register -> its settings class path."""
     found: dict[str, str] = {}
     for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
-        dist = getattr(ep, "dist", None)
-        builtin = dist is not None and dist.name == "pebr-lightning"
-        if ep.name not in found or builtin:  # a plugin cannot shadow a built-in name
+        if ep.name not in found or is_builtin(ep):  # a plugin cannot shadow a built-in name
             found[ep.name] = ep.value
     return found
 

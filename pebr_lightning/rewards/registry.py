@@ -26,7 +26,6 @@ import copy
 import difflib
 import inspect
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -37,12 +36,12 @@ from typing import Any, Literal
 from jsonargparse.typing import register_type
 
 from pebr_lightning.class_paths import NotDotted, import_dotted
+from pebr_lightning.entry_points import BUILTIN_DIST, canonical_dist
 from pebr_lightning.errors import PebrError
 
 GROUP = "pebr_lightning.rewards"
-# This project's own distribution: the names it registers (pyproject.toml) are reserved,
-# so that a plugin registering one cannot make a shipped config ambiguous.
-BUILTIN_DIST = "pebr-lightning"
+# BUILTIN_DIST (entry_points.py): the names this project registers are reserved, so
+# that a plugin registering one cannot make a shipped config ambiguous.
 ON_ERROR_CHOICES = ("raise", "none")
 SPEC_KEYS = ("name", "class_path", "weight", "init_args", "on_error", "timeout_s")
 
@@ -233,11 +232,6 @@ register_type(
     deserializer=RewardSpec.parse,
     deserializer_exceptions=(RewardConfigError, TypeError),
 )
-
-
-def canonical_dist(name: str) -> str:
-    """A distribution name as packaging normalises it: lower case, runs of `-_.` as `-`."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def available() -> list[RewardEntry]:
