@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pebr_demo.data.synth import write_dataset
-    from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDataset
+    from pebr_lightning.data.collate import PromptCollator, RecordDataset, prompt_inputs
     from pebr_lightning.data.manifest import load_manifest
     from pebr_lightning.data.prompts import PromptConfig
     from pebr_lightning.engines import HFEngine
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = built.model.eval()
     items = RecordDataset(records)
     batch = PromptCollator(built.processor, PromptConfig())([items[i] for i in range(len(items))])
-    prompt = {k: batch[k] for k in PROMPT_KEYS}
+    prompt = prompt_inputs(batch)
     n = args.max_new_tokens
     sampling = SamplingConfig(
         group_size=args.group_size, temperature=1.0, top_p=1.0, max_new_tokens=n

@@ -248,7 +248,7 @@ def prompt_batch(processor: Any, args: argparse.Namespace) -> dict[str, torch.Te
     import tempfile
 
     from pebr_demo.data.synth import write_dataset
-    from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDataset
+    from pebr_lightning.data.collate import PromptCollator, RecordDataset, prompt_inputs
     from pebr_lightning.data.manifest import load_manifest
     from pebr_lightning.data.prompts import PromptConfig
 
@@ -256,12 +256,13 @@ def prompt_batch(processor: Any, args: argparse.Namespace) -> dict[str, torch.Te
         manifest = write_dataset(Path(scratch) / "data", n=args.prompts, seed=0)
         dataset = RecordDataset(load_manifest(manifest).records)
         batch = PromptCollator(processor, PromptConfig())([dataset[i] for i in range(len(dataset))])
-    return {k: batch[k].to(args.device) for k in PROMPT_KEYS}
+    return {k: v.to(args.device) for k, v in prompt_inputs(batch).items()}
 
 
 def rollout_once(policy: Any, prompt: dict[str, torch.Tensor], args: argparse.Namespace) -> dict:
     """One full-length rollout: its seconds, and those to its first token (the prefill)."""
     from pebr_lightning.engines.hf import sample_group
+    from pebr_lightning.models.families import family_of
     from pebr_lightning.models.policy import unwrap
     from pebr_lightning.models.rollout import SamplingConfig, eos_token_ids
 
@@ -272,7 +273,7 @@ def rollout_once(policy: Any, prompt: dict[str, torch.Tensor], args: argparse.Na
         min_new_tokens=args.max_new_tokens,  # every completion full length: equal work
     )
     base = unwrap(policy.model)
-    eos, pad = eos_token_ids(tokenizer), tokenizer.pad_token_id
+    eos, pad = eos_token_ids(tokenizer, family_of(base.config).end_tokens), tokenizer.pad_token_id
     with torch.no_grad():
         sync(args.device)
         started = time.perf_counter()

@@ -18,8 +18,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pebr_lightning.errors import PebrError
 from pebr_lightning.files import cache_dir, use_default_modes
@@ -125,13 +127,22 @@ def ensure_tiny_model(name: str = "tiny-qwen2.5-vl") -> Path:
     workers, two ranks) both end with the same complete folder.
     """
     spec = TINY_MODELS[name]
-    target = cache_dir() / f"{name}-r{RECIPE_VERSION}"
+    return build_once(
+        cache_dir() / f"{name}-r{RECIPE_VERSION}", lambda out: build_tiny_model(out, spec)
+    )
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, written by `build(folder)` into a scratch folder beside it on first use
+    and renamed into place (a crash never leaves half a folder; of concurrent first
+    uses, the first rename wins and the others use its folder)."""
+    name = target.name
     if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        build_tiny_model(scratch, spec)
+        build(scratch)
         if not _complete(scratch):
             # Once a process group is up, transformers writes a model's own files on
             # rank 0 only: another rank's build holds just the processor. Renamed into
@@ -234,7 +245,12 @@ def build_tiny_model(out_dir: Path, spec: TinySpec) -> None:
     processor.save_pretrained(out_dir)
 
 
-def train_tokenizer(vocab_size: int):
+def train_tokenizer(
+    vocab_size: int,
+    special_tokens: tuple[str, ...] = QWEN_SPECIAL_TOKENS,
+    chat_template: str = CHAT_TEMPLATE,
+    **tokens: Any,
+):
     """A byte-level BPE trained on the synthetic corpus plus the PeBR prompt text.
 
     Byte-level keeps every string encodable (a user's own question included);
@@ -254,16 +270,17 @@ def train_tokenizer(vocab_size: int):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(QWEN_SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
+    # Qwen's eos/pad unless the caller names its family's (`tokens`: eos_token, ...).
+    tokens = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", **tokens}
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         model_max_length=4096,
         padding_side="right",
+        **tokens,
     )

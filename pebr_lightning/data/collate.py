@@ -75,7 +75,8 @@ class SFTCollator:
             return self._one_by_one(items)
         records = [item["record"] for item in items]
         refuse_control_tokens(records, self.processor.tokenizer, RESPONSE_FIELDS)
-        prompt = encode_prompts(self.processor, records, item_images(items), self.prompt)
+        lists = [images_of_item(item) for item in items]
+        prompt = encode_prompts(self.processor, records, lists, self.prompt)
         tokenizer = self.processor.tokenizer
         end = tokenizer.eos_token  # <|im_end|> closes the assistant turn
         responses = tokenizer(
@@ -95,8 +96,7 @@ class SFTCollator:
             labels.append([IGNORE_INDEX] * len(prompt_ids) + response_ids)
         batch = pad_right(sequences, labels, tokenizer.pad_token_id)
         batch["mm_token_type_ids"] = mm_token_types(batch["input_ids"], self.processor)
-        batch["pixel_values"] = prompt["pixel_values"]
-        batch["image_grid_thw"] = prompt["image_grid_thw"]
+        batch.update(image_inputs(prompt))
         batch["ids"] = [r["id"] for r in records]
         return batch
 
@@ -114,8 +114,7 @@ class SFTCollator:
                     {
                         "input_ids": one["input_ids"][0, :length].tolist(),
                         "labels": one["labels"][0, :length].tolist(),
-                        "pixel_values": one["pixel_values"],
-                        "image_grid_thw": one["image_grid_thw"],
+                        "images": image_inputs(one),
                     }
                 )
         for sample, item in zip(encoded, items, strict=True):
@@ -131,10 +130,9 @@ class SFTCollator:
             tokenizer.pad_token_id,
         )
         batch["mm_token_type_ids"] = mm_token_types(batch["input_ids"], self.processor)
-        with_images = [e for e in encoded if e["pixel_values"] is not None]
-        if with_images:
-            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
-            batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+        with_images = [e["images"] for e in encoded if e["images"]]
+        for key in with_images[0] if with_images else ():  # every image, sample after sample
+            batch[key] = torch.cat([images[key] for images in with_images])
         batch["ids"] = [item["record"]["id"] for item in items]
         return batch
 
@@ -142,8 +140,8 @@ class SFTCollator:
 def encode_conversation(
     processor: Any, record: dict[str, Any], images: list[Any]
 ) -> dict[str, Any]:
-    """One conversation record as input_ids and labels (lists), pixel_values and
-    image_grid_thw (None without images): the labels are its assistant turns, each with
+    """One conversation record as input_ids and labels (lists) and its image inputs
+    (`images`: the processor's, {} without images): the labels are its assistant turns, each with
     the chat template's end-of-turn token (not the whitespace after it), and
     IGNORE_INDEX everywhere else.
 
@@ -191,12 +189,7 @@ def encode_conversation(
         while stop > len(start) and not processor.tokenizer.decode(ids[stop - 1]).strip():
             stop -= 1
         labels[len(start) : stop] = ids[len(start) : stop]
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "pixel_values": full.get("pixel_values"),
-        "image_grid_thw": full.get("image_grid_thw"),
-    }
+    return {"input_ids": ids, "labels": labels, "images": image_inputs(full)}
 
 
 def refuse_conversation_control_tokens(
@@ -306,11 +299,13 @@ def template_time_limit(records: list[dict[str, Any]]) -> Iterator[None]:
 def encode_prompts(
     processor: Any,
     records: list[dict[str, Any]],
-    images: list[Any],
+    images: list[list[Any]],
     prompt: PromptConfig,
     padding_side: str = "right",
 ) -> dict[str, torch.Tensor]:
-    """Chat-templated prompts with their image tokens expanded, padded on one side."""
+    """Chat-templated prompts with their image tokens expanded, padded on one side;
+    `images` holds each record's images (one list per record: Gemma 3's processor
+    needs them grouped; the processor's output lists them sample after sample)."""
     for record in records:
         if conversation_key(record) is not None:
             raise ManifestError(
@@ -345,6 +340,16 @@ def pad_right(
     return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
 
 
+TEXT_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
+"""A processor's or a collator's per-token outputs; every other tensor is image input."""
+
+
+def image_inputs(encoded: Any) -> dict[str, torch.Tensor]:
+    """The image inputs of a processor's (or collator's) output, whatever the model
+    family calls them (Qwen: pixel_values and image_grid_thw; Gemma 3: pixel_values)."""
+    return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor) and k not in TEXT_KEYS}
+
+
 def mm_token_types(input_ids: torch.Tensor, processor: Any) -> torch.Tensor:
     """Modality of each token (0 text, 1 image, 2 video) [B, T], as the processor defines it.
 
@@ -354,21 +359,12 @@ def mm_token_types(input_ids: torch.Tensor, processor: Any) -> torch.Tensor:
     return torch.tensor(processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.int32)
 
 
-PROMPT_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "mm_token_type_ids",
-    "pixel_values",
-    "image_grid_thw",
-    "image_counts",
-)
-"""The model inputs of a PromptCollator batch, with how many images each prompt holds
-(models/rollout.py: images_of); the rest are records and images."""
-
-
-def item_images(items: list[dict[str, Any]]) -> list[Any]:
-    """Every image of a batch, sample after sample: the processor's order."""
-    return [image for item in items for image in images_of_item(item)]
+def prompt_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model inputs of a PromptCollator batch: every tensor it holds (the rows
+    `input_ids`, `attention_mask`, `mm_token_type_ids`; the model family's image inputs;
+    `image_counts`, how many images each prompt holds, models/rollout.py: images_of).
+    The rest are records and images."""
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def images_of_item(item: dict[str, Any]) -> list[Any]:
@@ -416,8 +412,8 @@ class PromptCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         records = [item["record"] for item in items]
-        images = item_images(items)
-        batch = dict(encode_prompts(self.processor, records, images, self.prompt, "left"))
+        lists = [images_of_item(item) for item in items]
+        batch = dict(encode_prompts(self.processor, records, lists, self.prompt, "left"))
         if self.max_prompt_tokens is not None:
             lengths = batch["attention_mask"].sum(-1).tolist()  # [B]
             for record, length in zip(records, lengths, strict=True):
@@ -428,7 +424,7 @@ class PromptCollator:
                         "it, shorten the question or use a smaller image"
                     )
         batch["mm_token_type_ids"] = mm_token_types(batch["input_ids"], self.processor)
-        lists = [images_of_item(item) for item in items]
+        batch.pop("token_type_ids", None)  # Gemma 3's processor's copy of the line above
         batch["image_counts"] = torch.tensor([len(own) for own in lists])  # [B]
         batch["records"] = records
         batch["images"] = [own[0] for own in lists]  # each sample's first (rewards' `images`)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from pebr_lightning.algorithms.variants import build_variant
 from pebr_lightning.class_paths import import_dotted
-from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDataset
+from pebr_lightning.data.collate import PromptCollator, RecordDataset, prompt_inputs
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.entry_points import is_builtin
 from pebr_lightning.errors import PebrError
@@ -318,7 +318,7 @@ def complete_records(
     dataset = RecordDataset(list(records))
     for first in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
-        inputs = {k: v.to(device) for k, v in collate(items).items() if k in PROMPT_KEYS}
+        inputs = {k: v.to(device) for k, v in prompt_inputs(collate(items)).items()}
         # torch.multinomial wants a generator on the device of the probabilities.
         generator = None if seed is None else torch.Generator(device).manual_seed(seed + first)
         chunk = [item["record"] for item in items]

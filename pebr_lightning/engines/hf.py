@@ -19,13 +19,15 @@ from torch import Tensor, nn
 
 from pebr_lightning.algorithms.sampling import KeyedGumbel, sample_tokens
 from pebr_lightning.engines.base import EngineContext
+from pebr_lightning.models.families import family_of
 from pebr_lightning.models.policy import unwrap
 from pebr_lightning.models.rollout import (
     Rollout,
     SamplingConfig,
+    all_features,
     eos_token_ids,
-    image_features,
     model_inputs,
+    row_inputs,
     supports_shared_features,
     vision_token_ids,
 )
@@ -57,9 +59,8 @@ class HFEngine:
         self.share_image_features = share_image_features
         self.synced = synced
         self.policy: nn.Module | None = None
-        tokenizer = processor.tokenizer
-        self.eos = eos_token_ids(tokenizer)
-        self.pad = tokenizer.pad_token_id
+        self.tokenizer = processor.tokenizer
+        self.pad = self.tokenizer.pad_token_id
 
     def sync_weights(self, policy: nn.Module) -> None:
         self.policy = policy  # the live module: its weights are always the current ones
@@ -89,17 +90,13 @@ class HFEngine:
         policy.eval()  # no dropout while sampling
         try:
             share = self.share_image_features and supports_shared_features(base)
-            features = (
-                image_features(base, prompt["pixel_values"], prompt["image_grid_thw"])
-                if share
-                else None
-            )
+            features = all_features(base, prompt) if share else None
             rollout = sample_group(
                 policy,
                 base,
                 prompt,
                 sampling,
-                self.eos,
+                eos_token_ids(self.tokenizer, family_of(base.config).end_tokens),
                 self.pad,
                 features,
                 generator,
@@ -127,8 +124,8 @@ def sample_group(
 ) -> Rollout:
     """Prefill each prompt once, repeat its KV cache G times, decode B·G completions.
 
-    `prompt` holds left-padded input_ids/attention_mask [B, P], mm_token_type_ids,
-    image_grid_thw and pixel_values. `base` is the transformers model inside
+    `prompt` holds left-padded input_ids/attention_mask/mm_token_type_ids [B, P] and
+    the family's image inputs (models/families/). `base` is the transformers model inside
     `policy` (the same object without PEFT); LoRA layers are active in both.
     Image/video placeholder tokens are never sampled: in a completion they would make
     the next forward expect image features it does not have.
@@ -142,20 +139,21 @@ def sample_group(
     g = sampling.group_size
     input_ids, mask = prompt["input_ids"], prompt["attention_mask"]  # [B, P]
     b = input_ids.shape[0]
-    images = model_inputs(prompt, torch.arange(b, device=input_ids.device) * g, g, features)
+    family = family_of(base.config)
+    images = model_inputs(family, prompt, torch.arange(b, device=input_ids.device) * g, g, features)
     out = base.model(
         input_ids=input_ids,
         attention_mask=mask,
-        mm_token_type_ids=prompt["mm_token_type_ids"],
         use_cache=True,
+        **row_inputs(family, prompt["mm_token_type_ids"], mask),
         **images,
     )
     logits = base.lm_head(out.last_hidden_state[:, -1])  # [B, V]
     cache = out.past_key_values
     cache.batch_repeat_interleave(g)  # [B*G] from here on
-    # Text after the image continues from the image's 2-D positions: position of the
-    # k-th real token = k + rope_delta (what get_rope_index computed in the prefill).
-    delta = base.model.rope_deltas.repeat_interleave(g, 0)  # [B*G, 1]
+    # Position of the k-th real token = k + the family's offset (Qwen: text after an
+    # image continues from its 2-D positions, what get_rope_index computed in the prefill).
+    delta = family.position_offset(base, mask).repeat_interleave(g, 0)  # [B*G, 1]
     logits = logits.repeat_interleave(g, 0)  # [B*G, V]
     attention = mask.repeat_interleave(g, 0)  # [B*G, P]
     real = attention.sum(-1, keepdim=True)  # [B*G, 1]

@@ -5,8 +5,9 @@ vLLM pins its own torch, so it runs from another interpreter (`python`, made by
 (engines/vllm_worker.py, standard library + vllm only), started here, or reached at
 `url` when it runs elsewhere: TRL's "server mode".
 
-Prompts go as text with one `<|image_pad|>` per image (vLLM expands it, exactly as
-our processor did) and the images as PNG; each completion is its own request with its
+Prompts go as text with one image placeholder per image (the model family's, e.g.
+Qwen's `<|image_pad|>`; vLLM expands it, exactly as our processor did) and the images
+as PNG; each completion is its own request with its
 own seed, derived from the rollout key (seed, step, sample id, member), so a resumed
 run draws the same completions. Weight sync after each update: a LoRA policy writes
 its adapter to a folder and the next requests name it (a new LoRARequest id); full
@@ -40,7 +41,6 @@ import contextlib
 import io
 import itertools
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -67,6 +67,7 @@ from pebr_lightning.engines.remote import (
 )
 from pebr_lightning.engines.worker import Leader, WorkerProcess, write_folder
 from pebr_lightning.errors import PebrError
+from pebr_lightning.models.families import ModelFamily, family_of
 from pebr_lightning.models.policy import unwrap
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, eos_token_ids, vision_token_ids
 from pebr_lightning.parallel.sharding import full_state_dict, is_sharded
@@ -188,9 +189,10 @@ class VLLMEngine:
         self.distributed, self.leader = self.lead.distributed, self.lead.leader
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.eos = eos_token_ids(self.tokenizer)
         self.pad = self.tokenizer.pad_token_id
-        self.image_pad = "<|image_pad|>"
+        self.family: ModelFamily | None = None
+        """The policy's model family, known from the first sync (models/families/)."""
+        self.eos: list[int] = []
         self.request_timeout_s = request_timeout_s
         self.max_model_len = max_model_len or default_max_model_len(model)
         self.vocab = len(self.tokenizer)
@@ -229,6 +231,8 @@ class VLLMEngine:
     def sync_weights(self, policy: nn.Module) -> None:
         start = time.perf_counter()
         base = unwrap(policy)
+        self.family = family_of(base.config)
+        self.eos = eos_token_ids(self.tokenizer, self.family.end_tokens)
         self.banned = vision_token_ids(base.config)
         self.vocab = max(self.vocab, base.get_input_embeddings().num_embeddings)
         lora = hasattr(policy, "peft_config")
@@ -334,7 +338,9 @@ class VLLMEngine:
     def prompt_text(self, ids: Tensor) -> str:
         """The prompt as text with one image placeholder per image (vLLM expands it)."""
         text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
-        return re.sub(f"(?:{re.escape(self.image_pad)})+", self.image_pad, text)
+        if self.family is None:
+            raise RuntimeError("VLLMEngine.generate before sync_weights(policy)")
+        return self.family.collapse_placeholders(text)
 
     def _rollout(self, prompt: dict[str, Tensor], outputs: list[dict], g: int, seconds: float):
         device = prompt["input_ids"].device

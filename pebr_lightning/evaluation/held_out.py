@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pebr_lightning.data.collate import PROMPT_KEYS
+from pebr_lightning.data.collate import prompt_inputs
 from pebr_lightning.engines import HFEngine
 from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation.greedy import DEFAULT_TYPE, grade_answers
@@ -53,7 +53,7 @@ class HeldOutAccuracy:
         engine = HFEngine(module.processor, synced=getattr(module, "device_mesh", None) is not None)
         engine.sync_weights(module.policy)
         greedy = SamplingConfig(group_size=1, temperature=0.0, max_new_tokens=max_new_tokens)
-        rollout = engine.generate({k: batch[k] for k in PROMPT_KEYS}, greedy)
+        rollout = engine.generate(prompt_inputs(batch), greedy)
         rows = grade_answers(records, decode_completions(module.processor.tokenizer, rollout))
         self.metric.update(
             torch.tensor([r["correct"] for r in rows], dtype=torch.float64),  # [B]

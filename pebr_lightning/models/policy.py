@@ -1,8 +1,9 @@
-"""Build a policy: load a Qwen-VL checkpoint + processor, quantize, freeze, wrap with LoRA.
+"""Build a policy: load a VLM checkpoint + processor, quantize, freeze, wrap with LoRA.
 
 Builders take plain values (a name or path, small config dataclasses) so that the
-LightningModules never read YAML. Supported families: Qwen2-VL, Qwen2.5-VL and
-Qwen3-VL, through `AutoModelForImageTextToText` (a local folder or a hub id), plus
+LightningModules never read YAML. Supported: every model family registered in
+`pebr_lightning.families` (models/families/: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3),
+through `AutoModelForImageTextToText` (a local folder or a hub id), plus
 names registered in the `pebr_lightning.models` entry-point group, such as the demo's
 `tiny-qwen2.5-vl` (pebr_demo/models/tiny.py), which resolve to a folder and then load
 exactly like a real checkpoint.
@@ -22,15 +23,15 @@ from torch import nn
 
 from pebr_lightning import entry_points
 from pebr_lightning.errors import PebrError, load_failure_reason
+from pebr_lightning.models.families import family_of
 from pebr_lightning.models.finite import refuse_nonfinite
 
 # LoRA targets by default: the language model's attention and MLP projections.
-# The vision tower (`visual`) has layers with the same names (Qwen2.5-VL's vision MLP
+# The vision tower (Qwen's `visual`) has layers with the same names (Qwen2.5-VL's vision MLP
 # is gate/up/down too), so the pattern is anchored on `language_model`.
 LANGUAGE_PROJECTIONS = (
     r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 )
-VISION_PREFIX = "visual"
 
 
 @dataclass
@@ -225,7 +226,7 @@ def build_policy(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
 ) -> Policy:
-    """Load a Qwen-VL checkpoint and its processor, ready to train.
+    """Load a VLM checkpoint and its processor, ready to train.
 
     Args:
         name_or_path: `tiny-qwen2.5-vl`, a local checkpoint folder or a hub id. A
@@ -259,7 +260,7 @@ def build_policy(
         if not quantization.quantize_vision:
             # transformers matches skip patterns from the start of the full module name
             # ("model.visual.blocks.0..."), as a regex ending on a module boundary.
-            skip.append(f".*{VISION_PREFIX}")
+            skip += [f".*{name}" for name in _family_at(path, trust_remote_code).vision_modules]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization.bits == 4,
             load_in_8bit=quantization.bits == 8,
@@ -302,9 +303,8 @@ def build_policy(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if freeze_vision:
-        for name, param in model.named_parameters():
-            if _is_vision(name):
-                param.requires_grad_(False)
+        for _, param in vision_parameters(model):
+            param.requires_grad_(False)
     if lora is not None:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
@@ -328,15 +328,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def vision_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weights of the vision tower and its projector (the model family's
+    `vision_modules`), by name."""
+    names = family_of(unwrap(model).config).vision_modules
+    return [(n, p) for n, p in model.named_parameters() if any(f".{v}." in f".{n}" for v in names)]
+
+
 def vision_trainable(policy: nn.Module) -> bool:
     """Whether any weight of the vision tower trains (then its features need gradients)."""
-    return any(p.requires_grad for p in unwrap(policy).model.visual.parameters())
+    return any(p.requires_grad for _, p in vision_parameters(policy))
 
 
 def adapter_free_vision(policy: nn.Module) -> bool:
     """Whether the vision tower's output is the same with the adapter off."""
-    visual = unwrap(policy).model.visual
-    return not any("lora_" in n for n, _ in visual.named_parameters())
+    return not any("lora_" in n for n, _ in vision_parameters(policy))
 
 
 def adapter_base(path: str) -> str | None:
@@ -360,8 +366,11 @@ def _looks_local(name: str) -> bool:
     return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
 
 
-def _is_vision(param_name: str) -> bool:
-    return f".{VISION_PREFIX}." in f".{param_name}"
+def _family_at(path: str, trust_remote_code: bool) -> Any:
+    """The model family of the checkpoint at `path`, from its config alone."""
+    from transformers import AutoConfig
+
+    return family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 
 def _load_kwargs(path: str, trust_remote_code: bool) -> dict[str, Any]:

@@ -4,13 +4,18 @@
 model prefills each prompt G times, and a plain log-prob forward over the B·G
 sequences re-encodes every image G times. Here:
 
-- the vision tower runs once per image per step (`image_features`), and its output
+- the vision tower runs once per image per step (`encode_images` of the model's
+  family, models/families/), and its output
   is handed to the model (`mm_encoder_outputs`) for the prefill and every log-prob
   pass, repeated for the G sequences of a group when the tower is frozen;
 - the prompt is prefilled once at batch B, its KV cache repeated G times, and only
   the decode runs at batch B·G (`sample_group`, in engines/hf.py).
 
 Models whose forward does not take `mm_encoder_outputs` fall back to `pixel_values`.
+A prompt batch is a mapping: rows (`input_ids`, `attention_mask`, `mm_token_type_ids`
+[B, P], the modality of each token whatever keyword the family's forward takes it
+by), the family's image inputs, and `image_counts` [B] when a prompt holds other than
+one image. The family (models/families/) says how its images split and join.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import Tensor, nn
 
 from pebr_lightning.algorithms.logprobs import token_logprobs
 from pebr_lightning.errors import PebrError
+from pebr_lightning.models.families import ModelFamily, family_of
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,14 @@ class Rollout:
 
 def vision_token_ids(config: Any) -> list[int]:
     """Placeholder and delimiter ids of images/videos, which a completion must not contain."""
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    names = (
+        "image_token_id",
+        "video_token_id",
+        "vision_start_token_id",
+        "vision_end_token_id",
+        "boi_token_id",
+        "eoi_token_id",
+    )
     return [i for i in (getattr(config, n, None) for n in names) if i is not None]
 
 
@@ -99,29 +112,22 @@ def supports_shared_features(base: nn.Module) -> bool:
     return "mm_encoder_outputs" in inspect.signature(base.model.forward).parameters
 
 
-def image_features(base: nn.Module, pixel_values: Tensor, image_grid_thw: Tensor) -> list[Tensor]:
-    """One vision-tower pass over a batch of images -> each image's merged features."""
-    out = base.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    return list(out.pooler_output)  # B x [tokens_i, H]
-
-
 def features_of(base: nn.Module, prompt: dict[str, Tensor], prompts: Tensor) -> list:
     """Image features of the prompts `prompts` only (one tower pass, with gradients when
     enabled); None in the other images' slots (the list is indexed by image)."""
+    family = family_of(base.config)
     wanted = images_of(prompt, sorted(set(prompts.tolist())))
-    patches = image_patches(prompt)
-    encoded = image_features(
-        base, torch.cat([patches[i] for i in wanted]), prompt["image_grid_thw"][wanted]
-    )
-    features: list = [None] * len(patches)
+    parts = family.split_images(prompt)
+    encoded = family.encode_images(base, family.join_images([parts[i] for i in wanted]))
+    features: list = [None] * len(parts)
     for i, feats in zip(wanted, encoded, strict=True):
         features[i] = feats
     return features
 
 
-def image_patches(prompt: dict[str, Tensor]) -> tuple[Tensor, ...]:
-    """The processor's flat `pixel_values`, split back into one patch tensor per image."""
-    return torch.split(prompt["pixel_values"], prompt["image_grid_thw"].prod(-1).tolist())
+def all_features(base: nn.Module, prompt: dict[str, Tensor]) -> list[Tensor]:
+    """Features of every image of the batch, in order (one vision-tower pass)."""
+    return family_of(base.config).encode_images(base, prompt)
 
 
 def images_of(prompt: dict[str, Tensor], prompts: list[int]) -> list[int]:
@@ -136,32 +142,33 @@ def images_of(prompt: dict[str, Tensor], prompts: list[int]) -> list[int]:
 
 
 def model_inputs(
+    family: ModelFamily,
     prompt: dict[str, Tensor],
     rows: Tensor,
     group_size: int,
     features: list[Tensor] | None,
 ) -> dict[str, Any]:
     """Image inputs for sequences `rows` of a B·G batch (row r belongs to prompt r // G):
-    the images of each sequence's prompt, sequence after sequence."""
+    the images of each sequence's prompt, sequence after sequence; their precomputed
+    `features` in place of the pixels when given."""
     images = images_of(prompt, (rows // group_size).tolist())  # n_images
-    grid = prompt["image_grid_thw"][images]  # [n_images, 3]
+    parts = family.split_images(prompt)
+    picked = family.join_images([parts[i] for i in images])
     if features is not None:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        picked = tuple(features[i] for i in images)
-        return {
-            "image_grid_thw": grid,
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=picked)},
-        }
-    # Fallback: the image patches of each sequence's prompt, in order.
-    patches = image_patches(prompt)
-    return {"image_grid_thw": grid, "pixel_values": torch.cat([patches[i] for i in images])}
+        return family.feature_inputs(picked, [features[i] for i in images])
+    return picked
 
 
-def eos_token_ids(tokenizer: Any) -> list[int]:
-    """Ids that end a completion: Qwen's end-of-turn and end-of-text tokens (else the
-    tokenizer's own EOS)."""
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+def row_inputs(family: ModelFamily, token_types: Tensor, attention_mask: Tensor) -> dict:
+    """The per-token modality ids under the family's keyword, and the positions of a
+    full pass where the family needs them given."""
+    return {family.token_type_key: token_types, **family.positions(attention_mask)}
+
+
+def eos_token_ids(tokenizer: Any, end_tokens: tuple[str, ...]) -> list[int]:
+    """Ids that end a completion: the family's end-of-turn tokens the tokenizer has
+    (else the tokenizer's own EOS)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in end_tokens]
     ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
     if not ids and tokenizer.eos_token_id is not None:
         ids = [tokenizer.eos_token_id]
@@ -194,6 +201,7 @@ def completion_logprobs(
     (`shared_prompt_hidden`); otherwise one forward over each prompt + completion.
     """
     g = rollout.group_size
+    family = family_of(base.config)
     prompts = rows // g  # [n]
     completion = rollout.completion_ids[rows]  # [n, T]
     cmask = rollout.completion_mask[rows]  # [n, T]
@@ -211,9 +219,9 @@ def completion_logprobs(
         hidden = base.model(
             input_ids=input_ids,
             attention_mask=attention,
-            mm_token_type_ids=mm_types,
             use_cache=False,
-            **model_inputs(prompt, rows, g, features),
+            **row_inputs(family, mm_types, attention),
+            **model_inputs(family, prompt, rows, g, features),
         ).last_hidden_state  # [n, P+T, H]
         p = rollout.prompt_ids.shape[1]
         predicting = hidden[:, p - 1 : -1]  # [n, T, H]: position t predicts completion token t
@@ -244,17 +252,19 @@ def shared_prompt_hidden(
     of a sequence). Same values as the full forward up to float rounding.
     """
     g = rollout.group_size
+    family = family_of(base.config)
     unique, inverse = torch.unique(prompts, return_inverse=True)  # [u], [n]
+    unique_mask = rollout.prompt_mask[unique]  # [u, P]
     out = base.model(
         input_ids=rollout.prompt_ids[unique],
-        attention_mask=rollout.prompt_mask[unique],
-        mm_token_type_ids=prompt["mm_token_type_ids"][unique],
+        attention_mask=unique_mask,
         use_cache=True,
-        **model_inputs(prompt, unique * g, g, features),
+        **row_inputs(family, prompt["mm_token_type_ids"][unique], unique_mask),
+        **model_inputs(family, prompt, unique * g, g, features),
     )  # last_hidden_state [u, P, H]
     cache = out.past_key_values
     cache.batch_select_indices(inverse)  # [n] sequences from here on
-    delta = base.model.rope_deltas[inverse]  # [n, 1], set by the prompt pass
+    delta = family.position_offset(base, unique_mask)[inverse]  # [n, 1], from the prompt pass
     prompt_mask = rollout.prompt_mask[prompts]  # [n, P]
     t = completion.shape[1]
     steps = torch.arange(t, device=completion.device)  # [T]
@@ -271,17 +281,15 @@ def shared_prompt_hidden(
 
 
 def select_groups(
-    prompt: dict[str, Tensor], rollout: Rollout, groups: list[int]
+    family: ModelFamily, prompt: dict[str, Tensor], rollout: Rollout, groups: list[int]
 ) -> tuple[dict[str, Tensor], Rollout]:
     """The prompts `groups` of a batch and their G completions each, in that order."""
     g = rollout.group_size
     index = torch.tensor(groups, dtype=torch.long, device=rollout.prompt_ids.device)
     rows = (index[:, None] * g + torch.arange(g, device=index.device)).flatten()  # [n*G]
-    patches = image_patches(prompt)
-    images = images_of(prompt, groups)
-    picked = {k: prompt[k][index] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    picked["image_grid_thw"] = prompt["image_grid_thw"][images]
-    picked["pixel_values"] = torch.cat([patches[i] for i in images])
+    parts = family.split_images(prompt)
+    picked = {k: prompt[k][index] for k in ROW_KEYS}
+    picked.update(family.join_images([parts[i] for i in images_of(prompt, groups)]))
     if "image_counts" in prompt:
         picked["image_counts"] = prompt["image_counts"][index]
     return picked, Rollout(
@@ -297,7 +305,7 @@ def select_groups(
 
 
 def concat_rollouts(
-    parts: list[tuple[dict[str, Tensor], Rollout]], pad_id: int
+    family: ModelFamily, parts: list[tuple[dict[str, Tensor], Rollout]], pad_id: int
 ) -> tuple[dict[str, Tensor], Rollout]:
     """One batch from several: prompts re-padded on the left, completions on the right."""
     prompts = [p for p, _ in parts]
@@ -306,8 +314,7 @@ def concat_rollouts(
         "input_ids": _pad_cat([p["input_ids"] for p in prompts], pad_id, left=True),
         "attention_mask": _pad_cat([p["attention_mask"] for p in prompts], 0, left=True),
         "mm_token_type_ids": _pad_cat([p["mm_token_type_ids"] for p in prompts], 0, left=True),
-        "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts]),
-        "pixel_values": torch.cat([p["pixel_values"] for p in prompts]),
+        **family.join_images([one for p in prompts for one in family.split_images(p)]),
     }
     if any("image_counts" in p for p in prompts):
         merged["image_counts"] = torch.cat([_image_counts(p) for p in prompts])
@@ -321,6 +328,10 @@ def concat_rollouts(
         group_size=rollouts[0].group_size,
         seconds=sum(r.seconds for r in rollouts),
     )
+
+
+ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+"""A prompt batch's per-row tensors [B, P]; the rest are images and `image_counts`."""
 
 
 def _pad_cat(tensors: list[Tensor], value: float, left: bool) -> Tensor:

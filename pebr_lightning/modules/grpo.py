@@ -31,7 +31,7 @@ from torch import Tensor
 
 from pebr_lightning.algorithms.advantages import step_advantages
 from pebr_lightning.algorithms.loss_config import GRPOLossConfig
-from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, prompt_limit
+from pebr_lightning.data.collate import PromptCollator, prompt_inputs, prompt_limit
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.engines import (
     EngineContext,
@@ -44,6 +44,7 @@ from pebr_lightning.errors import PebrError
 from pebr_lightning.evaluation.held_out import GreedyTestLoop, GreedyValidationLoop
 from pebr_lightning.metrics.phases import PhaseMeter
 from pebr_lightning.metrics.step import StepMetrics
+from pebr_lightning.models.families import ModelFamily, family_of
 from pebr_lightning.models.policy import (
     PolicySpec,
     adapter_free_vision,
@@ -228,6 +229,11 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         return configure_adamw(params, self.optim, int(self.trainer.estimated_stepping_batches))
 
     @property
+    def family(self) -> ModelFamily:
+        """The policy's model family (models/families/)."""
+        return family_of(unwrap(self.policy).config)
+
+    @property
     def held_out_max_new_tokens(self) -> int:  # validation and `pebr test` answer as rollouts
         return self.sampling.max_new_tokens
 
@@ -248,11 +254,11 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         if self.phase_meter is None:
             self.phase_meter = PhaseMeter(self.device)
         self.phase_meter.reset()
-        prompt = {k: batch[k] for k in PROMPT_KEYS}
+        prompt = prompt_inputs(batch)
         rollout, features = self.rollout(prompt, batch["records"])
         scores = self.score(rollout, batch["records"], batch["image_lists"])
         part = ScoredRollout(
-            prompt, rollout, features, scores, batch["records"], batch["image_lists"]
+            prompt, rollout, features, scores, batch["records"], batch["image_lists"], self.family
         )
         if self.dynamic_sampling_tries:
             part = self.resample(part)
@@ -351,11 +357,17 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         def draw(attempt: int, want: int) -> ScoredRollout:
             picks = torch.randint(len(dataset), (want,), generator=generator).tolist()
             batch = self.collator("train")([dataset[i] for i in picks])
-            prompt = {k: batch[k].to(self.device) for k in PROMPT_KEYS}
+            prompt = {k: v.to(self.device) for k, v in prompt_inputs(batch).items()}
             rollout, features = self.rollout(prompt, batch["records"], attempt=attempt)
             scores = self.score(rollout, batch["records"], batch["image_lists"])
             return ScoredRollout(
-                prompt, rollout, features, scores, batch["records"], batch["image_lists"]
+                prompt,
+                rollout,
+                features,
+                scores,
+                batch["records"],
+                batch["image_lists"],
+                self.family,
             )
 
         # Sharded, every process must roll out as often as the neediest one (each
@@ -427,8 +439,8 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         return memory_guard(phase, self.global_step, self.sampling, micro, records)
 
     def logprobs(self, base, prompt, rollout, rows, features) -> Tensor:
-        qwen_vl = supports_shared_features(base)
-        if features is None and self.share_image_features and qwen_vl:
+        shared = supports_shared_features(base)
+        if features is None and self.share_image_features and shared:
             # trainable vision tower: encode only this micro-batch's images, with gradients
             features = features_of(base, prompt, rows // rollout.group_size)
         # A checkpointed layer in training mode drops the KV cache the sharing rides on.
@@ -441,7 +453,7 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
             features,
             self.sampling.temperature,
             self.update_cfg.logprob_chunk_size,
-            share_prompt=self.update_cfg.share_prompt and qwen_vl and not checkpointed,
+            share_prompt=self.update_cfg.share_prompt and shared and not checkpointed,
         )
 
     def log_step(self, part: ScoredRollout, advantages: Tensor, metrics: dict) -> None:

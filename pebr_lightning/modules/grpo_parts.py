@@ -23,6 +23,7 @@ from pebr_lightning.algorithms.advantages import zero_variance_groups
 from pebr_lightning.algorithms.reward_stats import fill_missing
 from pebr_lightning.algorithms.sections import section_mask
 from pebr_lightning.data.prompts import RATIONALE_HEADER
+from pebr_lightning.models.families import ModelFamily
 from pebr_lightning.models.rollout import Rollout, concat_rollouts, select_groups
 from pebr_lightning.rewards.combine import RewardResult
 
@@ -65,6 +66,8 @@ class ScoredRollout:
     """[B] manifest records."""
     images: list[list[Any]]
     """[B] each prompt's decoded images, in order."""
+    family: ModelFamily
+    """The policy's model family: how the prompt's images split and join."""
 
     @property
     def group_size(self) -> int:
@@ -79,7 +82,7 @@ class ScoredRollout:
     def select(self, groups: Sequence[int]) -> ScoredRollout:
         """These groups (prompts with their G completions each), in this order."""
         g = self.group_size
-        prompt, rollout = select_groups(self.prompt, self.rollout, list(groups))
+        prompt, rollout = select_groups(self.family, self.prompt, self.rollout, list(groups))
         return ScoredRollout(
             prompt,
             rollout,
@@ -87,12 +90,14 @@ class ScoredRollout:
             self.scores.select([i * g + j for i in groups for j in range(g)]),
             [self.records[i] for i in groups],
             [self.images[i] for i in groups],
+            self.family,
         )
 
     @staticmethod
     def concat(parts: Sequence[ScoredRollout], pad_id: int) -> ScoredRollout:
         """One batch from several, in order; features only when every part has them."""
-        prompt, rollout = concat_rollouts([(p.prompt, p.rollout) for p in parts], pad_id)
+        family = parts[0].family
+        prompt, rollout = concat_rollouts(family, [(p.prompt, p.rollout) for p in parts], pad_id)
         shared = all(p.features is not None for p in parts)
         return ScoredRollout(
             prompt,
@@ -101,6 +106,7 @@ class ScoredRollout:
             Scores.concat([p.scores for p in parts]),
             [r for p in parts for r in p.records],
             [im for p in parts for im in p.images],
+            family,
         )
 
 

@@ -26,11 +26,13 @@ from pebr_lightning.algorithms.logprobs import shifted_targets, token_logprobs
 from pebr_lightning.data.collate import PromptCollator, SFTCollator
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.evaluation.held_out import GreedyTestLoop
+from pebr_lightning.models.families import family_of
 from pebr_lightning.models.policy import (
     PolicySpec,
     load_processor,
     unwrap,
 )
+from pebr_lightning.models.rollout import row_inputs
 from pebr_lightning.modules.optim import OptimConfig, configure_adamw
 from pebr_lightning.modules.shared import (
     check_trainable_state,
@@ -40,14 +42,6 @@ from pebr_lightning.modules.shared import (
     shard_module,
 )
 from pebr_lightning.parallel.sharding import sum_across, world_size
-
-MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "pixel_values",
-    "image_grid_thw",
-    "mm_token_type_ids",
-)
 
 
 class SFTModule(GreedyTestLoop, L.LightningModule):
@@ -63,7 +57,8 @@ class SFTModule(GreedyTestLoop, L.LightningModule):
         Args:
             policy: the model trained and how it loads (models/policy.py): model
                 (`tiny-qwen2.5-vl`, embedded, no download; a local checkpoint folder or
-                a hub id of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model), lora (null for
+                a hub id of a model of a registered family: Qwen2-VL / Qwen2.5-VL /
+                Qwen3-VL, Gemma 3), lora (null for
                 full fine-tuning), quantization (4/8-bit QLoRA), freeze_vision (left
                 unset: the vision tower and projector stay frozen, as in the paper's
                 SFT), dtype,
@@ -153,8 +148,15 @@ class SFTModule(GreedyTestLoop, L.LightningModule):
         batch, as on one process, however unevenly the tokens fall.
         """
         base = unwrap(self.policy)
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        hidden = base.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+        family = family_of(base.config)
+        mask = batch["attention_mask"]
+        hidden = base.model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            use_cache=False,
+            **row_inputs(family, batch["mm_token_type_ids"], mask),
+            **{k: batch[k] for k in family.image_keys if k in batch},
+        ).last_hidden_state  # [B, T, H]
         hidden, targets = shifted_targets(hidden, batch["labels"])  # [N, H], [N]
         logp = token_logprobs(hidden, base.lm_head, targets, self.logprob_chunk_size)  # [N]
         nll = -logp.sum()

@@ -1,4 +1,4 @@
-"""Training across processes: the FSDP2 strategy and sharding of Qwen-VL policies."""
+"""Training across processes: the FSDP2 strategy and sharding of VLM policies."""
 
 from pebr_lightning.parallel.strategy import FSDP2Strategy
 

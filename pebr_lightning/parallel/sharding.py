@@ -1,9 +1,10 @@
-"""FSDP2 (`fully_shard`) for Qwen-VL policies, and the collective helpers the modules
+"""FSDP2 (`fully_shard`) for VLM policies, and the collective helpers the modules
 need once parameters are sharded.
 
 Sharding units, bottom-up (fully_shard groups a module's parameters that no earlier
-call took): every language decoder layer, every vision block, the vision tower's
-remaining layers (patch embedding, merger), the input embedding together with the
+call took): every language decoder layer, every vision block (Qwen's), the vision
+modules of the model family (models/families/) with their remaining layers (patch
+embedding, merger or projector), the input embedding together with the
 LM head (one group: Qwen ties them in the small models, and the modules call
 `lm_head` directly, outside the model's own forward), then the rest of the
 language model (final norm). The code never calls the top-level model's forward
@@ -22,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pebr_lightning.models.families import family_of
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -39,7 +42,9 @@ def shard_policy(
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
 ) -> None:
-    """Apply `fully_shard` to a Qwen-VL model `base` (inside `policy`, e.g. a PEFT wrapper)."""
+    """Apply `fully_shard` to a VLM `base` (inside `policy`, e.g. a PEFT wrapper): each
+    language layer, each block of the vision modules (the family's), those modules, the
+    embeddings with the LM head, then the rest."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs = {
@@ -50,11 +55,13 @@ def shard_policy(
     model = base.model
     for layer in model.language_model.layers:
         fully_shard(layer, **kwargs)
-    visual = getattr(model, "visual", None)
-    if visual is not None:
-        for block in visual.blocks:
+    for name in family_of(base.config).vision_modules:
+        vision = getattr(model, name, None)
+        if vision is None:
+            continue
+        for block in getattr(vision, "blocks", ()):  # Qwen's vision blocks
             fully_shard(block, **kwargs)
-        fully_shard(visual, **kwargs)
+        fully_shard(vision, **kwargs)
     fully_shard([model.language_model.embed_tokens, base.lm_head], **kwargs)
     fully_shard(model, **kwargs)
 

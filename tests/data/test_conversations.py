@@ -70,7 +70,7 @@ def test_a_conversation_trains_on_the_same_tokens_as_its_question_record(process
         assert out["input_ids"][:length] == classic["input_ids"][0, :length].tolist()
         assert processor.tokenizer.decode(out["input_ids"][length:]) == "\n"
         assert out["labels"] == [*classic["labels"][0, :length].tolist(), IGNORE_INDEX]
-        assert out["image_grid_thw"].tolist() == classic["image_grid_thw"].tolist()
+        assert out["images"]["image_grid_thw"].tolist() == classic["image_grid_thw"].tolist()
 
 
 def test_multi_turn_trains_every_assistant_turn_and_nothing_else(processor, shapes):

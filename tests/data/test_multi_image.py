@@ -16,12 +16,13 @@ from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig, build_messages
 from pebr_lightning.engines.hf import sample_group
 from pebr_lightning.errors import ManifestError
+from pebr_lightning.models.families.qwen_vl import QwenVL
 from pebr_lightning.models.policy import build_policy, unwrap
 from pebr_lightning.models.rollout import (
     SamplingConfig,
+    all_features,
     completion_logprobs,
     eos_token_ids,
-    image_features,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,9 +114,9 @@ def test_rollout_logprobs_equal_a_plain_forward_of_each_prompt_alone(multi, tiny
     tok = processor.tokenizer
     sampling = SamplingConfig(group_size=2, max_new_tokens=8, temperature=1.0)
     with torch.no_grad():
-        features = image_features(base, batch["pixel_values"], batch["image_grid_thw"])
+        features = all_features(base, batch)
         rollout = sample_group(
-            model, base, batch, sampling, eos_token_ids(tok), tok.pad_token_id,
+            model, base, batch, sampling, eos_token_ids(tok, QwenVL.end_tokens), tok.pad_token_id,
             features=features, generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
         rows = torch.arange(rollout.completion_ids.shape[0])

@@ -332,7 +332,7 @@ def test_the_same_rollout_keys_draw_the_same_completions(tiny_path, shapes_data)
     """Each completion's seed comes from its rollout key (seed, step, sample id, member):
     the same keys draw the same tokens whatever else the call holds, so a resumed run
     draws what the uninterrupted one drew; other keys draw others."""
-    from pebr_lightning.data.collate import PROMPT_KEYS, PromptCollator, RecordDataset
+    from pebr_lightning.data.collate import PromptCollator, RecordDataset, prompt_inputs
     from pebr_lightning.data.prompts import PromptConfig
     from pebr_lightning.models.rollout import group_keys
 
@@ -340,7 +340,7 @@ def test_the_same_rollout_keys_draw_the_same_completions(tiny_path, shapes_data)
     built = build_policy(str(tiny_path))
     items = RecordDataset(records)
     batch = PromptCollator(built.processor, PromptConfig())([items[i] for i in range(3)])
-    prompt = {k: batch[k] for k in PROMPT_KEYS}
+    prompt = prompt_inputs(batch)
     sampling = SamplingConfig(group_size=4, temperature=1.0, top_p=1.0, max_new_tokens=8)
     ids = [str(r["id"]) for r in records]
     engine = VLLMEngine(built.processor, str(tiny_path), str(vllm_python()), dtype="float32")

@@ -23,6 +23,7 @@ from pebr_lightning.data.collate import PromptCollator, RecordDataset
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.engines.hf import sample_group
+from pebr_lightning.models.families.qwen_vl import QwenVL
 from pebr_lightning.models.policy import LANGUAGE_PROJECTIONS, build_policy, unwrap
 from pebr_lightning.models.rollout import (
     SamplingConfig,
@@ -232,7 +233,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_full_forward(
                 base,
                 batch,
                 SamplingConfig(group_size=3, max_new_tokens=10, temperature=1.0),
-                eos_token_ids(tok),
+                eos_token_ids(tok, QwenVL.end_tokens),
                 tok.pad_token_id,
                 generator=torch.Generator(device=device).manual_seed(0),
             )

@@ -93,6 +93,10 @@ def family_path(tmp_path_factory, tiny_path):
     def get(family: str) -> Path:
         if family == "qwen2_5_vl":
             return tiny_path
+        if family == "gemma3":  # the second family, built by the demo package
+            from pebr_demo.models.tiny_gemma3 import ensure_tiny_gemma3
+
+            return ensure_tiny_gemma3()
         if family not in made:
             made[family] = save_family(tmp_path_factory.mktemp(family), family, tiny_path)
         return made[family]

@@ -9,15 +9,16 @@ from pebr_lightning.data.collate import PromptCollator, RecordDataset
 from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.engines.hf import sample_group
+from pebr_lightning.models.families import family_of
 from pebr_lightning.models.policy import build_policy, unwrap
 from pebr_lightning.models.rollout import (
     SamplingConfig,
+    all_features,
     completion_logprobs,
     eos_token_ids,
-    image_features,
 )
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"]
 
 
 def rollout_of(path, shapes_data, n_prompts=3, group_size=3):
@@ -33,9 +34,14 @@ def rollout_of(path, shapes_data, n_prompts=3, group_size=3):
     sampling = SamplingConfig(group_size=group_size, max_new_tokens=10, temperature=1.0)
     with torch.no_grad():
         rollout = sample_group(
-            model.eval(), base, batch, sampling, eos_token_ids(tok), tok.pad_token_id,
+            model.eval(),
+            base,
+            batch,
+            sampling,
+            eos_token_ids(tok, family_of(base.config).end_tokens),
+            tok.pad_token_id,
             generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
+        )
     assert len(set(batch["attention_mask"].sum(-1).tolist())) > 1  # padding differs
     return model, base, batch, rollout
 
@@ -71,9 +77,13 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_full_forward(
     )
     full, shared = results[False][1], results[True][1]
     assert set(full) == set(shared)
-    assert any("visual" in n for n in full)  # the tower got gradients through both paths
+    tower = family_of(base.config).vision_modules[0]
+    assert any(f".{tower}." in n for n in full)  # the tower got gradients through both paths
     for name, grad in full.items():
-        torch.testing.assert_close(shared[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+        # float rounding scales with a tensor's largest entry: Gemma 3's random-init
+        # projector weight gets gradients of ~1e4, whose small entries differ by ~1e-3
+        atol = 1e-5 * (1.0 + float(grad.abs().max()))
+        torch.testing.assert_close(shared[name], grad, atol=atol, rtol=1e-3, msg=name)
     # the sampler's own log-probs agree too (the decode used the same positions)
     torch.testing.assert_close(results[True][0][mask], rollout.logprobs[mask], atol=2e-5, rtol=1e-4)
 
@@ -84,7 +94,7 @@ def test_shared_prompt_on_a_micro_batch_that_cuts_groups(tiny_path, shapes_data)
     model, base, batch, rollout = rollout_of(tiny_path, shapes_data, n_prompts=3, group_size=3)
     model.eval()
     with torch.no_grad():
-        feats = image_features(base, batch["pixel_values"], batch["image_grid_thw"])
+        feats = all_features(base, batch)
         rows = torch.tensor([2, 3, 4, 7])  # prompts 0, 1, 1, 2
         shared = completion_logprobs(base, batch, rollout, rows, feats, 1.0, share_prompt=True)
         full = completion_logprobs(base, batch, rollout, rows, None, 1.0)

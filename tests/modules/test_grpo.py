@@ -17,11 +17,12 @@ from pebr_lightning.data.manifest import load_manifest
 from pebr_lightning.data.prompts import PromptConfig
 from pebr_lightning.engines.hf import sample_group
 from pebr_lightning.errors import PebrError
+from pebr_lightning.models.families.qwen_vl import QwenVL
 from pebr_lightning.models.policy import LoraConfig, PolicySpec, unwrap
 from pebr_lightning.models.rollout import (
     SamplingConfig,
+    all_features,
     completion_logprobs,
-    image_features,
 )
 from pebr_lightning.modules.grpo import GRPOLossConfig, GRPOModule
 from pebr_lightning.modules.grpo_update import UpdateConfig
@@ -82,7 +83,7 @@ def test_shared_rollout_logprobs_equal_the_naive_path(tiny_path, shapes_data):
     batch = prompt_batch(module, shapes_data, n=3)
     tokenizer = module.processor.tokenizer
     with torch.no_grad():
-        feats = image_features(base, batch["pixel_values"], batch["image_grid_thw"])
+        feats = all_features(base, batch)
         rollout = sample_group(
             module.policy, base, batch, SAMPLING, [tokenizer.eos_token_id], tokenizer.pad_token_id,
             feats, generator=torch.Generator().manual_seed(0),
@@ -224,7 +225,11 @@ def test_selected_and_merged_groups_keep_their_logprobs(tiny_path, shapes_data):
         rows = torch.arange(rollout.completion_ids.shape[0])
         original = completion_logprobs(base, batch, rollout, rows, None, 1.0)
         merged_prompt, merged = concat_rollouts(
-            [select_groups(batch, rollout, [2, 0]), select_groups(batch, rollout, [1])],
+            QwenVL(),
+            [
+                select_groups(QwenVL(), batch, rollout, [2, 0]),
+                select_groups(QwenVL(), batch, rollout, [1]),
+            ],
             tok.pad_token_id,
         )
         again = completion_logprobs(base, merged_prompt, merged, rows, None, 1.0)
@@ -274,7 +279,9 @@ def test_merge_parts_keeps_rewards_texts_and_records_aligned(tiny_path, shapes_d
             )
         scores = module.score(rollout, batch["records"], batch["image_lists"])
         parts.append(
-            ScoredRollout(batch, rollout, None, scores, batch["records"], batch["image_lists"])
+            ScoredRollout(
+                batch, rollout, None, scores, batch["records"], batch["image_lists"], QwenVL()
+            )
         )
     g = SAMPLING.group_size
     # dynamic sampling's merge: part 0's group 1, then part 1's group 2
