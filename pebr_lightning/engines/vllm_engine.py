@@ -68,7 +68,7 @@ from pebr_lightning.engines.remote import (
 from pebr_lightning.engines.worker import Leader, WorkerProcess, write_folder
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.families import ModelFamily, family_of
-from pebr_lightning.models.policy import unwrap
+from pebr_lightning.models.policy import family_at, unwrap
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, eos_token_ids, vision_token_ids
 from pebr_lightning.parallel.sharding import full_state_dict, is_sharded
 
@@ -190,9 +190,9 @@ class VLLMEngine:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.pad = self.tokenizer.pad_token_id
-        self.family: ModelFamily | None = None
-        """The policy's model family, known from the first sync (models/families/)."""
-        self.eos: list[int] = []
+        self.family: ModelFamily = family_at(model)
+        """The model's family (models/families/): its end tokens and image placeholder."""
+        self.eos = eos_token_ids(self.tokenizer, self.family.end_tokens)
         self.request_timeout_s = request_timeout_s
         self.max_model_len = max_model_len or default_max_model_len(model)
         self.vocab = len(self.tokenizer)
@@ -338,8 +338,6 @@ class VLLMEngine:
     def prompt_text(self, ids: Tensor) -> str:
         """The prompt as text with one image placeholder per image (vLLM expands it)."""
         text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
-        if self.family is None:
-            raise RuntimeError("VLLMEngine.generate before sync_weights(policy)")
         return self.family.collapse_placeholders(text)
 
     def _rollout(self, prompt: dict[str, Tensor], outputs: list[dict], g: int, seconds: float):

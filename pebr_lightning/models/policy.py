@@ -260,7 +260,7 @@ def build_policy(
         if not quantization.quantize_vision:
             # transformers matches skip patterns from the start of the full module name
             # ("model.visual.blocks.0..."), as a regex ending on a module boundary.
-            skip += [f".*{name}" for name in _family_at(path, trust_remote_code).vision_modules]
+            skip += [f".*{name}" for name in family_at(path, trust_remote_code).vision_modules]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization.bits == 4,
             load_in_8bit=quantization.bits == 8,
@@ -366,10 +366,13 @@ def _looks_local(name: str) -> bool:
     return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
 
 
-def _family_at(path: str, trust_remote_code: bool) -> Any:
-    """The model family of the checkpoint at `path`, from its config alone."""
+def family_at(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The model family of a checkpoint (a registered name, a folder or a hub id), from
+    its config alone."""
     from transformers import AutoConfig
 
+    path = resolve_model_path(name_or_path)
+    path = adapter_base(path) or path  # a LoRA folder: its base model's config
     return family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 
