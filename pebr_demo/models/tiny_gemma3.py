@@ -25,7 +25,7 @@ from pebr_lightning.files import cache_dir
 
 NAME = "tiny-gemma3"
 # Bump when the recipe changes, so stale cache folders are never reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 IMAGE_SIZE = 112
 SOFT_TOKENS = 16  # 112 px / 14 px patches = 8 x 8, pooled 2 x 2 -> 4 x 4 per image
 
@@ -91,6 +91,12 @@ def build_tiny_gemma3(out_dir: Path) -> None:
             "image_token": "<image_soft_token>",
         },
     )
+    # Gemma's vocabulary holds runs of one to four newlines as single tokens, and vLLM's
+    # Gemma 3 processor looks them up by their text when it expands an image; byte-level
+    # BPE spells them otherwise, so they are added as they are.
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken("\n" * n, normalized=False) for n in (4, 3, 2, 1)])
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in GEMMA_SPECIAL_TOKENS}
     config = Gemma3Config(
         text_config={

