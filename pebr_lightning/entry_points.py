@@ -51,6 +51,17 @@ def is_builtin(ep: metadata.EntryPoint) -> bool:
     return dist is not None and canonical_dist(dist.name) == BUILTIN_DIST
 
 
+def builtin_first(group: str) -> dict[str, metadata.EntryPoint]:
+    """Name -> entry point of `group`, this project's own registration winning over a
+    plugin's for the same name (the engine and model-family registries: a plugin
+    cannot shadow a built-in name)."""
+    found: dict[str, metadata.EntryPoint] = {}
+    for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
+        if ep.name not in found or is_builtin(ep):
+            found[ep.name] = ep
+    return found
+
+
 def names(group: str) -> list[str]:
     """The names registered in `group`, sorted."""
     return sorted({ep.name for ep in metadata.entry_points(group=group)})

@@ -31,7 +31,6 @@ import dataclasses
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -42,7 +41,7 @@ from pebr_lightning.algorithms.variants import build_variant
 from pebr_lightning.class_paths import import_dotted
 from pebr_lightning.data.collate import PromptCollator, RecordDataset, prompt_inputs
 from pebr_lightning.data.prompts import PromptConfig
-from pebr_lightning.entry_points import is_builtin
+from pebr_lightning.entry_points import builtin_first
 from pebr_lightning.errors import PebrError
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, decode_completions
 
@@ -260,11 +259,7 @@ register_type(
 
 def registered_engines() -> dict[str, str]:
     """Every engine name the installed distributions register -> its settings class path."""
-    found: dict[str, str] = {}
-    for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
-        if ep.name not in found or is_builtin(ep):  # a plugin cannot shadow a built-in name
-            found[ep.name] = ep.value
-    return found
+    return {name: ep.value for name, ep in builtin_first(GROUP).items()}
 
 
 def engine_class_path(name: str) -> str:

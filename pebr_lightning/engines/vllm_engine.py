@@ -67,7 +67,7 @@ from pebr_lightning.engines.remote import (
 )
 from pebr_lightning.engines.worker import Leader, WorkerProcess, write_folder
 from pebr_lightning.errors import PebrError
-from pebr_lightning.models.families import ModelFamily, family_of
+from pebr_lightning.models.families import ModelFamily
 from pebr_lightning.models.policy import family_at, unwrap
 from pebr_lightning.models.rollout import Rollout, SamplingConfig, eos_token_ids, vision_token_ids
 from pebr_lightning.parallel.sharding import full_state_dict, is_sharded
@@ -231,8 +231,6 @@ class VLLMEngine:
     def sync_weights(self, policy: nn.Module) -> None:
         start = time.perf_counter()
         base = unwrap(policy)
-        self.family = family_of(base.config)
-        self.eos = eos_token_ids(self.tokenizer, self.family.end_tokens)
         self.banned = vision_token_ids(base.config)
         self.vocab = max(self.vocab, base.get_input_embeddings().num_embeddings)
         lora = hasattr(policy, "peft_config")

@@ -328,11 +328,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def vision_modules(model: nn.Module) -> list[nn.Module]:
+    """The vision tower and its projector (the model family's `vision_modules`)."""
+    base = unwrap(model)
+    found = (getattr(base.model, name, None) for name in family_of(base.config).vision_modules)
+    return [module for module in found if module is not None]
+
+
 def vision_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The weights of the vision tower and its projector (the model family's
-    `vision_modules`), by name."""
-    names = family_of(unwrap(model).config).vision_modules
-    return [(n, p) for n, p in model.named_parameters() if any(f".{v}." in f".{n}" for v in names)]
+    """The weights of the vision modules, by name within them."""
+    return [item for module in vision_modules(model) for item in module.named_parameters()]
 
 
 def vision_trainable(policy: nn.Module) -> bool:

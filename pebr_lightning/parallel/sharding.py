@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pebr_lightning.models.families import family_of
+from pebr_lightning.models.policy import vision_modules
 
 
 def is_distributed() -> bool:
@@ -55,10 +55,7 @@ def shard_policy(
     model = base.model
     for layer in model.language_model.layers:
         fully_shard(layer, **kwargs)
-    for name in family_of(base.config).vision_modules:
-        vision = getattr(model, name, None)
-        if vision is None:
-            continue
+    for vision in vision_modules(base):
         for block in getattr(vision, "blocks", ()):  # Qwen's vision blocks
             fully_shard(block, **kwargs)
         fully_shard(vision, **kwargs)

@@ -84,17 +84,7 @@ class ModelFamily(Protocol):
 def registered_families() -> dict[str, str]:
     """model_type -> the family class path the installed distributions register (this
     project's own registration wins over a plugin's for the same model_type)."""
-    return {name: ep.value for name, ep in _entries().items()}
-
-
-def _entries() -> dict[str, Any]:
-    from importlib import metadata
-
-    found: dict[str, Any] = {}
-    for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
-        if ep.name not in found or entry_points.is_builtin(ep):
-            found[ep.name] = ep
-    return found
+    return {name: ep.value for name, ep in entry_points.builtin_first(GROUP).items()}
 
 
 _cache: dict[str, ModelFamily] = {}
@@ -105,7 +95,7 @@ def family_of(config: Any) -> ModelFamily:
     model_type = getattr(config, "model_type", None)
     if model_type in _cache:
         return _cache[model_type]
-    entries = _entries()
+    entries = entry_points.builtin_first(GROUP)
     if model_type not in entries:
         known = ", ".join(sorted(entries)) or "none"
         raise PebrError(
