@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from pebr_lightning.algorithms.sampling import KeyedGumbel, sample_tokens
 from pebr_lightning.engines.base import EngineContext
 from pebr_lightning.models.families import family_of
+from pebr_lightning.models.kv_cache import reserve
 from pebr_lightning.models.policy import unwrap
 from pebr_lightning.models.rollout import (
     Rollout,
@@ -151,12 +152,17 @@ def sample_group(
     logits = base.lm_head(out.last_hidden_state[:, -1])  # [B, V]
     cache = out.past_key_values
     cache.batch_repeat_interleave(g)  # [B*G] from here on
+    reserve(cache, sampling.max_new_tokens)  # written in place, not grown by copy
     # Position of the k-th real token = k + the family's offset (Qwen: text after an
     # image continues from its 2-D positions, what get_rope_index computed in the prefill).
     delta = family.position_offset(base, mask).repeat_interleave(g, 0)  # [B*G, 1]
     logits = logits.repeat_interleave(g, 0)  # [B*G, V]
     attention = mask.repeat_interleave(g, 0)  # [B*G, P]
     real = attention.sum(-1, keepdim=True)  # [B*G, 1]
+    # The mask of the prompt and every step to come; decode step t reads its first
+    # P + t + 1 columns (a view: no copy per step).
+    p = attention.shape[1]
+    attention = torch.cat([attention, attention.new_zeros(b * g, sampling.max_new_tokens)], 1)
     eos = torch.tensor(eos_ids, device=input_ids.device)
 
     tokens, logps, alive_steps = [], [], []
@@ -186,10 +192,10 @@ def sample_group(
             first_token_s = time.perf_counter() - start
         if not running or step == sampling.max_new_tokens - 1:
             break
-        attention = torch.cat([attention, alive[:, None].long()], dim=1)  # [B*G, P+step+1]
+        attention[:, p + step] = alive
         out = base.model(
             input_ids=token[:, None],
-            attention_mask=attention,
+            attention_mask=attention[:, : p + step + 1],  # [B*G, P+step+1]
             position_ids=real + step + delta,  # [B*G, 1]
             past_key_values=cache,
             use_cache=True,

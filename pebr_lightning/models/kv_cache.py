@@ -1,0 +1,106 @@
+"""A KV cache whose full-attention layers are written in place instead of grown by copy.
+
+transformers' DynamicLayer appends each decode step's keys and values with
+`torch.cat`, which copies the whole cache every step: for a rollout of B*G rows and
+T new tokens that is O(T^2) copying, and on CPU it was 30% of an evaluation's time
+(docs/BENCHMARKS.md, "Decoding into a reserved KV cache"). When the number of tokens
+still to come is known (a rollout's max_new_tokens), the room can be taken once and
+each step writes its column. Attention then reads a view of the first L positions:
+the same values in the same order as the grown cache, so the logits are the same to
+the last bit (tests/engines/test_kv_cache.py); only the copies are gone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+def reserve(cache: object, tokens: int) -> object:
+    """Give each plain full-attention layer of `cache` room for `tokens` more positions.
+
+    `cache`: a transformers Cache after the prefill (batch repeats done). Layers of
+    another kind (sliding window, quantized, static) are left as they are; a cache
+    without per-layer storage is returned unchanged. Returns `cache`, changed in place.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or tokens <= 0:
+        return cache
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
+            layers[i] = reserved_layer_class().taking_over(layer, tokens)
+    return cache
+
+
+@functools.cache
+def reserved_layer_class() -> type:
+    """The ReservedLayer class (made on first use: transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A DynamicLayer whose keys/values are views of buffers with room to spare."""
+
+        @classmethod
+        def taking_over(cls, layer: DynamicLayer, tokens: int) -> DynamicLayer:
+            new = cls()
+            new.__dict__.update(layer.__dict__)  # dtype, device, initialisation state
+            keys, values = layer.keys, layer.values  # [N, H, L, D]
+            new._used = keys.shape[-2]
+            new._key_room = _room(keys, tokens)
+            new._value_room = _room(values, tokens)
+            new._expose()
+            return new
+
+        def _expose(self) -> None:
+            self.keys = self._key_room[..., : self._used, :]
+            self.values = self._value_room[..., : self._used, :]
+
+        def update(
+            self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+        ) -> tuple[Tensor, Tensor]:
+            step = key_states.shape[-2]
+            if self._used + step > self._key_room.shape[-2]:  # more than reserved: grow
+                return super().update(key_states, value_states, *args, **kwargs)
+            self._key_room[..., self._used : self._used + step, :] = key_states
+            self._value_room[..., self._used : self._used + step, :] = value_states
+            self._used += step
+            self._expose()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            self._key_room = self._key_room[indices, ...]
+            self._value_room = self._value_room[indices, ...]
+            self._expose()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._key_room = self._key_room.repeat_interleave(repeats, dim=0)
+            self._value_room = self._value_room.repeat_interleave(repeats, dim=0)
+            self._expose()
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.batch_select_indices(beam_idx.to(self._key_room.device))
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove < 0:
+                self._used = max(0, self._used + tokens_to_remove)
+                self._expose()
+            else:
+                super().crop(tokens_to_remove)
+
+        def reset(self) -> None:
+            self._used = 0
+            self._expose()
+
+    return ReservedLayer
+
+
+def _room(states: Tensor, tokens: int) -> Tensor:
+    """[N, H, L, D] -> [N, H, L + tokens, D], the first L positions holding `states`."""
+    n, h, length, d = states.shape
+    room = states.new_empty(n, h, length + tokens, d)
+    room[..., :length, :] = states
+    return room
