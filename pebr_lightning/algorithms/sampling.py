@@ -11,6 +11,8 @@ or one resumed mid-epoch, samples the same completions.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -39,13 +41,29 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2**32 for int64 tensors holding 32-bit values, without int64 overflow.
+    """(x * c) mod 2**32 for int64 tensors holding 32-bit values.
 
-    Split x into 16-bit halves: x*c = lo*c + (hi*c << 16); only the low 16 bits of
-    hi*c survive the shift modulo 2**32, and each product stays below 2**48.
+    The product can pass 2**63, and the low 32 bits of a wrapped int64 product are
+    those of the true one, so one multiply and a mask suffice where the device's int64
+    multiply wraps (CPU and CUDA do; checked once per device type). Elsewhere: split x
+    into 16-bit halves, x*c = lo*c + (hi*c << 16), each product below 2**48.
     """
+    if _wrapping_multiply(x.device.type):
+        return (x * c) & _MASK32
+    return _mul32_split(x, c)
+
+
+def _mul32_split(x: Tensor, c: int) -> Tensor:
     lo, hi = x & 0xFFFF, x >> 16
     return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK32
+
+
+@functools.cache
+def _wrapping_multiply(device_type: str) -> bool:
+    """Whether int64 products on `device_type` keep their low 32 bits when they overflow."""
+    x = torch.tensor([0xFFFFFFFF, 0x80000000, 0x9E3779B9, 12345], device=device_type)
+    c = 0x846CA68B
+    return bool(torch.equal((x * c) & _MASK32, _mul32_split(x, c)))
 
 
 def mix32(x: Tensor) -> Tensor:

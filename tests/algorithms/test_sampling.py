@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from pebr_lightning.algorithms import sampling
 from pebr_lightning.algorithms.sampling import (
     KeyedGumbel,
     filter_logits,
@@ -75,6 +76,17 @@ def test_mix32_matches_the_reference_hash():
 
     values = [0, 1, 2, 12345, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]
     assert mix32(torch.tensor(values)).tolist() == [reference(v) for v in values]
+
+
+@pytest.mark.parametrize("c", [0x7FEB352D, 0x846CA68B, 0x9E3779B9])
+def test_the_one_multiply_product_mod_2_32_is_the_exact_one(c):
+    """The wrapped int64 product (used where the device wraps) against Python's
+    unbounded ints and the overflow-free split, on values whose products pass 2**63."""
+    assert sampling._wrapping_multiply("cpu")  # so _mul32 takes the one-multiply path
+    x = torch.cat([torch.randint(0, 2**32, (10_000,)), torch.tensor([0, 1, 2**31, 2**32 - 1])])
+    exact = torch.tensor([(v * c) & 0xFFFFFFFF for v in x.tolist()])
+    assert torch.equal(sampling._mul32(x, c), exact)
+    assert torch.equal(sampling._mul32_split(x, c), exact)
 
 
 def test_keyed_uniform_depends_only_on_key_step_and_token():
