@@ -16,6 +16,13 @@ and writes OUT/learning.md, OUT/learning.json and each seed's reward curves,
 OUT/seed<N>/rewards.png. Finished stages are skipped on a second run, as
 `pebr schedule` does, so an interrupted run continues where it stopped.
 
+Stage 1's reward is also measured on a fixed set: the first `--fixed-questions` of
+each seed's split it trained on, 8 completions each at the stage config's sampling
+settings and rewards, scored for the weights it started from and those it ended with
+(evaluation/stage_reward.py), and for the reference responses (the ceiling). Its
+logged curve compares different questions at its start and end; this compares the
+same ones, with a paired standard error. Kept in OUT/seed<N>/perception/fixed_set.json.
+
     python benchmarks/learning.py                       # 3 seeds + ablation, ~50 min on 2 cores
     python benchmarks/learning.py --seeds 0 --no-ablation --out runs/learning-1
 """
@@ -87,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             "sample": counts,
             "reuse": question_reuse(schedule, counts) if counts else {},
         }
+        if args.fixed_questions:
+            fixed = fixed_set_reward(schedule, "perception", args.fixed_questions, seed)
+            if fixed:
+                runs[seed]["fixed_set"] = fixed
     test = base.data.get("test")
     baseline = majority_baseline(load_manifest(test, check_images=False).records) if test else None
     result = {
@@ -167,6 +178,59 @@ def question_reuse(schedule: Schedule, counts: dict[str, int]) -> dict[str, dict
         size = counts[stage.split]
         found[name] = {"draws": draws, "questions": size, "seen": draws / min(size, draws)}
     return found
+
+
+def fixed_set_reward(schedule: Schedule, stage: str, n: int, seed: int) -> dict[str, Any] | None:
+    """`stage`'s reward on the first `n` questions of its split, at its start and end
+    weights and for the reference responses; None until the stage has finished. The
+    rewards and sampling settings are read from the stage's config file (not from
+    overrides in its `args`). Cached in the stage folder."""
+    out = Path(schedule.out) / stage
+    cached = out / "fixed_set.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    done = read_done(out)
+    if done is None or not done.get("started_from"):
+        return None
+    from pebr_lightning.evaluation.stage_reward import (
+        paired_difference,
+        reference_reward,
+        sampled_reward,
+    )
+    from pebr_lightning.models.policy import build_policy
+    from pebr_lightning.models.rollout import SamplingConfig
+    from pebr_lightning.rewards.combine import load_rewards
+
+    args = yaml.safe_load(Path(schedule.fit[stage].config).read_text())["model"]["init_args"]
+    rewards = load_rewards(args["rewards"])
+    fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+    sampling = SamplingConfig(**{k: v for k, v in args.get("sampling", {}).items() if k in fields})
+    records = load_manifest(done["manifest"]).records[:n]
+    echo(f"{stage}: reward on {len(records)} fixed questions of {done['manifest']}")
+    found: dict[str, Any] = {}
+    for side in ("started_from", "weights"):
+        built = build_policy(done[side])
+        policy = built.model.eval().requires_grad_(False)
+        found[side] = sampled_reward(policy, built.processor, records, rewards, sampling, seed=seed)
+    ceiling = reference_reward(records, rewards, built.processor)
+    diff, se = paired_difference(found["started_from"].per_question, found["weights"].per_question)
+    result = {
+        "questions": len(records),
+        "manifest": done["manifest"],
+        "group_size": sampling.group_size,
+        "start": found["started_from"].mean,
+        "end": found["weights"].mean,
+        "difference": diff,
+        "standard_error": se,
+        "reference": ceiling.mean,
+        "per_reward": {
+            "start": found["started_from"].per_reward,
+            "end": found["weights"].per_reward,
+            "reference": ceiling.per_reward,
+        },
+    }
+    cached.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def done_records(schedule: Schedule) -> dict[str, dict]:
@@ -307,6 +371,21 @@ def format_report(result: dict[str, Any]) -> str:
     for t in result["targets"]:  # every target is judged on differences: signed
         values = ", ".join(f"{v:+.3f}" for v in t["values"])
         lines.append(f"| {t['target']} | {values} | {'yes' if t['met'] else 'NO'} |")
+    fixed = [(seed, r["fixed_set"]) for seed, r in result["runs"].items() if r.get("fixed_set")]
+    if fixed:
+        first = fixed[0][1]
+        lines += [
+            "",
+            f"Stage 1 reward on {first['questions']} fixed questions of its split"
+            f" ({first['group_size']} completions each), start -> end weights, paired"
+            " difference ± standard error: "
+            + "; ".join(
+                f"seed {seed} {f['start']:.3f} -> {f['end']:.3f}"
+                f" ({f['difference']:+.3f} ± {f['standard_error']:.3f})"
+                for seed, f in fixed
+            )
+            + f"; the reference responses score {mean([f['reference'] for _, f in fixed]):.3f}",
+        ]
     if result.get("ablation"):
         pairs = "; ".join(
             f"seed {a['seed']} {a['two_stage']:.3f} vs {a['reasoning_only']:.3f}"
@@ -331,6 +410,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--out", default="runs/learning", help="output folder")
     p.add_argument("--no-ablation", action="store_true", help="skip reasoning-only RL")
+    p.add_argument(
+        "--fixed-questions",
+        type=int,
+        default=256,
+        help="Stage 1's reward on this many fixed questions of its split, at its start"
+        " and end weights (default: 256; 0: skip)",
+    )
     return p
 
 

@@ -80,6 +80,8 @@ def test_learning_benchmark_tiny_mode(tiny_path, shapes_data, tmp_path) -> None:
             "0,1",
             "--out",
             str(out),
+            "--fixed-questions",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -123,6 +125,20 @@ def test_learning_benchmark_tiny_mode(tiny_path, shapes_data, tmp_path) -> None:
     assert all(len(t["values"]) == 2 and isinstance(t["met"], bool) for t in data["targets"])
     assert (out / "learning.md").read_text().strip() in result.stdout
     assert (out / "seed1" / "rewards.png").stat().st_size > 0
+
+    # Stage 1's reward on fixed questions, start and end weights, paired.
+    for seed in ("0", "1"):
+        fixed = data["runs"][seed]["fixed_set"]
+        assert fixed["questions"] == 2 and fixed["group_size"] == 8
+        assert fixed["difference"] == pytest.approx(fixed["end"] - fixed["start"])
+        assert fixed["standard_error"] >= 0
+        # 3 SFT steps from random weights: far from what the reference responses get
+        assert fixed["reference"] > fixed["end"] + 0.2
+        assert fixed["per_reward"]["reference"]["format"] == 1.0
+        assert fixed == json.loads(
+            (out / f"seed{seed}" / "perception" / "fixed_set.json").read_text()
+        )
+    assert "Stage 1 reward on 2 fixed questions of its split" in result.stdout
 
 
 def stage(metric: str, start: float, end: float, **heldout: float) -> dict:
