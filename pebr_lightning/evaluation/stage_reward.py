@@ -22,7 +22,7 @@ from torch import nn
 
 from pebr_lightning.data.collate import RecordDataset
 from pebr_lightning.data.prompts import PromptConfig, record_response
-from pebr_lightning.engines import HFEngine, complete_records
+from pebr_lightning.evaluation.greedy import batched_completions
 from pebr_lightning.models.rollout import SamplingConfig
 from pebr_lightning.rewards.combine import RewardSet
 
@@ -53,23 +53,14 @@ def sampled_reward(
 ) -> StageReward:
     """`sampling.group_size` completions per record from `policy`, scored by `rewards`
     as a GRPO step scores them (a completion whose total is None counts 0)."""
-    engine = HFEngine(processor)
-    engine.sync_weights(policy)
     images = [item["images"] for item in RecordDataset(list(records))]
     by_id = {record["id"]: own for record, own in zip(records, images, strict=True)}
     g = sampling.group_size
     per_question: list[float] = []
     scored: dict[str, list[float]] = {}
     device = next(policy.parameters()).device
-    for chunk, texts in complete_records(
-        engine,
-        processor,
-        records,
-        sampling,
-        batch_size=batch_size,
-        prompt=prompt,
-        device=device,
-        seed=seed,
+    for chunk, texts in batched_completions(
+        policy, processor, records, sampling, batch_size=batch_size, prompt=prompt, seed=seed
     ):
         samples = [r for r in chunk for _ in range(g)]
         own = [by_id[r["id"]] for r in samples]
