@@ -7,7 +7,9 @@ T new tokens that is O(T^2) copying, and on CPU it was 30% of an evaluation's ti
 still to come is known (a rollout's max_new_tokens), the room can be taken once and
 each step writes its column. Attention then reads a view of the first L positions:
 the same values in the same order as the grown cache, so the logits are the same to
-the last bit (tests/engines/test_kv_cache.py); only the copies are gone.
+the last bit (tests/models/test_kv_cache.py); only the copies are gone. Memory: the
+whole room is taken at the start, the size the growing cache reaches once any row runs
+to max_new_tokens (whose last `torch.cat` briefly held two copies of a layer).
 """
 
 from __future__ import annotations
