@@ -65,8 +65,11 @@ def reserved_layer_class() -> type:
             self, key_states: Tensor, value_states: Tensor, *args, **kwargs
         ) -> tuple[Tensor, Tensor]:
             step = key_states.shape[-2]
-            if self._used + step > self._key_room.shape[-2]:  # more than reserved: grow
-                return super().update(key_states, value_states, *args, **kwargs)
+            room = self._key_room.shape[-2]
+            if self._used + step > room:  # past the room: move to one twice as large
+                more = max(step, room)
+                self._key_room = _room(self._key_room[..., : self._used, :], more)
+                self._value_room = _room(self._value_room[..., : self._used, :], more)
             self._key_room[..., self._used : self._used + step, :] = key_states
             self._value_room[..., self._used : self._used + step, :] = value_states
             self._used += step

@@ -53,12 +53,19 @@ def test_a_reserved_layer_holds_what_a_growing_one_holds_through_every_batch_ope
     plain.crop(-1)
     reserved.crop(-1)
     assert_same(plain, reserved)
-    for _ in range(3):  # past the room reserved: grows like the plain layer
+    for _ in range(3):  # past the room reserved: takes a larger one
         new = torch.randn(4, 2, 1, 4)
         plain.update(new, new - 1)
         reserved.update(new, new - 1)
         assert_same(plain, reserved)
     assert reserved.get_seq_length() == 5 + 2 - 1 + 3
+    plain.batch_select_indices(torch.tensor([3, 1]))  # and keeps all of it afterwards
+    reserved.batch_select_indices(torch.tensor([3, 1]))
+    assert_same(plain, reserved)
+    new = torch.randn(2, 2, 4, 4)  # several positions at once, past the room again
+    plain.update(new, new)
+    reserved.update(new, new)
+    assert_same(plain, reserved)
 
 
 def prompts(path, shapes_data, n=4):
