@@ -24,7 +24,7 @@ from pebr_lightning.data.collate import RecordDataset
 from pebr_lightning.data.prompts import PromptConfig, record_response
 from pebr_lightning.evaluation.greedy import batched_completions
 from pebr_lightning.models.rollout import SamplingConfig
-from pebr_lightning.rewards.combine import RewardSet
+from pebr_lightning.rewards.combine import RewardResult, RewardSet, score_groups
 
 
 @dataclass
@@ -54,22 +54,22 @@ def sampled_reward(
     """`sampling.group_size` completions per record from `policy`, scored by `rewards`
     as a GRPO step scores them (a completion whose total is None counts 0)."""
     images = [item["images"] for item in RecordDataset(list(records))]
-    by_id = {record["id"]: own for record, own in zip(records, images, strict=True)}
     g = sampling.group_size
-    per_question: list[float] = []
-    scored: dict[str, list[float]] = {}
     device = next(policy.parameters()).device
+    per_question: list[float] = []
+    scored: dict[str, list[float | None]] = {}
     for chunk, texts in batched_completions(
         policy, processor, records, sampling, batch_size=batch_size, prompt=prompt, seed=seed
     ):
-        samples = [r for r in chunk for _ in range(g)]
-        own = [by_id[r["id"]] for r in samples]
-        result = score(rewards, texts, samples, own, processor, device)
-        totals = [0.0 if t is None else t for t in result.total]
+        own = images[len(per_question) : len(per_question) + len(chunk)]  # chunks come in order
+        result = score_groups(
+            rewards, texts, chunk, own, g, processor, global_step=0, device=device
+        )
+        totals = _totals(result)
         per_question += [statistics.fmean(totals[i * g : (i + 1) * g]) for i in range(len(chunk))]
         for name, values in result.per_reward.items():
-            scored.setdefault(name, []).extend(v for v in values if v is not None)
-    return StageReward(per_question, {k: statistics.fmean(v) for k, v in scored.items() if v})
+            scored.setdefault(name, []).extend(values)
+    return StageReward(per_question, _means(scored))
 
 
 def reference_reward(
@@ -77,28 +77,21 @@ def reference_reward(
 ) -> StageReward:
     """The records' reference responses (description, rationale, steps, answer) scored."""
     images = [item["images"] for item in RecordDataset(list(records))]
-    result = score(rewards, [record_response(r) for r in records], list(records), images, processor)
-    totals = [0.0 if t is None else t for t in result.total]
-    per_reward = {
-        name: statistics.fmean(v for v in values if v is not None)
-        for name, values in result.per_reward.items()
-        if any(v is not None for v in values)
-    }
-    return StageReward(totals, per_reward)
-
-
-def score(rewards: RewardSet, texts, samples, image_lists, processor, device="cpu"):
-    """`rewards` over completions `texts` of `samples`, as GRPOModule.score calls them."""
-    return rewards(
-        completions=list(texts),
-        samples=list(samples),
-        images=[own[0] if own else None for own in image_lists],
-        image_lists=list(image_lists),
-        tokenizer=processor.tokenizer,
-        processor=processor,
-        global_step=0,
-        device=device,
+    responses = [record_response(r) for r in records]
+    result = score_groups(
+        rewards, responses, records, images, 1, processor, global_step=0, device="cpu"
     )
+    return StageReward(_totals(result), _means(result.per_reward))
+
+
+def _totals(result: RewardResult) -> list[float]:
+    return [0.0 if t is None else t for t in result.total]
+
+
+def _means(per_reward: dict[str, list[float | None]]) -> dict[str, float]:
+    """Each reward's mean over the completions it scored (None: not scored)."""
+    found = {name: [v for v in values if v is not None] for name, values in per_reward.items()}
+    return {name: statistics.fmean(values) for name, values in found.items() if values}
 
 
 def paired_difference(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:

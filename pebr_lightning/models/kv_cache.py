@@ -50,55 +50,54 @@ def reserved_layer_class() -> type:
         def taking_over(cls, layer: DynamicLayer, tokens: int) -> DynamicLayer:
             new = cls()
             new.__dict__.update(layer.__dict__)  # dtype, device, initialisation state
-            keys, values = layer.keys, layer.values  # [N, H, L, D]
-            new._used = keys.shape[-2]
-            new._key_room = _room(keys, tokens)
-            new._value_room = _room(values, tokens)
-            new._expose()
+            length = layer.keys.shape[-2]  # keys, values [N, H, L, D]
+            new._key_room = _room(layer.keys, tokens)
+            new._value_room = _room(layer.values, tokens)
+            new._expose(length)
             return new
 
-        def _expose(self) -> None:
-            self.keys = self._key_room[..., : self._used, :]
-            self.values = self._value_room[..., : self._used, :]
+        def _expose(self, length: int) -> None:
+            """keys/values: the first `length` positions of the room (their shape is
+            the used length)."""
+            self.keys = self._key_room[..., :length, :]
+            self.values = self._value_room[..., :length, :]
 
         def update(
             self, key_states: Tensor, value_states: Tensor, *args, **kwargs
         ) -> tuple[Tensor, Tensor]:
-            step = key_states.shape[-2]
+            used, step = self.keys.shape[-2], key_states.shape[-2]
             room = self._key_room.shape[-2]
-            if self._used + step > room:  # past the room: move to one twice as large
-                more = max(step, room)
-                self._key_room = _room(self._key_room[..., : self._used, :], more)
-                self._value_room = _room(self._value_room[..., : self._used, :], more)
-            self._key_room[..., self._used : self._used + step, :] = key_states
-            self._value_room[..., self._used : self._used + step, :] = value_states
-            self._used += step
-            self._expose()
+            if used + step > room:  # past the room: move to one twice as large
+                self._key_room = _room(self.keys, max(step, room))
+                self._value_room = _room(self.values, max(step, room))
+            self._key_room[..., used : used + step, :] = key_states
+            self._value_room[..., used : used + step, :] = value_states
+            self._expose(used + step)
             return self.keys, self.values
 
         def batch_select_indices(self, indices: Tensor) -> None:
+            used = self.keys.shape[-2]
             self._key_room = self._key_room[indices, ...]
             self._value_room = self._value_room[indices, ...]
-            self._expose()
+            self._expose(used)
 
         def batch_repeat_interleave(self, repeats: int) -> None:
+            used = self.keys.shape[-2]
             self._key_room = self._key_room.repeat_interleave(repeats, dim=0)
             self._value_room = self._value_room.repeat_interleave(repeats, dim=0)
-            self._expose()
+            self._expose(used)
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             self.batch_select_indices(beam_idx.to(self._key_room.device))
 
         def crop(self, tokens_to_remove: int) -> None:
             if tokens_to_remove < 0:
-                self._used = max(0, self._used + tokens_to_remove)
-                self._expose()
+                self._expose(max(0, self.keys.shape[-2] + tokens_to_remove))
             else:
                 super().crop(tokens_to_remove)
 
         def reset(self) -> None:
-            self._used = 0
-            self._expose()
+            self._expose(0)
 
     return ReservedLayer
 

@@ -81,7 +81,7 @@ from pebr_lightning.modules.shared import (
     shard_module,
 )
 from pebr_lightning.parallel.sharding import any_across, init_root
-from pebr_lightning.rewards.combine import load_rewards
+from pebr_lightning.rewards.combine import load_rewards, score_groups
 from pebr_lightning.rewards.registry import RewardSpec
 
 
@@ -329,14 +329,13 @@ class GRPOModule(GreedyValidationLoop, GreedyTestLoop, L.LightningModule):
         g = rollout.group_size
         with self.timed_phase("score"):
             texts = decode_completions(self.processor.tokenizer, rollout)
-            samples = [r for r in records for _ in range(g)]
-            result = self.rewards(
-                completions=texts,
-                samples=samples,
-                images=[own[0] for own in images for _ in range(g)],
-                image_lists=[own for own in images for _ in range(g)],
-                tokenizer=self.processor.tokenizer,
-                processor=self.processor,
+            result = score_groups(
+                self.rewards,
+                texts,
+                records,
+                images,
+                g,
+                self.processor,
                 global_step=self.global_step,
                 device=self.device,
             )

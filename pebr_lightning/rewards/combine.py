@@ -21,7 +21,7 @@ import copy
 import math
 import numbers
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -201,6 +201,31 @@ class RewardSet:
     def __repr__(self) -> str:
         parts = ", ".join(f"{item.weight:g} * {item.reward.name}" for item in self.rewards)
         return f"RewardSet({parts})"
+
+
+def score_groups(
+    rewards: Callable[..., RewardResult],
+    completions: list[str],
+    records: Sequence[dict[str, Any]],
+    images: Sequence[list[Any]],
+    group_size: int,
+    processor: Any,
+    **context: Any,
+) -> RewardResult:
+    """Score `group_size` completions per record (group members contiguous) with a
+    reward set, as a GRPO step does: `images` holds each record's images; every reward
+    gets each sample's first as `images` and all of them as `image_lists`, and the
+    policy's tokenizer and processor. `context` adds the rest (global_step, device)."""
+    g = group_size
+    return rewards(
+        completions=list(completions),
+        samples=[r for r in records for _ in range(g)],
+        images=[own[0] for own in images for _ in range(g)],
+        image_lists=[own for own in images for _ in range(g)],
+        tokenizer=processor.tokenizer,
+        processor=processor,
+        **context,
+    )
 
 
 def load_rewards(specs: Sequence[RewardSpec | dict[str, Any]]) -> RewardSet:
