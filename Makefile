@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_CONFIG ?= configs/demo/schedule.yaml
+DEMO_CONFIG ?= configs/demo/quick.yaml
 DEMO_ARGS ?=
 
 .PHONY: setup demo test lint format lock gpu-wheels vllm-env
