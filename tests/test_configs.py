@@ -66,3 +66,38 @@ def test_config_instantiates(path: Path):
 
         names = load_rewards(specs).names
         assert len(names) == len(raw["model"]["init_args"]["rewards"])
+
+
+def test_make_demo_runs_the_full_schedule_with_shorter_rl_only():
+    """`make demo` (configs/demo/quick.yaml) is the benchmark's schedule with shorter RL:
+    same data, SFT and evaluation, so its table has the same columns and its SFT row the
+    same recipe; only the fields its header names differ."""
+    makefile = (REPO / "Makefile").read_text()
+    assert "DEMO_CONFIG ?= configs/demo/quick.yaml" in makefile
+    full = yaml.safe_load((REPO / "configs/demo/schedule.yaml").read_text())
+    quick = yaml.safe_load((REPO / "configs/demo/quick.yaml").read_text())
+    changed = {
+        ("out",): ("runs/demo/schedule", "runs/demo/quick"),
+        ("stages", "sample", "limit"): (1500, 800),
+        ("stages", "perception", "args"): (
+            ["--trainer.max_steps=200"],
+            ["--trainer.max_steps=100"],
+        ),
+        ("stages", "reasoning", "args"): (["--trainer.max_steps=300"], ["--trainer.max_steps=100"]),
+    }
+
+    def leaves(tree, path=()):
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                yield from leaves(value, (*path, key))
+        else:
+            yield path, tree
+
+    full_leaves, quick_leaves = dict(leaves(full)), dict(leaves(quick))
+    assert full_leaves.keys() == quick_leaves.keys()
+    differ = {
+        k: (full_leaves[k], quick_leaves[k])
+        for k in full_leaves
+        if full_leaves[k] != quick_leaves[k]
+    }
+    assert differ == changed
