@@ -299,8 +299,14 @@ def _train(config: dict, recipe: TinyClipRecipe, progress: bool):
     labels = torch.arange(b)
     prepared = time.perf_counter()
     model.train()
+    # Into a log file (no terminal) every redraw is kept: one line in 15 s, not 8 a second.
     steps = tqdm(
-        range(recipe.steps), desc=TINY_CLIP, unit="step", file=sys.stderr, disable=not progress
+        range(recipe.steps),
+        desc=TINY_CLIP,
+        unit="step",
+        file=sys.stderr,
+        disable=not progress,
+        mininterval=0.1 if sys.stderr.isatty() else 15.0,
     )
     for _ in steps:
         idx = torch.randint(0, n, (b,), generator=generator)  # [b]
